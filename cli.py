@@ -1,0 +1,139 @@
+"""tunelab's command line: ``platform sweep | resume | status | verdict | report``.
+
+Thin commands over the ``tunelab`` library. Exit codes: 0 success; 2 invalid
+spec, table or arguments (nothing started); 1 trials failed past the spec's
+failure budget (or an experiment could not be resumed).
+
+    platform sweep search_spaces/seed_cull.yaml --quick
+    platform status
+    platform resume tunelab_results/ouroboros-seed-cull-20261121-120000-000000
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help="tunelab: seed culls, paired-seed lever A/B verdicts and sweeps on Ray Tune + MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _err(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def _finish(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, default=str))
+    else:
+        _print_summary(summary)
+    if summary.get("failed", 0) > summary.get("failure_budget", 0):
+        _err(f"{summary['failed']} trial(s) failed, more than the spec tolerates ({summary['failure_budget']})")
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    out = typer.echo
+    out(f"experiment: {summary['experiment_dir']}")
+    counts: dict[str, int] = {}
+    for t in summary["trials"]:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    out("trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    sel = summary.get("selected")
+    if sel:
+        out(f"selected: seed {sel['seed']} ({sel['metric']} = {sel['value']:.4g}), run {sel['run_id']}")
+        out(f"manifest: {sel['manifest']}")
+    best = summary.get("best")
+    if best:
+        out(f"best: trial {best['trial_id']} ({summary['metric']['name']} = {best['value']:.4g}) config {best['config']}")
+    uri = summary["tracking_uri"]
+    out(f"MLflow store: {uri} (experiment {summary['mlflow_experiment']!r}, parent run {summary['parent_run_id']})")
+    out(f"open the MLflow UI: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"MLflow UI: {uri}")
+
+
+@app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="Experiment spec (YAML), e.g. search_spaces/seed_cull.yaml.")],
+    quick: Annotated[bool, typer.Option("--quick", help="Use the spec's `quick:` overrides (minutes on 2 CPUs).")] = False,
+    storage: Annotated[Path, typer.Option(help="Folder for results, checkpoints and the embedded MLflow store.")] = Path("tunelab_results"),
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: sqlite under --storage, or $MLFLOW_TRACKING_URI).")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout at the end.")] = False,
+) -> None:
+    """Validate a spec and run it: seed cull, sweep or lever A/B."""
+    from tunelab import SpecError, run_experiment
+
+    try:
+        summary = run_experiment(spec, quick=quick, storage=storage, tracking_uri=tracking_uri, address=address)
+    except SpecError as err:
+        _err(str(err))
+        raise typer.Exit(EXIT_INVALID) from None
+    _finish(summary, as_json)
+
+
+@app.command()
+def resume(
+    experiment_dir: Annotated[Path, typer.Argument(help="The experiment folder printed by `platform sweep`.")],
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout at the end.")] = False,
+) -> None:
+    """Continue an interrupted experiment (Ctrl-C, crash, SIGKILL) to the same final state."""
+    from tunelab import ExperimentError, resume_experiment
+
+    try:
+        summary = resume_experiment(experiment_dir, address=address)
+    except ExperimentError as err:
+        _err(str(err))
+        raise typer.Exit(EXIT_INVALID) from None
+    _finish(summary, as_json)
+
+
+@app.command()
+def status(
+    experiment_dir: Annotated[Path | None, typer.Argument(help="Experiment folder (default: the latest under --storage).")] = None,
+    storage: Annotated[Path, typer.Option(help="Where to look for the latest experiment.")] = Path("tunelab_results"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Trials, their states, iterations and the best metric."""
+    from tunelab import ExperimentError, experiment_status, latest_experiment
+
+    try:
+        folder = experiment_dir or latest_experiment(storage)
+        info = experiment_status(folder)
+    except ExperimentError as err:
+        _err(str(err))
+        raise typer.Exit(EXIT_INVALID) from None
+    if as_json:
+        typer.echo(json.dumps(info, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{info['spec']} ({info['kind']}, budget {info['budget']})")
+    for col in ("trial", "seed", "status", "iterations", info["metric"], "run"):
+        table.add_column(col)
+    for t in info["trials"]:
+        value = t[info["metric"]]
+        table.add_row(t["trial_id"], str(t["seed"]), t["status"], str(t["iterations"]),
+                      "-" if value is None else f"{value:.4g}", str(t["run_id"]))
+    console = Console()
+    console.print(table)
+    console.print(f"best {info['metric']}: {info['best']}  finished: {info['finished']}  folder: {info['experiment_dir']}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,161 @@
+"""Exact training-state checkpoints: atomic writes, RNG capture, ordering.
+
+A checkpoint is a directory holding ``state.pt`` (``torch.save`` of the family
+state, tunelab's RNG snapshot, the iteration and the best value) and
+``meta.json`` (iteration, for humans and tools). Writes go to a temporary file
+that is renamed into place, so a crash never leaves a half-written state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "STATE_FILE",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "capture_rng_state",
+    "restore_rng_state",
+    "seed_everything",
+    "save_state",
+    "load_state",
+    "sorted_checkpoints",
+    "data_lock",
+]
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+_CKPT_RE = re.compile(r"checkpoint_(\d+)$")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global RNG and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot the global python / numpy / torch RNG states."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def save_state(
+    directory: Path,
+    family_state: dict[str, Any],
+    *,
+    iteration: int,
+    best: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete training state (family state + global RNGs) atomically.
+
+    Returns the path of the state file.
+    """
+    directory = Path(directory)
+    payload = {
+        "family": family_state,
+        "rng": capture_rng_state(),
+        "iteration": iteration,
+        "best": best,
+        "extra": extra or {},
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / STATE_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_json(directory / META_FILE, {"iteration": iteration, "best": best})
+    return directory / STATE_FILE
+
+
+def load_state(directory: Path, *, restore_rng: bool = True) -> dict[str, Any]:
+    """Load a state written by :func:`save_state`; restores global RNGs by default."""
+    payload: dict[str, Any] = torch.load(
+        Path(directory) / STATE_FILE, map_location="cpu", weights_only=False
+    )
+    if restore_rng:
+        restore_rng_state(payload["rng"])
+    return payload
+
+
+def sorted_checkpoints(trial_dir: Path) -> list[Path]:
+    """Checkpoint folders of a trial ordered by their number, oldest first.
+
+    Ordering is numeric (``checkpoint_000009`` < ``checkpoint_15``), never by name.
+    """
+    found = []
+    for p in Path(trial_dir).iterdir():
+        m = _CKPT_RE.search(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+@contextmanager
+def data_lock(path: Path) -> Iterator[None]:
+    """An exclusive inter-process lock (``path`` + ``.lock``) for one-time data generation."""
+    import fcntl
+
+    lock_path = Path(str(path) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,290 @@
+"""Culling as Ray Tune trial schedulers.
+
+- :class:`SyncCullScheduler`: the seed document's cull. Every seed trains to
+  the milestone and pauses there; once all have arrived (or dropped out),
+  the top ``keep`` by the cull metric (ties broken by a second metric)
+  continue and the rest are stopped. Decisions are persisted to a JSON file
+  so that a driver restarted after a crash makes the same decisions.
+- :class:`OptunaPrunerScheduler`: an Optuna pruner (successive halving,
+  Hyperband, Wilcoxon) decides which trials stop. Each Tune trial is an Optuna
+  trial; every result is reported to it at its iteration and ``should_prune``
+  is Tune's STOP.
+
+Both judge a trial on ``time_attr`` (the iteration tunelab reports, in
+iterations: the same units as the spec's budget).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from tunelab._checkpoint import atomic_write_json
+
+if TYPE_CHECKING:
+    from ray.tune.execution.tune_controller import TuneController
+
+__all__ = ["ITERATION", "OptunaPrunerScheduler", "SyncCullScheduler", "rank_key"]
+
+ITERATION = "iteration"
+logger = logging.getLogger(__name__)
+
+
+class SyncCullScheduler(FIFOScheduler):
+    """Pause every trial at ``milestone``; when all are there, keep the top ``keep``.
+
+    Args:
+        metric: The cull metric (e.g. ``val/autonomy``).
+        mode: ``max`` or ``min``.
+        milestone: The cull iteration (units of ``time_attr``).
+        keep: Trials that continue after the cull.
+        expected: How many trials take part (the number of seeds); the cull
+            waits until this many have arrived or dropped out.
+        tie_break: A second metric (same mode) ranking trials tied on ``metric``.
+        state_path: A JSON file where arrivals and the decision are kept.
+
+    Trials whose metric is NaN rank last; trials that error or end before the
+    milestone drop out of the cull.
+    """
+
+    def __init__(
+        self,
+        *,
+        metric: str,
+        mode: str,
+        milestone: int,
+        keep: int,
+        expected: int,
+        tie_break: str | None = None,
+        state_path: str | None = None,
+        time_attr: str = ITERATION,
+    ) -> None:
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"The value of `mode` is {mode!r}, but must be 'max' or 'min'.")
+        if not 1 <= keep < expected:
+            raise ValueError(f"The value of `keep` is {keep}, but must be `1 <= keep < expected` ({expected}).")
+        if milestone < 1:
+            raise ValueError(f"The value of `milestone` is {milestone}, but must be `milestone >= 1`.")
+        self._metric, self._mode, self.milestone, self.keep = metric, mode, milestone, keep
+        self.expected, self.tie_break, self.time_attr = expected, tie_break, time_attr
+        self.state_path = state_path
+        # trial_id -> [score, tie] at the milestone (None if the trial dropped out)
+        self._arrived: dict[str, list[float] | None] = {}
+        self._survivors: list[str] | None = None
+        self._load()
+
+    # -- Tune hooks ------------------------------------------------------------
+    def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
+        if result.get(self.time_attr, 0) < self.milestone:
+            return TrialScheduler.CONTINUE
+        if self._survivors is not None:
+            return TrialScheduler.CONTINUE if trial.trial_id in self._survivors else TrialScheduler.STOP
+        if trial.trial_id not in self._arrived:
+            self._arrived[trial.trial_id] = [
+                _as_float(result.get(self._metric)),
+                _as_float(result.get(self.tie_break)) if self.tie_break else 0.0,
+            ]
+            self._save()
+        self._maybe_decide(tune_controller, current=trial)
+        if self._survivors is None:
+            return TrialScheduler.PAUSE
+        return TrialScheduler.CONTINUE if trial.trial_id in self._survivors else TrialScheduler.STOP
+
+    def on_trial_complete(self, tune_controller: TuneController, trial: Trial, result: dict) -> None:
+        self._drop(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: TuneController, trial: Trial) -> None:
+        self._drop(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller: TuneController, trial: Trial) -> None:
+        self._drop(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller: TuneController) -> Trial | None:
+        for trial in tune_controller.get_trials():
+            if trial.status == Trial.PENDING:
+                return trial
+        for trial in tune_controller.get_trials():
+            if trial.status == Trial.PAUSED and self._may_resume(trial):
+                return trial
+        return None
+
+    def debug_string(self) -> str:
+        state = "decided" if self._survivors is not None else f"{len(self._arrived)}/{self.expected} arrived"
+        return f"SyncCull(at={self.milestone}, keep={self.keep}, {state})"
+
+    # -- public views ----------------------------------------------------------
+    @property
+    def survivors(self) -> list[str] | None:
+        """Trial ids that survived the cull (None until it is decided)."""
+        return None if self._survivors is None else list(self._survivors)
+
+    # -- private ---------------------------------------------------------------
+    def _may_resume(self, trial: Trial) -> bool:
+        if self._survivors is not None:
+            return trial.trial_id in self._survivors
+        # a trial paused before it reached the milestone (e.g. restored) may go on
+        return trial.trial_id not in self._arrived
+
+    def _drop(self, tune_controller: TuneController, trial: Trial) -> None:
+        if self._survivors is None and trial.trial_id not in self._arrived:
+            self._arrived[trial.trial_id] = None
+            self._save()
+            self._maybe_decide(tune_controller, current=None)
+
+    def _maybe_decide(self, tune_controller: TuneController, current: Trial | None) -> None:
+        if self._survivors is not None or len(self._arrived) < self.expected:
+            return
+        scored = {tid: s for tid, s in self._arrived.items() if s is not None}
+        ranked = sorted(scored, key=lambda tid: rank_key(scored[tid], self._mode))
+        self._survivors = ranked[: self.keep]
+        self._save()
+        logger.info("sync cull at %s: survivors %s", self.milestone, self._survivors)
+        for trial in tune_controller.get_trials():
+            if trial is current or trial.trial_id in self._survivors:
+                continue
+            if trial.status == Trial.PAUSED or trial.is_saving:
+                tune_controller.stop_trial(trial)
+
+    def _save(self) -> None:
+        if self.state_path:
+            atomic_write_json(
+                Path(self.state_path),
+                {"milestone": self.milestone, "arrived": self._arrived, "survivors": self._survivors},
+            )
+
+    def _load(self) -> None:
+        if self.state_path and Path(self.state_path).exists():
+            state = json.loads(Path(self.state_path).read_text())
+            self._arrived = {k: v for k, v in state["arrived"].items()}
+            self._survivors = state["survivors"]
+
+
+def rank_key(score: list[float], mode: str) -> tuple[float, float]:
+    """Sort key putting the best (score, tie) first and NaN last."""
+    sign = -1.0 if mode == "max" else 1.0
+    return tuple(math.inf if math.isnan(v) else sign * v for v in score)  # type: ignore[return-value]
+
+
+def _as_float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+class OptunaPrunerScheduler(FIFOScheduler):
+    """Let an Optuna pruner decide which Tune trials stop.
+
+    Args:
+        metric: The metric reported to Optuna.
+        mode: ``max`` or ``min`` (the study's direction).
+        pruner: ``successive_halving``, ``hyperband`` or ``wilcoxon``, or an
+            ``optuna.pruners.BasePruner`` instance.
+        max_t: The budget in iterations (Hyperband's ``max_resource``).
+        min_t: The first iteration a trial may be pruned at.
+        reduction_factor: Successive halving's eta.
+        time_attr: The result key used as Optuna's step.
+
+    For ``wilcoxon`` the steps are the paired instances: a trial is pruned when
+    its values over the steps it shares with the best trial are significantly
+    worse (Optuna's WilcoxonPruner).
+    """
+
+    def __init__(
+        self,
+        *,
+        metric: str,
+        mode: str,
+        pruner: Any = "successive_halving",
+        max_t: int,
+        min_t: int = 1,
+        reduction_factor: int = 2,
+        time_attr: str = ITERATION,
+    ) -> None:
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"The value of `mode` is {mode!r}, but must be 'max' or 'min'.")
+        self._metric, self._mode, self.time_attr = metric, mode, time_attr
+        self._pruner_arg, self.max_t, self.min_t, self.eta = pruner, max_t, min_t, reduction_factor
+        self._study: Any = None
+        self._trials: dict[str, Any] = {}
+        self.pruned: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_study"], state["_trials"] = None, {}
+        return state
+
+    def _ensure_study(self) -> Any:
+        if self._study is None:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            self._study = optuna.create_study(
+                direction="maximize" if self._mode == "max" else "minimize",
+                pruner=_make_pruner(self._pruner_arg, self.min_t, self.max_t, self.eta),
+            )
+        return self._study
+
+    def on_trial_add(self, tune_controller: TuneController, trial: Trial) -> None:
+        self._trials[trial.trial_id] = self._ensure_study().ask()
+
+    def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
+        if trial.trial_id not in self._trials:  # restored trial
+            self.on_trial_add(tune_controller, trial)
+        otrial = self._trials[trial.trial_id]
+        step = int(result.get(self.time_attr, 0))
+        value = _as_float(result.get(self._metric))
+        if math.isnan(value):
+            return TrialScheduler.CONTINUE
+        if step in otrial.storage.get_trial(otrial._trial_id).intermediate_values:
+            return TrialScheduler.CONTINUE
+        otrial.report(value, step)
+        if step < self.max_t and otrial.should_prune():
+            self.pruned[trial.trial_id] = step
+            self._finish(trial, pruned=True)
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller: TuneController, trial: Trial, result: dict) -> None:
+        self._finish(trial, pruned=False, value=_as_float((result or {}).get(self._metric)))
+
+    def on_trial_error(self, tune_controller: TuneController, trial: Trial) -> None:
+        self._finish(trial, pruned=False, failed=True)
+
+    def _finish(self, trial: Trial, *, pruned: bool, value: float = math.nan, failed: bool = False) -> None:
+        import optuna
+
+        otrial = self._trials.pop(trial.trial_id, None)
+        if otrial is None:
+            return
+        if pruned:
+            self._study.tell(otrial, state=optuna.trial.TrialState.PRUNED)
+        elif failed or math.isnan(value):
+            self._study.tell(otrial, state=optuna.trial.TrialState.FAIL)
+        else:
+            self._study.tell(otrial, value)
+
+    def debug_string(self) -> str:
+        return f"OptunaPruner({self._pruner_arg}, pruned={len(self.pruned)})"
+
+
+def _make_pruner(pruner: Any, min_t: int, max_t: int, eta: int) -> Any:
+    import optuna
+
+    if not isinstance(pruner, str):
+        return pruner
+    if pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_t, reduction_factor=eta)
+    if pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=min_t, max_resource=max_t, reduction_factor=eta)
+    if pruner == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=min_t)
+    raise ValueError(f"The value of `pruner` is {pruner!r}, but must be one of successive_halving, hyperband, wilcoxon.")

@@ -1,0 +1,114 @@
+"""The in-trial side: the Ray Tune function trainable every family runs in.
+
+tunelab owns the loop so that every family gets the same reporting,
+checkpointing and resume: build the family's experiment from the trial's
+config and seed, restore the exact training state from Tune's checkpoint if
+there is one, then per iteration train, report and (every ``checkpoint_every``
+iterations, at every cull milestone and at the end) checkpoint. At the budget
+the experiment exports its artifacts (before the last report, so a scheduler
+stopping the trial at the budget cannot lose them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tunelab._checkpoint import STATE_FILE, atomic_write_json, load_state, save_state, seed_everything
+from tunelab._family import Experiment, get_family
+from tunelab._names import ITERATION, M_CKPT_BYTES, M_CKPT_TIME, M_ITER_TIME
+
+__all__ = ["TrialSetup", "run_trial", "build_experiment", "restore_experiment"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of one experiment shares (the trainable's constants).
+
+    Args:
+        family: The family name (or ``module:ATTR``).
+        budget: Iterations per trial.
+        checkpoint_every: Checkpoint period in iterations.
+        milestones: Iterations that always checkpoint (cull points).
+        data_root: Shared folder for generated data.
+        artifacts_root: Folder receiving ``<trial_id>/`` artifacts at the budget.
+        threads: torch intra-op threads per trial.
+    """
+
+    family: str
+    budget: int
+    checkpoint_every: int = 1
+    milestones: tuple[int, ...] = ()
+    data_root: str = ""
+    artifacts_root: str = ""
+    threads: int = 1
+
+
+def build_experiment(family_name: str, config: dict[str, Any], seed: int, data_root: Path) -> Experiment:
+    """Seed everything and build a family's experiment from a plain config dict."""
+    family = get_family(family_name)
+    cfg = family.make_config(config)
+    seed_everything(seed)
+    return family.build(cfg, seed, data_root)
+
+
+def restore_experiment(
+    family_name: str, config: dict[str, Any], seed: int, data_root: Path, checkpoint_dir: Path
+) -> tuple[Experiment, int]:
+    """Build an experiment and load a checkpoint into it; returns it and the iteration."""
+    exp = build_experiment(family_name, config, seed, data_root)
+    payload = load_state(checkpoint_dir)
+    exp.load_state_dict(payload["family"])
+    return exp, int(payload["iteration"])
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune function trainable (bind ``setup`` with ``tune.with_parameters``).
+
+    ``config`` holds ``seed`` and ``config`` (the family config) plus any
+    keys the runner adds (``arm`` for lever A/B).
+    """
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(max(1, setup.threads))
+    seed = int(config["seed"])
+    data_root = Path(setup.data_root)
+    start = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            exp, start = restore_experiment(setup.family, config["config"], seed, data_root, Path(d))
+    else:
+        exp = build_experiment(setup.family, config["config"], seed, data_root)
+    trial_id = tune.get_context().get_trial_id()
+    for it in range(start + 1, setup.budget + 1):
+        t0 = time.perf_counter()
+        metrics = {k: _finite_or_nan(v) for k, v in exp.train_iteration().items()}
+        metrics[M_ITER_TIME] = time.perf_counter() - t0
+        metrics[ITERATION] = it
+        if it == setup.budget and setup.artifacts_root:
+            out = Path(setup.artifacts_root) / trial_id
+            manifest = exp.export(out)
+            atomic_write_json(out / "manifest.json", {"seed": seed, "iteration": it, **manifest})
+        if it % setup.checkpoint_every == 0 or it in setup.milestones or it == setup.budget:
+            with tempfile.TemporaryDirectory(prefix="tunelab-ckpt-") as d:
+                t1 = time.perf_counter()
+                save_state(Path(d), exp.state_dict(), iteration=it)
+                metrics[M_CKPT_TIME] = time.perf_counter() - t1
+                metrics[M_CKPT_BYTES] = float((Path(d) / STATE_FILE).stat().st_size)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        else:
+            tune.report(metrics)
+
+
+def _finite_or_nan(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
