@@ -208,7 +208,8 @@ class _BaseSpec(_Strict):
         try:
             get_family(v)
         except (KeyError, ImportError, AttributeError, TypeError) as err:
-            raise ValueError(str(err).strip("'\"")) from None
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise ValueError(f"cannot load family {v!r}: {msg}") from None
         return v
 
 
@@ -376,7 +377,7 @@ def _check_family_config(spec: SeedCullSpec | SweepSpec, source: str | Path, pre
                     f"family {family.name!r} has no config key {key!r}; known keys: {sorted(fields)}",
                 )
             for value in domain.sample_values():
-                _make_config(family, {**spec.config, key: value}, source, f"{prefix}search.{key}")
+                _make_config(family, {**spec.config, key: value}, source, f"{prefix}search.{key}", append_loc=False)
     metrics = set(family.metrics)
     names = [("metric.name", spec.metric.name)]
     if isinstance(spec, SeedCullSpec):
@@ -396,7 +397,9 @@ def _config_fields(family: Family) -> set[str]:
                getattr(family.config_cls, "model_fields", {}))
 
 
-def _make_config(family: Family, values: dict[str, Any], source: str | Path, key: str) -> Any:
+def _make_config(
+    family: Family, values: dict[str, Any], source: str | Path, key: str, *, append_loc: bool = True
+) -> Any:
     try:
         return family.make_config(values)
     except pydantic.ValidationError as err:
@@ -407,6 +410,6 @@ def _make_config(family: Family, values: dict[str, Any], source: str | Path, key
             msg = f"family {family.name!r} has no config key {loc!r}; known keys: {sorted(_config_fields(family))}"
         elif "input" in first:
             msg = f"{msg} (got {first['input']!r})"
-        raise SpecError(source, f"{key}.{loc}" if loc else key, msg) from None
+        raise SpecError(source, f"{key}.{loc}" if loc and append_loc else key, msg) from None
     except (TypeError, ValueError) as err:
         raise SpecError(source, key, str(err)) from None
