@@ -274,9 +274,13 @@ def _rows(row_no: npt.NDArray[np.int64], mask: npt.NDArray[np.bool_]) -> str:
 
 def _clean_keys(p: Path, col: pd.Series, name: str, row_no: npt.NDArray[np.int64]) -> list[Any]:
     values = [v.strip() if isinstance(v, str) else v for v in col.tolist()]
-    empty = np.array([v is None or v == "" or (isinstance(v, float) and np.isnan(v)) for v in values])
+    empty = np.array(
+        [v is None or v == "" or (isinstance(v, float) and np.isnan(v)) for v in values]
+    )
     if empty.any():
-        raise TableError(f"{p}: empty {name!r} in {_rows(row_no, empty)} (1-based, header excluded).")
+        raise TableError(
+            f"{p}: empty {name!r} in {_rows(row_no, empty)} (1-based, header excluded)."
+        )
     return values
 
 
@@ -295,19 +299,21 @@ def _numeric(
     p: Path, col: pd.Series, name: str, row_no: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.float64]:
     if pd.api.types.is_bool_dtype(col) or not (
-        pd.api.types.is_numeric_dtype(col) or pd.api.types.is_object_dtype(col)
+        pd.api.types.is_numeric_dtype(col)
+        or pd.api.types.is_object_dtype(col)
         or pd.api.types.is_string_dtype(col)
     ):
         raise TableError(f"{p}: column {name!r} has dtype {col.dtype}, not numbers.")
     stripped = col.map(lambda v: v.strip() if isinstance(v, str) else v)
     numbers = pd.to_numeric(stripped, errors="coerce")
     blank = stripped.isna() | (stripped == "")
-    bad = (numbers.isna() & ~blank).to_numpy()
     # Spelled-out NaN ("nan", "NaN") is a crashed value, not a typo.
-    bad &= ~stripped.map(lambda v: isinstance(v, str) and v.lower() == "nan").to_numpy()
+    spelled_nan = stripped.map(lambda v: isinstance(v, str) and v.lower() == "nan")
+    bad = np.array(numbers.isna() & ~blank & ~spelled_nan, dtype=bool)
     if bad.any():
         examples = ", ".join(
-            f"row {int(r)}: {v!r}" for r, v in zip(row_no[bad], stripped[bad], strict=False)
+            f"row {int(r)}: {v!r}"
+            for r, v in list(zip(row_no[bad], stripped[bad], strict=True))[:_MAX_ROWS_NAMED]
         )
         raise TableError(
             f"{p}: non-numeric values in column {name!r} at {_rows(row_no, bad)} "

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -75,8 +76,8 @@ __all__ = [
     "Guardrail",
     "GuardrailResult",
     "LeverVerdict",
-    "SequentialOutcome",
     "Sensitivity",
+    "SequentialOutcome",
     "adjust_family",
     "analyze_lever",
     "obf_thresholds",
@@ -682,7 +683,7 @@ def _check_mode(mode: str, arg: str) -> None:
 
 def _check_looks(looks: Sequence[int]) -> tuple[int, ...]:
     plan = tuple(int(n) for n in looks)
-    if not plan or plan[0] < 2 or any(b <= a for a, b in zip(plan, plan[1:], strict=False)):
+    if not plan or plan[0] < 2 or any(b <= a for a, b in itertools.pairwise(plan)):
         raise ValueError(
             f"The value of `looks` is {tuple(looks)}, but must be a non-empty, strictly "
             "increasing sequence of pair counts, each >= 2."
@@ -899,6 +900,9 @@ def _solve_boundary(
     return float(optimize.brentq(exit_prob, 0.0, 40.0, xtol=1e-12))
 
 
+_TINY = 1e-300
+
+
 def _repeated_p(p: float, plan: tuple[int, ...], k: int) -> float:
     """Smallest alpha at which look k's threshold exceeds p (Jennison & Turnbull, ch. 9)."""
     if not math.isfinite(p):
@@ -907,10 +911,10 @@ def _repeated_p(p: float, plan: tuple[int, ...], k: int) -> float:
         return p
     lo, hi = 1e-15, 1.0 - 1e-9
 
-    def gap(log_a: float) -> float:
-        return math.log(max(_obf_thresholds_cached(plan, math.exp(log_a))[k], 1e-320)) - math.log(
-            max(p, 1e-320)
-        )
+    log_p = math.log(max(p, _TINY))
+
+    def gap(log_a: float) -> float:  # log threshold_k(alpha) - log p, increasing in alpha
+        return math.log(max(_obf_thresholds_cached(plan, math.exp(log_a))[k], _TINY)) - log_p
 
     if gap(math.log(hi)) <= 0:
         return 1.0
@@ -941,7 +945,9 @@ def _guardrail_result(dg: npt.NDArray[np.float64], g: Guardrail, alpha: float) -
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         lower = float(
-            stats.ttest_1samp(dg, -g.margin, alternative="greater").confidence_interval(1 - alpha).low
+            stats.ttest_1samp(dg, -g.margin, alternative="greater")
+            .confidence_interval(1 - alpha)
+            .low
         )
         upper = float(
             stats.ttest_1samp(dg, -g.margin, alternative="less").confidence_interval(1 - alpha).high
