@@ -196,13 +196,11 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
 
 # -- running ----------------------------------------------------------------------------
 def _run(state: _State, spec: AnySpec, *, address: str | None, progress: bool | None, restore: bool) -> dict[str, Any]:
-    from ray import tune
-
     _init_ray(address)
     tuner = _tuner(state, spec, progress=progress, restore=restore)
-    with _stdout_to_stderr():
+    with _stdout_to_stderr():  # MLflow and Tune print; stdout stays for --json
         grid = tuner.fit()
-    return _finalize(state, spec, grid)
+        return _finalize(state, spec, grid)
 
 
 def _init_ray(address: str | None) -> None:
