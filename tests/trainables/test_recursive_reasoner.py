@@ -1,0 +1,414 @@
+"""Tests of the recursive_reasoner family: mazes, trajectory noise, rollouts, resume, export."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydantic
+import pytest
+import torch
+import tunelab
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components, shortest_path
+
+from trainables import recursive_reasoner as rr
+
+TINY: dict[str, Any] = {
+    "maze_size": 7,
+    "n_train": 48,
+    "n_test": 16,
+    "hidden": 8,
+    "n_layers": 1,
+    "H_cycles": 2,
+    "L_cycles": 2,
+    "halt_max_steps": 2,
+    "n_sup": 2,
+    "K": 3,
+    "batch_size": 8,
+    "steps_per_iter": 2,
+    "eval_batch_size": 16,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rr_data")
+
+
+def make_config(**overrides: Any) -> rr.Config:
+    return rr.FAMILY.make_config({**TINY, **overrides})
+
+
+def build(seed: int, data_root: Path, **overrides: Any) -> rr.RecursiveReasonerExperiment:
+    tunelab.seed_everything(seed)
+    return rr.build(make_config(**overrides), seed, data_root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mazes
+# ---------------------------------------------------------------------------------------------
+def _grid_graph(open_: np.ndarray) -> coo_matrix:
+    """Adjacency of open cells (4-neighbourhood) over flat indices, for scipy's csgraph."""
+    h, w = open_.shape
+    rows, cols = [], []
+    for r, c in zip(*np.nonzero(open_), strict=True):
+        for dr, dc in ((1, 0), (0, 1)):
+            if r + dr < h and c + dc < w and open_[r + dr, c + dc]:
+                rows += [r * w + c, (r + dr) * w + c + dc]
+                cols += [(r + dr) * w + c + dc, r * w + c]
+    return coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(h * w, h * w))
+
+
+def _count_simple_paths(
+    open_: np.ndarray, start: tuple[int, int], goal: tuple[int, int], limit: int
+) -> int:
+    """Brute force: simple start -> goal paths with at most ``limit`` steps (DFS)."""
+    h, w = open_.shape
+    seen = {start}
+
+    def walk(cell: tuple[int, int], steps: int) -> int:
+        if cell == goal:
+            return 1
+        if steps == limit:
+            return 0
+        total = 0
+        for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            nxt = (cell[0] + dr, cell[1] + dc)
+            if 0 <= nxt[0] < h and 0 <= nxt[1] < w and open_[nxt] and nxt not in seen:
+                seen.add(nxt)
+                total += walk(nxt, steps + 1)
+                seen.remove(nxt)
+        return total
+
+    return walk(start, 0)
+
+
+@pytest.mark.parametrize("size", [7, 8, 11])
+def test_maze_generator_is_deterministic_per_seed(size: int) -> None:
+    # same seed -> same maze; another seed -> another maze
+    a = rr.make_maze_example(size, 0.3, np.random.default_rng(5))
+    b = rr.make_maze_example(size, 0.3, np.random.default_rng(5))
+    c = rr.make_maze_example(size, 0.3, np.random.default_rng(6))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+@pytest.mark.parametrize(("size", "seed"), list(itertools.product([7, 8, 12, 30], range(3))))
+def test_mazes_are_connected(size: int, seed: int) -> None:
+    # every open cell is reachable from every other one
+    open_ = rr.generate_maze(size, 0.3, np.random.default_rng(seed))
+    graph = _grid_graph(open_).tocsr()
+    idx = np.flatnonzero(open_.ravel())
+    n_comp, _ = connected_components(graph[idx][:, idx], directed=False)
+    assert n_comp == 1
+    assert not open_[0].any() and not open_[-1].any() and not open_[:, 0].any()
+
+
+@pytest.mark.parametrize(("size", "loop_frac"), [(7, 0.3), (9, 0.5), (15, 0.2)])
+def test_extra_walls_are_removed(size: int, loop_frac: float) -> None:
+    # DFS tree (rooms - 1 openings) plus round(loop_frac * remaining inner walls)
+    n = (size - 1) // 2
+    n_inner_walls = 2 * n * (n - 1)
+    tree_edges = n * n - 1
+    open_ = rr.generate_maze(size, loop_frac, np.random.default_rng(0))
+    openings = int(open_.sum()) - n * n
+    assert openings == tree_edges + round(loop_frac * (n_inner_walls - tree_edges))
+    assert openings > tree_edges
+
+
+def test_no_loops_without_wall_removal() -> None:
+    # loop_frac=0 leaves a perfect maze: a spanning tree of the rooms
+    n = 5
+    open_ = rr.generate_maze(2 * n + 1, 0.0, np.random.default_rng(1))
+    assert int(open_.sum()) - n * n == n * n - 1
+
+
+@pytest.mark.parametrize(("size", "seed"), list(itertools.product([7, 9, 11], range(4))))
+def test_path_label_is_the_unique_shortest_path(size: int, seed: int) -> None:
+    # labelled cells: a start->goal walk as long as scipy's shortest distance, and the only one
+    tokens, labels = rr.make_maze_example(size, 0.4, np.random.default_rng(seed))
+    open_ = tokens != rr.WALL
+    (r0, c0), (r1, c1) = np.argwhere(tokens == rr.START)[0], np.argwhere(tokens == rr.GOAL)[0]
+    start, goal = (int(r0), int(c0)), (int(r1), int(c1))
+    w = size
+    dist = shortest_path(_grid_graph(open_), unweighted=True, indices=[start[0] * w + start[1]])
+    d = int(dist[0, goal[0] * w + goal[1]])
+    path = {tuple(int(v) for v in rc) for rc in np.argwhere(labels == 1)}
+    assert len(path) == d + 1 and start in path and goal in path
+    assert all(open_[c] for c in path)
+    for cell in path - {start, goal}:  # a simple path: inner cells have 2 path neighbours
+        nbrs = [(cell[0] + a, cell[1] + b) for a, b in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+        assert sum(n in path for n in nbrs) == 2
+    assert _count_simple_paths(open_, start, goal, d) == 1
+
+
+def test_test_set_is_held_out_and_shared_across_trial_seeds(data_root: Path) -> None:
+    # no test maze equals a training maze; trial seeds share the data, data_seed changes it
+    a, b = build(0, data_root).data, build(1, data_root).data
+    c = build(0, data_root, data_seed=1).data
+    train = {t.numpy().tobytes() for t in a.train_tokens}
+    assert not any(t.numpy().tobytes() in train for t in a.test_tokens)
+    assert torch.equal(a.train_tokens, b.train_tokens) and torch.equal(a.test_labels, b.test_labels)
+    assert not torch.equal(a.train_tokens, c.train_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trajectory noise
+# ---------------------------------------------------------------------------------------------
+def test_noise_is_centered_with_the_right_std() -> None:
+    # eps ~ N(0, sigma^2): sample mean within 4 standard errors of 0, std within 2 %
+    cfg = make_config(sigma_mode="fixed", sigma=0.5, loss_mode="single_perturbed_ce", hidden=16)
+    noise = rr.trajectory_noise(cfg, step=0, batch=64, generator=torch.Generator().manual_seed(0))
+    assert noise.eps_H is not None
+    eps = noise.eps_H.double()
+    n = eps.numel()
+    assert abs(float(eps.mean())) < 4 * 0.5 / math.sqrt(n)
+    assert float(eps.std()) == pytest.approx(0.5, rel=0.02)
+
+
+def test_loguniform_sigmas_fill_the_band() -> None:
+    # per-trajectory sigma in [sigma_min, sigma_max] with log(sigma) uniform (mean at the midpoint)
+    cfg = make_config(
+        sigma_mode="loguniform", sigma_min=0.01, sigma_max=1.0, loss_mode="single_perturbed_ce"
+    )
+    sig = rr.sample_trajectory_sigmas(cfg, 1, 20000, 1.0, torch.Generator().manual_seed(0))
+    assert float(sig.min()) >= 0.01 and float(sig.max()) <= 1.0
+    log_sig = sig.log().double()
+    se = (math.log(100) / math.sqrt(12)) / math.sqrt(sig.numel())
+    assert abs(float(log_sig.mean()) - math.log(0.1)) < 4 * se
+
+
+@pytest.mark.parametrize(("step", "expected"), [(0, 0.0), (50, 0.5), (100, 1.0), (400, 1.0)])
+def test_sigma_follows_the_ramp(step: int, expected: float) -> None:
+    # fixed sigma: the sigma in force is sigma * min(1, step / ramp_steps)
+    cfg = make_config(
+        sigma_mode="fixed", sigma=0.2, ramp_steps=100, loss_mode="single_perturbed_ce"
+    )
+    noise = rr.trajectory_noise(cfg, step=step, batch=4, generator=torch.Generator())
+    assert torch.allclose(noise.sigmas, torch.full((1, 4), 0.2 * expected))
+
+
+@pytest.mark.parametrize("step", [0, 9])
+def test_clean_warmup_has_no_noise(step: int) -> None:
+    # during the clean warmup every sigma is 0 and no latent is perturbed
+    cfg = make_config(sigma_mode="fixed", clean_warmup_steps=10, loss_mode="single_perturbed_ce")
+    noise = rr.trajectory_noise(cfg, step=step, batch=4, generator=torch.Generator())
+    assert not bool(noise.sigmas.any()) and noise.eps_H is None and noise.eps_L is None
+
+
+def test_ramp_starts_after_the_clean_warmup() -> None:
+    # warmup 10, ramp 20: at step 20 the ramp is half way
+    assert rr.sigma_scale(20, ramp_steps=20, clean_warmup_steps=10) == 0.5
+    assert rr.sigma_scale(10, ramp_steps=20, clean_warmup_steps=10) == 0.0
+
+
+@pytest.mark.parametrize("sigma_mode", ["fixed", "loguniform"])
+def test_multi_mode_first_trajectory_is_clean(sigma_mode: str) -> None:
+    # multi_perturbed_ce: eps of trajectory 0 is exactly 0, the K-1 others are not
+    cfg = make_config(sigma_mode=sigma_mode, loss_mode="multi_perturbed_ce", K=4)
+    noise = rr.trajectory_noise(cfg, step=0, batch=5, generator=torch.Generator().manual_seed(1))
+    for eps in (noise.eps_H, noise.eps_L):
+        assert eps is not None and eps.shape[:2] == (4, 5)
+        assert torch.equal(eps[0], torch.zeros_like(eps[0]))
+        assert bool((eps[1:].flatten(2).abs().amax(dim=2) > 0).all())
+
+
+def test_single_mode_has_one_perturbed_trajectory() -> None:
+    # single_perturbed_ce: one trajectory per maze (K ignored), all perturbed
+    cfg = make_config(loss_mode="single_perturbed_ce", K=4)
+    noise = rr.trajectory_noise(cfg, step=0, batch=5, generator=torch.Generator().manual_seed(1))
+    assert noise.sigmas.shape == (1, 5) and bool((noise.sigmas > 0).all())
+
+
+@pytest.mark.parametrize(
+    ("perturb", "on_h", "on_l"), [("z_H", True, False), ("z_L", False, True), ("both", True, True)]
+)
+def test_perturb_selects_the_latent(perturb: str, on_h: bool, on_l: bool) -> None:
+    # only the chosen latent(s) get noise
+    cfg = make_config(perturb=perturb)
+    noise = rr.trajectory_noise(cfg, step=0, batch=2, generator=torch.Generator())
+    assert (noise.eps_H is not None, noise.eps_L is not None) == (on_h, on_l)
+
+
+def test_p_clean_mixture_frequency() -> None:
+    # each trajectory is clean with probability p_clean (within 4 standard errors)
+    p = 0.3
+    cfg = make_config(sigma_mode="loguniform", p_clean=p, loss_mode="single_perturbed_ce")
+    sig = rr.sample_trajectory_sigmas(cfg, 1, 20000, 1.0, torch.Generator().manual_seed(0))
+    frac = float((sig == 0).double().mean())
+    assert abs(frac - p) < 4 * math.sqrt(p * (1 - p) / sig.numel())
+
+
+def test_bfloat16_latents_round_small_noise_away() -> None:
+    # the FAMILIES.md note: in bf16, sigma = 1e-3 noise on z0 mostly vanishes; float32 keeps it
+    cfg32, cfg16 = make_config(hidden=64), make_config(hidden=64, dtype="bfloat16")
+    torch.manual_seed(0)
+    m32 = rr.RecursiveReasoner(cfg32)
+    m16 = rr.RecursiveReasoner(cfg16)
+    m16.load_state_dict(m32.state_dict())
+    eps = 1e-3 * torch.randn(4, 64, 7, 7)
+    z32, z16 = m32.initial_latents(4, 7, eps)[0], m16.initial_latents(4, 7, eps)[0]
+    clean16 = m16.initial_latents(4, 7)[0]
+    assert z16.dtype == torch.bfloat16
+    assert float((z16 == clean16).float().mean()) > 0.5
+    assert float((z32 == m32.initial_latents(4, 7)[0]).float().mean()) < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts
+# ---------------------------------------------------------------------------------------------
+def _rollout_pair(
+    data_root: Path, act: bool, **overrides: Any
+) -> dict[str, tuple[rr.BatchStats, rr.RecursiveReasoner]]:
+    cfg = make_config(act=act, **overrides)
+    data = rr.load_or_generate_mazes(cfg, data_root)
+    noise = rr.trajectory_noise(cfg, step=0, batch=8, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    init = rr.RecursiveReasoner(cfg)
+    out = {}
+    for rollout in ("parallel_fixed", "serial_act"):
+        model = copy.deepcopy(init)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        stats = rr.train_batch(
+            model,
+            opt,
+            data.train_tokens[:8],
+            data.train_labels[:8],
+            noise,
+            rollout=rollout,
+            halt_max_steps=cfg.halt_max_steps,
+            act=act,
+            grad_clip=cfg.grad_clip,
+        )
+        out[rollout] = (stats, model)
+    return out
+
+
+@pytest.mark.parametrize(("act", "arch"), [(False, "trm"), (True, "trm"), (False, "hrm")])
+def test_parallel_and_serial_rollouts_agree(data_root: Path, act: bool, arch: str) -> None:
+    # same data and noise, no early halt (q_head bias -5 at init): same loss, same update
+    out = _rollout_pair(data_root, act, arch=arch, halt_max_steps=3)
+    (sp, mp), (ss, ms) = out["parallel_fixed"], out["serial_act"]
+    assert len(sp.grad_norms) == len(ss.grad_norms) == 3
+    assert ss.loss == pytest.approx(sp.loss, rel=1e-5)
+    assert ss.loss_halt == pytest.approx(sp.loss_halt, rel=1e-5)
+    for a, b in zip(mp.parameters(), ms.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_serial_act_stops_halted_trajectories(
+    data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a halting logit > 0 everywhere: serial_act trains one segment, parallel_fixed all of them
+    original = rr.RecursiveReasoner.__init__
+
+    def eager_halting(self: rr.RecursiveReasoner, config: rr.Config) -> None:
+        original(self, config)
+        with torch.no_grad():
+            self.q_head.bias.fill_(100.0)
+
+    monkeypatch.setattr(rr.RecursiveReasoner, "__init__", eager_halting)
+    out = _rollout_pair(data_root, act=True, halt_max_steps=3)
+    assert len(out["serial_act"][0].grad_norms) == 1
+    assert len(out["parallel_fixed"][0].grad_norms) == 3
+
+
+def test_non_finite_steps_are_skipped_and_counted(data_root: Path) -> None:
+    # a NaN weight makes every loss NaN: no optimizer step, health/nan_skipped counts them
+    exp = build(0, data_root)
+    with torch.no_grad():
+        exp.model.head.weight[0, 0] = math.nan
+    before = copy.deepcopy(exp.model.state_dict())
+    metrics = exp.train_iteration()
+    assert metrics[rr.M_NAN_SKIPPED] == TINY["steps_per_iter"] * TINY["halt_max_steps"]
+    assert math.isnan(metrics[rr.M_GRAD_NORM])
+    after = exp.model.state_dict()
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value, rtol=0, atol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config, metrics, resume, export
+# ---------------------------------------------------------------------------------------------
+def test_unknown_config_key_is_rejected() -> None:
+    with pytest.raises(pydantic.ValidationError, match="sigma_maximum"):
+        rr.FAMILY.make_config({"sigma_maximum": 0.3})
+
+
+def test_inverted_sigma_band_is_rejected() -> None:
+    with pytest.raises(pydantic.ValidationError, match="sigma_min"):
+        rr.FAMILY.make_config({"sigma_min": 0.5, "sigma_max": 0.1})
+
+
+def test_config_fields_are_documented() -> None:
+    fields = rr.Config.__pydantic_fields__  # type: ignore[attr-defined]
+    assert all(f.description for f in fields.values())
+
+
+@pytest.mark.parametrize("arch", ["trm", "hrm"])
+def test_iteration_reports_the_family_metrics(data_root: Path, arch: str) -> None:
+    # every declared metric, finite, accuracies in [0, 1], final = clean, sigma = band * ramp
+    exp = build(0, data_root, arch=arch, sigma_mode="fixed", sigma=0.2, ramp_steps=8)
+    metrics = exp.train_iteration()
+    assert set(metrics) == set(rr.FAMILY.metrics)
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert 0.0 <= metrics[rr.M_VAL_CLEAN_ACC] <= 1.0
+    assert metrics[rr.M_VAL_FINAL_ACC] == metrics[rr.M_VAL_CLEAN_ACC]
+    assert metrics[rr.M_TRAIN_SIGMA] == pytest.approx(0.2 * TINY["steps_per_iter"] / 8)
+
+
+def test_bit_exact_resume(data_root: Path, tmp_path: Path) -> None:
+    # A: 2n iterations straight; B: n, saved; C: other seed, restored, n more == A
+    n, over = 2, {"rollout": "serial_act", "act": True, "p_clean": 0.2}
+    a = build(0, data_root, **over)
+    for _ in range(2 * n):
+        metrics_a = a.train_iteration()
+    b = build(0, data_root, **over)
+    for _ in range(n):
+        b.train_iteration()
+    tunelab.save_state(tmp_path, b.state_dict(), iteration=n)
+    c = build(123, data_root, **over)
+    payload = tunelab.load_state(tmp_path)
+    c.load_state_dict(payload["family"])
+    for _ in range(n):
+        metrics_c = c.train_iteration()
+    for (name, pa), pc in zip(
+        a.model.state_dict().items(), c.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(pa, pc), name
+    assert metrics_a == metrics_c
+
+
+def test_export_writes_resumable_best_final_latest(data_root: Path, tmp_path: Path) -> None:
+    # best.pt restores the best iteration; manifest records the dtype and the scores
+    exp = build(0, data_root, dtype="bfloat16")
+    for _ in range(3):
+        exp.train_iteration()
+    manifest = exp.export(tmp_path)
+    assert manifest[rr.M_SYS_DTYPE] == "bfloat16"
+    assert manifest[rr.M_VAL_BEST_ACC] == max(m[rr.M_VAL_CLEAN_ACC] for m in exp.history)
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "best.pt",
+        "final.pt",
+        "latest.pt",
+        "metrics.json",
+    }
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(saved["history"]) == 3 and saved["manifest"][rr.M_SYS_DTYPE] == "bfloat16"
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    fresh = build(5, data_root, dtype="bfloat16")
+    fresh.load_state_dict(best["family"])
+    assert fresh.iteration == exp.best_iteration and fresh.best_acc == exp.best_acc
+    latest = torch.load(tmp_path / "latest.pt", weights_only=False)
+    assert latest["family"]["step"] == exp.step

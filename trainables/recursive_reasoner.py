@@ -1,0 +1,1005 @@
+"""Recursive reasoner: TRM / HRM recursion on procedural mazes, with trajectory augmentation.
+
+Seed: shared/seeds/trajectory_augmentation_notes.txt, distilled in shared/FAMILIES.md
+("recursive_reasoner"). Model references: Jolicoeur-Martineau 2025, "Less is More: Recursive
+Reasoning with Tiny Networks" (TRM, arXiv:2510.04871) and Wang et al. 2025, "Hierarchical
+Reasoning Model" (HRM, arXiv:2506.21734).
+
+Task: an S x S maze (walls, open cells, one start, one goal). Label every cell 1 if it lies on
+the shortest start -> goal path (mazes are kept only when that path is unique), else 0. A maze
+counts as solved when every cell is right (exact match).
+
+Model: latents z_H (the answer state, TRM's y) and z_L (TRM's z) start from fixed buffers z0.
+One deep-supervision *segment* runs H_cycles x (L_cycles updates of z_L, then one of z_H),
+with gradients only through the last cycle (TRM) or the last L and H update (HRM's one-step
+gradient); every segment gets its own cross-entropy (+ ACT halting BCE) loss and optimizer
+step, and the latents carry over detached.
+
+Trajectory augmentation (FAMILIES.md): z0 -> z0 + eps, eps ~ N(0, sigma^2 I), centered.
+sigma is fixed or drawn per trajectory from LogUniform(sigma_min, sigma_max), scaled by a
+linear ramp min(1, t / ramp_steps) after an optional clean warmup, and replaced by 0 with
+probability p_clean. `multi_perturbed_ce` trains K trajectories per maze, the first one clean,
+and averages their CE; `single_perturbed_ce` trains one perturbed trajectory.
+
+Rollouts: `parallel_fixed` stacks the K trajectories into one batch (B -> B*K) and runs exactly
+halt_max_steps segments with no halting; `serial_act` runs the K trajectories one after the
+other as batches of B through ACT halting (gradients accumulated, one optimizer step per
+segment). With the same noise and no early halt both give the same loss.
+
+By hand (tunelab normally drives ``FAMILY``)::
+
+    from pathlib import Path
+    import tunelab
+    from trainables.recursive_reasoner import FAMILY, QUICK_CONFIG
+    tunelab.seed_everything(0)
+    exp = FAMILY.build(FAMILY.make_config(QUICK_CONFIG), 0, Path("/tmp/tunelab_data"))
+    for _ in range(8):
+        print(exp.train_iteration())
+
+    python bench/bench_rollout.py     # parallel_fixed vs serial_act steps/s at K = 4
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import math
+from collections import deque
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tunelab
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
+from torch import Tensor, nn
+
+__all__ = [
+    "FAMILY",
+    "QUICK_CONFIG",
+    "Config",
+    "MazeData",
+    "RecursiveReasoner",
+    "TrajectoryNoise",
+    "build",
+    "evaluate_exact_match",
+    "generate_maze",
+    "load_or_generate_mazes",
+    "make_maze_example",
+    "make_mazes",
+    "n_trajectories",
+    "sample_trajectory_sigmas",
+    "shortest_path_labels",
+    "sigma_scale",
+    "train_batch",
+    "trajectory_noise",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Metric names
+# ---------------------------------------------------------------------------------------------
+M_TRAIN_LOSS = "train/loss"
+M_TRAIN_LOSS_CE = "train/loss_ce"
+M_TRAIN_LOSS_HALT = "train/loss_halt"
+M_TRAIN_SIGMA = "train/sigma"  # band max x ramp factor in force after the iteration
+M_VAL_CLEAN_ACC = "val/clean_acc"
+M_VAL_PERTURBED = "val/perturbed_success"
+M_VAL_PERTURBED_10X = "val/perturbed_success_10x"
+M_VAL_BEST_ACC = "val/best_acc"
+M_VAL_FINAL_ACC = "val/final_acc"
+M_GRAD_NORM = "health/grad_norm"
+M_NAN_SKIPPED = "health/nan_skipped"
+M_SYS_DTYPE = "sys/dtype"  # manifest field (a string), not an iteration metric
+
+METRICS = (
+    M_TRAIN_LOSS,
+    M_TRAIN_LOSS_CE,
+    M_TRAIN_LOSS_HALT,
+    M_TRAIN_SIGMA,
+    M_VAL_CLEAN_ACC,
+    M_VAL_PERTURBED,
+    M_VAL_PERTURBED_10X,
+    M_VAL_BEST_ACC,
+    M_VAL_FINAL_ACC,
+    M_GRAD_NORM,
+    M_NAN_SKIPPED,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+@dataclass(config=ConfigDict(extra="forbid", use_attribute_docstrings=True))
+class Config:
+    """Recursive reasoner config; every field has a CPU-sized default."""
+
+    # --- data --------------------------------------------------------------------------------
+    maze_size: Annotated[int, Field(ge=5)] = 7
+    """Maze side S in cells, outer walls included; rooms sit at odd coordinates (7 on a CPU,
+    30 on a GPU)."""
+    loop_frac: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+    """Fraction of the inner walls left by the DFS spanning tree that are knocked down, so the
+    maze has loops and the *shortest* path matters."""
+    n_train: Annotated[int, Field(ge=1)] = 4096
+    """Training mazes."""
+    n_test: Annotated[int, Field(ge=1)] = 512
+    """Held-out test mazes (separate generator stream, none equal to a training maze)."""
+    data_seed: int = 0
+    """Seed of the maze data; the same for every trial seed (the trial seed fixes init, data
+    order and noise)."""
+
+    # --- model -------------------------------------------------------------------------------
+    arch: Literal["trm", "hrm"] = "trm"
+    """trm: one network updates both latents; hrm: separate L and H modules."""
+    hidden: Annotated[int, Field(ge=1)] = 32
+    """Channels D of the latents and of the conv network."""
+    n_layers: Annotated[int, Field(ge=1)] = 2
+    """Residual conv layers (conv3x3-GELU-conv3x3, post RMSNorm) per network call."""
+    H_cycles: Annotated[int, Field(ge=1)] = 2
+    """H cycles per segment (TRM's T); all but the last run without gradient."""
+    L_cycles: Annotated[int, Field(ge=1)] = 2
+    """z_L updates per H cycle (TRM's n)."""
+    halt_max_steps: Annotated[int, Field(ge=1)] = 3
+    """Deep-supervision segments per training batch (TRM's N_sup, HRM's halt_max_steps): the
+    ACT cap; parallel_fixed always runs exactly this many."""
+    n_sup: Annotated[int, Field(ge=1)] = 3
+    """Segments unrolled at evaluation (test-time depth, no halting); above halt_max_steps
+    tests thinking longer than trained."""
+    act: bool = False
+    """Train the halting head (BCE on 'this segment solved the maze'); serial_act then stops a
+    trajectory once its halting logit is > 0."""
+
+    # --- trajectory augmentation -------------------------------------------------------------
+    sigma_mode: Literal["fixed", "loguniform", "none"] = "loguniform"
+    """fixed: sigma for every trajectory; loguniform: per trajectory LogUniform(sigma_min,
+    sigma_max); none: clean training (val/perturbed_success still probes at `sigma`)."""
+    sigma: Annotated[float, Field(ge=0.0)] = 0.1
+    """Noise std of sigma_mode=fixed, and the probe band of sigma_mode=none."""
+    sigma_min: Annotated[float, Field(gt=0.0)] = 0.01
+    """Lower end of the LogUniform band."""
+    sigma_max: Annotated[float, Field(gt=0.0)] = 0.3
+    """Upper end of the LogUniform band (the band max that train/sigma reports)."""
+    ramp_steps: Annotated[int, Field(ge=0)] = 0
+    """Training batches over which sigma ramps linearly from 0 to the band, counted after the
+    clean warmup (0: no ramp)."""
+    clean_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """Training batches at the start with no noise at all."""
+    p_clean: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Probability that a trajectory is clean (mixture p_clean * delta_0 + (1 - p_clean) * band)."""
+    perturb: Literal["z_H", "z_L", "both"] = "both"
+    """Which initial latent gets the noise."""
+    loss_mode: Literal["single_perturbed_ce", "multi_perturbed_ce"] = "multi_perturbed_ce"
+    """single_perturbed_ce: one perturbed trajectory per maze (K is ignored);
+    multi_perturbed_ce: K trajectories (the first clean, K - 1 perturbed), mean CE."""
+    K: Annotated[int, Field(ge=1)] = 2
+    """Trajectories per maze in multi_perturbed_ce."""
+
+    # --- training ----------------------------------------------------------------------------
+    rollout: Literal["parallel_fixed", "serial_act"] = "parallel_fixed"
+    """parallel_fixed: B -> B*K in one batch, exactly halt_max_steps segments; serial_act: the
+    K trajectories one by one through ACT halting."""
+    lr: Annotated[float, Field(gt=0.0)] = 2e-3
+    """AdamW learning rate (constant)."""
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    """AdamW weight decay."""
+    grad_clip: Annotated[float, Field(gt=0.0)] = 1.0
+    """Clip of the total gradient norm per optimizer step."""
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    """Mazes per training batch (B, before the K trajectories)."""
+    steps_per_iter: Annotated[int, Field(ge=1)] = 30
+    """Training batches per iteration (each batch = halt_max_steps optimizer steps)."""
+    eval_batch_size: Annotated[int, Field(ge=1)] = 512
+    """Mazes per evaluation chunk."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the latents and the network (bfloat16 via autocast). In bfloat16,
+    sigma <= 3e-3 around latents of size 1 is mostly rounded away."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the model runs; noise and data order are drawn on the CPU either way."""
+
+    @model_validator(mode="after")
+    def _check_band(self) -> Config:
+        if self.sigma_min > self.sigma_max:
+            raise ValueError(
+                f"sigma_min={self.sigma_min} is above sigma_max={self.sigma_max}; "
+                "the LogUniform band needs sigma_min <= sigma_max"
+            )
+        return self
+
+
+QUICK_CONFIG: dict[str, Any] = {
+    "maze_size": 7,
+    "n_train": 4096,
+    "n_test": 256,
+    "hidden": 32,
+    "n_layers": 1,
+    "H_cycles": 2,
+    "L_cycles": 2,
+    "halt_max_steps": 3,
+    "n_sup": 3,
+    "K": 2,
+    "batch_size": 32,
+    "steps_per_iter": 15,
+}
+"""CPU budget: ~1.5-2.5 s per iteration on one core; 8 iterations reach val/clean_acc ~0.7."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Mazes: generation, BFS labels, the dataset
+# ---------------------------------------------------------------------------------------------
+WALL, OPEN, START, GOAL = 0, 1, 2, 3
+N_TOKENS = 4
+_DIRS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+_DATA_VERSION = 1
+
+
+def generate_maze(size: int, loop_frac: float, rng: np.random.Generator) -> np.ndarray:
+    """Carve an S x S maze: randomized DFS over rooms at odd coordinates, then loops.
+
+    After the spanning tree, ``round(loop_frac * n)`` of the n remaining walls between two
+    adjacent rooms are removed, so several paths exist and the shortest one matters.
+
+    Returns:
+        (S, S) bool, True = open cell. The border (and, for even S, the last row and column)
+        stays wall.
+    """
+    n = (size - 1) // 2  # rooms per side
+    open_ = np.zeros((size, size), dtype=bool)
+    visited = np.zeros((n, n), dtype=bool)
+    r0, c0 = int(rng.integers(n)), int(rng.integers(n))
+    visited[r0, c0] = True
+    open_[2 * r0 + 1, 2 * c0 + 1] = True
+    stack = [(r0, c0)]
+    while stack:
+        r, c = stack[-1]
+        nbrs = [
+            (r + dr, c + dc)
+            for dr, dc in _DIRS
+            if 0 <= r + dr < n and 0 <= c + dc < n and not visited[r + dr, c + dc]
+        ]
+        if not nbrs:
+            stack.pop()
+            continue
+        nr, nc = nbrs[int(rng.integers(len(nbrs)))]
+        visited[nr, nc] = True
+        open_[r + nr + 1, c + nc + 1] = True  # the wall cell between the two rooms
+        open_[2 * nr + 1, 2 * nc + 1] = True
+        stack.append((nr, nc))
+    walls = [
+        (i, j)
+        for i in range(1, 2 * n)
+        for j in range(1, 2 * n)
+        if (i + j) % 2 == 1 and not open_[i, j]  # between two rooms, still closed
+    ]
+    n_remove = round(loop_frac * len(walls))
+    if n_remove:
+        for k in rng.choice(len(walls), size=n_remove, replace=False):
+            open_[walls[int(k)]] = True
+    return open_
+
+
+def bfs_distances(open_: np.ndarray, source: tuple[int, int]) -> np.ndarray:
+    """Breadth-first distances from ``source`` over open cells (4-neighbourhood); -1 = unreachable."""
+    dist = np.full(open_.shape, -1, dtype=np.int64)
+    dist[source] = 0
+    queue = deque([source])
+    h, w = open_.shape
+    while queue:
+        r, c = queue.popleft()
+        for dr, dc in _DIRS:
+            nr, nc = r + dr, c + dc
+            if 0 <= nr < h and 0 <= nc < w and open_[nr, nc] and dist[nr, nc] < 0:
+                dist[nr, nc] = dist[r, c] + 1
+                queue.append((nr, nc))
+    return dist
+
+
+def shortest_path_labels(
+    open_: np.ndarray, start: tuple[int, int], goal: tuple[int, int]
+) -> tuple[np.ndarray, int]:
+    """Cells on a shortest start -> goal path, and the number of shortest paths.
+
+    A cell v is on a shortest path iff d(start, v) + d(v, goal) = d(start, goal). Paths are
+    counted along the BFS layers (count[v] = sum of count[u] over neighbours u one step
+    closer); when the count is 1 the labelled cells are exactly the unique shortest path.
+    """
+    d_s, d_g = bfs_distances(open_, start), bfs_distances(open_, goal)
+    total = d_s[goal]
+    if total < 0:
+        raise ValueError(f"goal {goal} is not reachable from start {start}")
+    on_path = (d_s >= 0) & (d_g >= 0) & (d_s + d_g == total)
+    count = np.zeros(open_.shape, dtype=np.int64)
+    count[start] = 1
+    for r, c in sorted(zip(*np.nonzero(on_path), strict=True), key=lambda rc: d_s[rc]):
+        for dr, dc in _DIRS:
+            nr, nc = r + dr, c + dc
+            inside = 0 <= nr < open_.shape[0] and 0 <= nc < open_.shape[1]
+            if inside and on_path[nr, nc] and d_s[nr, nc] == d_s[r, c] - 1:
+                count[r, c] += count[nr, nc]
+    return on_path, int(count[goal])
+
+
+def make_maze_example(
+    size: int, loop_frac: float, rng: np.random.Generator, max_tries: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
+    """One maze with a unique shortest path between two distinct random rooms.
+
+    Returns:
+        tokens (S, S) uint8 in {WALL, OPEN, START, GOAL}; labels (S, S) uint8, 1 on the path.
+    """
+    n = (size - 1) // 2
+    while True:
+        open_ = generate_maze(size, loop_frac, rng)
+        for _ in range(max_tries):
+            a, b = rng.choice(n * n, size=2, replace=False)
+            start = (2 * int(a // n) + 1, 2 * int(a % n) + 1)
+            goal = (2 * int(b // n) + 1, 2 * int(b % n) + 1)
+            labels, n_paths = shortest_path_labels(open_, start, goal)
+            if n_paths == 1:
+                tokens = open_.astype(np.uint8) * OPEN
+                tokens[start], tokens[goal] = START, GOAL
+                return tokens, labels.astype(np.uint8)
+
+
+def make_mazes(
+    n: int,
+    size: int,
+    loop_frac: float,
+    rng: np.random.Generator,
+    exclude: set[bytes] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` maze examples, none whose tokens are in ``exclude`` (tokens.tobytes()).
+
+    Returns:
+        tokens (n, S, S) uint8, labels (n, S, S) uint8.
+    """
+    tokens: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    while len(tokens) < n:
+        t, y = make_maze_example(size, loop_frac, rng)
+        if exclude is not None and t.tobytes() in exclude:
+            continue
+        tokens.append(t)
+        labels.append(y)
+    return np.stack(tokens), np.stack(labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class MazeData:
+    """Train and held-out test mazes: tokens (N, S, S) int64, labels (N, S, S) int64."""
+
+    train_tokens: Tensor
+    train_labels: Tensor
+    test_tokens: Tensor
+    test_labels: Tensor
+
+
+def load_or_generate_mazes(config: Config, data_root: Path) -> MazeData:
+    """Generate the mazes of ``config`` once under ``data_root`` (shared by all trials).
+
+    Train mazes come from the generator stream ``[data_seed, 0]``, test mazes from
+    ``[data_seed, 1]`` with every maze equal to a training maze rejected.
+    """
+    name = (
+        f"mazes_v{_DATA_VERSION}_s{config.maze_size}_loop{config.loop_frac:g}"
+        f"_train{config.n_train}_test{config.n_test}_seed{config.data_seed}.npz"
+    )
+    path = Path(data_root) / "recursive_reasoner" / name
+    with tunelab.data_lock(path):
+        if not path.exists():
+            size, loop = config.maze_size, config.loop_frac
+            tr_x, tr_y = make_mazes(
+                config.n_train, size, loop, np.random.default_rng([config.data_seed, 0])
+            )
+            seen = {t.tobytes() for t in tr_x}
+            te_x, te_y = make_mazes(
+                config.n_test, size, loop, np.random.default_rng([config.data_seed, 1]), seen
+            )
+            buf = io.BytesIO()
+            np.savez_compressed(buf, train_x=tr_x, train_y=tr_y, test_x=te_x, test_y=te_y)
+            tunelab.atomic_write_bytes(path, buf.getvalue())
+        with np.load(path) as z:
+            arrays = {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
+    return MazeData(arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Trajectory noise (pure functions of config, step and generator)
+# ---------------------------------------------------------------------------------------------
+def n_trajectories(config: Config) -> int:
+    """Trajectories per maze: K in multi_perturbed_ce, 1 in single_perturbed_ce."""
+    return config.K if config.loss_mode == "multi_perturbed_ce" else 1
+
+
+def band_max(config: Config) -> float:
+    """The top of the noise band: sigma (fixed / none) or sigma_max (loguniform)."""
+    return config.sigma_max if config.sigma_mode == "loguniform" else config.sigma
+
+
+def sigma_scale(step: int, ramp_steps: int, clean_warmup_steps: int = 0) -> float:
+    """Factor on the band at training batch ``step``: 0 in the warmup, then min(1, t / ramp)."""
+    if step < clean_warmup_steps:
+        return 0.0
+    if ramp_steps == 0:
+        return 1.0
+    return min(1.0, (step - clean_warmup_steps) / ramp_steps)
+
+
+def sample_trajectory_sigmas(
+    config: Config, n_traj: int, batch: int, scale: float, generator: torch.Generator
+) -> Tensor:
+    """Per-trajectory noise std, (n_traj, batch).
+
+    sigma (fixed) or exp(U(log sigma_min, log sigma_max)) (loguniform), times ``scale``; each
+    trajectory is clean with probability p_clean; in multi_perturbed_ce trajectory 0 is clean.
+    """
+    shape = (n_traj, batch)
+    if config.sigma_mode == "none" or scale == 0.0:
+        return torch.zeros(shape)
+    if config.sigma_mode == "fixed":
+        sigmas = torch.full(shape, config.sigma)
+    else:
+        lo, hi = math.log(config.sigma_min), math.log(config.sigma_max)
+        sigmas = torch.exp(lo + (hi - lo) * torch.rand(shape, generator=generator))
+    sigmas = sigmas * scale
+    if config.p_clean > 0.0:
+        sigmas[torch.rand(shape, generator=generator) < config.p_clean] = 0.0
+    if config.loss_mode == "multi_perturbed_ce":
+        sigmas[0] = 0.0
+    return sigmas
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryNoise:
+    """Noise of one training batch: sigmas (T, B); eps_H / eps_L (T, B, D, S, S) or None."""
+
+    sigmas: Tensor
+    eps_H: Tensor | None
+    eps_L: Tensor | None
+
+
+def trajectory_noise(
+    config: Config, *, step: int, batch: int, generator: torch.Generator
+) -> TrajectoryNoise:
+    """Centered latent noise eps = sigma * N(0, I) for the trajectories of one batch.
+
+    The latent that ``config.perturb`` leaves alone gets None (z0 unchanged); so does every
+    latent when all sigmas are 0 (warmup, sigma_mode none), which skips the draw.
+    """
+    n_traj = n_trajectories(config)
+    scale = sigma_scale(step, config.ramp_steps, config.clean_warmup_steps)
+    sigmas = sample_trajectory_sigmas(config, n_traj, batch, scale, generator)  # (T, B)
+    if not bool((sigmas > 0).any()):
+        return TrajectoryNoise(sigmas, None, None)
+    shape = (n_traj, batch, config.hidden, config.maze_size, config.maze_size)
+    std = sigmas.view(n_traj, batch, 1, 1, 1)
+
+    def draw(wanted: bool) -> Tensor | None:
+        return std * torch.randn(shape, generator=generator) if wanted else None
+
+    return TrajectoryNoise(
+        sigmas, draw(config.perturb in ("z_H", "both")), draw(config.perturb in ("z_L", "both"))
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+def _rms_norm(h: Tensor, eps: float = 1e-5) -> Tensor:
+    """RMSNorm over channels per cell, computed in float32; h (N, D, S, S)."""
+    hf = h.float()
+    return (hf * torch.rsqrt(hf.pow(2).mean(dim=1, keepdim=True) + eps)).to(h.dtype)
+
+
+class _ConvLayer(nn.Module):
+    """conv3x3 -> GELU -> conv3x3: a local MLP over the grid (the receptive field grows by 2)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(d, d, 3, padding=1)
+        self.conv2 = nn.Conv2d(d, d, 3, padding=1)
+
+    def forward(self, h: Tensor) -> Tensor:  # (N, D, S, S) -> (N, D, S, S)
+        return self.conv2(F.gelu(self.conv1(h)))
+
+
+class ReasoningNet(nn.Module):
+    """net(z, inject) = layers(z + inject), each layer h <- rms_norm(h + layer(h)) (post-norm, TRM)."""
+
+    def __init__(self, d: int, n_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_ConvLayer(d) for _ in range(n_layers))
+
+    def forward(self, z: Tensor, inject: Tensor) -> Tensor:  # (N, D, S, S) x2 -> (N, D, S, S)
+        h = z + inject
+        for layer in self.layers:
+            h = _rms_norm(h + layer(h))
+        return h
+
+
+class RecursiveReasoner(nn.Module):
+    """TRM (one shared net) or HRM (separate L and H nets) recursion over the maze grid.
+
+    Recursion of one segment (TRM, arXiv:2510.04871, Fig. 3)::
+
+        repeat H_cycles:                      # all but the last cycle under no_grad
+            repeat L_cycles: z_L = net_L(z_L, z_H + x)
+            z_H = net_H(z_H, z_L)
+        logits = head(z_H); q_halt = q_head(mean_cells(z_H))
+
+    HRM keeps only the last z_L and z_H update in the graph (one-step gradient).
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        d = config.hidden
+        self.arch = config.arch
+        self.H_cycles, self.L_cycles = config.H_cycles, config.L_cycles
+        self.dtype = getattr(torch, config.dtype)
+        self.embed = nn.Embedding(N_TOKENS, d)
+        self.net_L = ReasoningNet(d, config.n_layers)
+        self.net_H = ReasoningNet(d, config.n_layers) if config.arch == "hrm" else None
+        self.head = nn.Conv2d(d, 2, 1)
+        self.q_head = nn.Linear(d, 1)
+        with torch.no_grad():
+            self.q_head.bias.fill_(-5.0)  # TRM: start far from halting
+        # fixed (not learned) initial latents, one vector broadcast over the cells
+        self.z_H0: Tensor
+        self.z_L0: Tensor
+        self.register_buffer("z_H0", nn.init.trunc_normal_(torch.empty(d, 1, 1), 0, 1, -2, 2))
+        self.register_buffer("z_L0", nn.init.trunc_normal_(torch.empty(d, 1, 1), 0, 1, -2, 2))
+
+    def embed_input(self, tokens: Tensor) -> Tensor:
+        """(N, S, S) token ids -> x (N, D, S, S)."""
+        return self.embed(tokens).permute(0, 3, 1, 2).contiguous()
+
+    def initial_latents(
+        self, n: int, size: int, eps_H: Tensor | None = None, eps_L: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """z0 + eps for ``n`` trajectories: (N, D, S, S) each, in the compute dtype."""
+        shape = (n, self.z_H0.shape[0], size, size)
+        z_H, z_L = self.z_H0.expand(shape), self.z_L0.expand(shape)
+        if eps_H is not None:
+            z_H = z_H + eps_H.to(z_H.device)
+        if eps_L is not None:
+            z_L = z_L + eps_L.to(z_L.device)
+        return z_H.to(self.dtype).contiguous(), z_L.to(self.dtype).contiguous()
+
+    def _h_net(self) -> ReasoningNet:
+        return self.net_H if self.net_H is not None else self.net_L
+
+    def _cycle(self, x: Tensor, z_H: Tensor, z_L: Tensor, n_L: int) -> tuple[Tensor, Tensor]:
+        for _ in range(n_L):
+            z_L = self.net_L(z_L, z_H + x)
+        return self._h_net()(z_H, z_L), z_L
+
+    def segment(self, x: Tensor, z_H: Tensor, z_L: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One deep-supervision segment.
+
+        Args:
+            x: (N, D, S, S) input embedding; z_H, z_L: (N, D, S, S) carried latents.
+
+        Returns:
+            z_H, z_L detached for the next segment; logits (N, 2, S, S) and the halting logit
+            (N,), both float32.
+        """
+        device_type = x.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.dtype != torch.float32):
+            x, z_H, z_L = x.to(self.dtype), z_H.to(self.dtype), z_L.to(self.dtype)
+            with torch.no_grad():
+                for _ in range(self.H_cycles - 1):
+                    z_H, z_L = self._cycle(x, z_H, z_L, self.L_cycles)
+                if self.arch == "hrm":  # all but the last z_L update of the last cycle
+                    for _ in range(self.L_cycles - 1):
+                        z_L = self.net_L(z_L, z_H + x)
+            # the cycle in the graph: all of it (TRM), only its last z_L and z_H update (HRM)
+            n_L_grad = 1 if self.arch == "hrm" else self.L_cycles
+            z_H, z_L = self._cycle(x, z_H, z_L, n_L_grad)
+            logits = self.head(z_H).float()  # (N, 2, S, S)
+            q_halt = self.q_head(z_H.float().mean(dim=(2, 3))).squeeze(-1).float()  # (N,)
+        return z_H.detach(), z_L.detach(), logits, q_halt
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step: the two rollouts
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BatchStats:
+    """What one training batch reports (losses are means over its segments)."""
+
+    loss: float = 0.0
+    loss_ce: float = 0.0
+    loss_halt: float = 0.0
+    grad_norms: list[float] = dataclasses.field(default_factory=list)
+    nan_skipped: int = 0
+
+
+def _per_trajectory_loss(
+    logits: Tensor, q_halt: Tensor, labels: Tensor, act: bool
+) -> tuple[Tensor, Tensor]:
+    """CE (mean over cells) and halting BCE (target: maze solved), each (N,)."""
+    ce = F.cross_entropy(logits, labels, reduction="none").mean(dim=(1, 2))  # (N,)
+    if not act:
+        return ce, torch.zeros_like(ce)
+    solved = (logits.argmax(dim=1) == labels).all(dim=2).all(dim=1).float()  # (N,)
+    return ce, F.binary_cross_entropy_with_logits(q_halt, solved, reduction="none")
+
+
+def _optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: float,
+    grad_clip: float,
+    stats: BatchStats,
+) -> None:
+    """Clip and step on the accumulated gradients; skip (and count) a non-finite step."""
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    if math.isfinite(loss) and math.isfinite(norm):
+        optimizer.step()
+        stats.grad_norms.append(norm)
+    else:
+        stats.nan_skipped += 1
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_batch(
+    model: RecursiveReasoner,
+    optimizer: torch.optim.Optimizer,
+    tokens: Tensor,
+    labels: Tensor,
+    noise: TrajectoryNoise,
+    *,
+    rollout: Literal["parallel_fixed", "serial_act"],
+    halt_max_steps: int,
+    act: bool,
+    grad_clip: float,
+) -> BatchStats:
+    """Train one batch of B mazes with T = noise.sigmas.shape[0] trajectories each.
+
+    The segment loss is mean over the T*B trajectories of CE (+ halting BCE when ``act``);
+    trajectories halted by ACT add 0. One optimizer step per segment.
+
+    Args:
+        tokens, labels: (B, S, S) int64 on the model's device.
+        noise: from :func:`trajectory_noise` (eps (T, B, D, S, S) or None).
+    """
+    n_traj, batch = noise.sigmas.shape
+    size = tokens.shape[-1]
+    stats = BatchStats()
+    if rollout == "parallel_fixed":
+
+        def flatten(eps: Tensor | None) -> Tensor | None:  # (T, B, D, S, S) -> (T*B, D, S, S)
+            return None if eps is None else eps.reshape(n_traj * batch, *eps.shape[2:])
+
+        tok, lab = tokens.repeat(n_traj, 1, 1), labels.repeat(n_traj, 1, 1)  # (T*B, S, S)
+        z_H, z_L = model.initial_latents(
+            n_traj * batch, size, flatten(noise.eps_H), flatten(noise.eps_L)
+        )
+        for _ in range(halt_max_steps):
+            z_H, z_L, logits, q_halt = model.segment(model.embed_input(tok), z_H, z_L)
+            ce, halt = _per_trajectory_loss(logits, q_halt, lab, act)  # (T*B,) each
+            loss = ce.mean() + halt.mean()
+            loss.backward()
+            value = float(loss.detach())
+            stats.loss += value
+            stats.loss_ce += float(ce.detach().mean())
+            stats.loss_halt += float(halt.detach().mean())
+            _optimizer_step(model, optimizer, value, grad_clip, stats)
+    elif rollout == "serial_act":
+        carries = [
+            model.initial_latents(
+                batch,
+                size,
+                None if noise.eps_H is None else noise.eps_H[k],
+                None if noise.eps_L is None else noise.eps_L[k],
+            )
+            for k in range(n_traj)
+        ]
+        halted = [torch.zeros(batch, dtype=torch.bool, device=tokens.device) for _ in range(n_traj)]
+        denom = n_traj * batch
+        for _ in range(halt_max_steps):
+            if all(bool(h.all()) for h in halted):
+                break  # every trajectory halted: nothing left to train on this batch
+            value = 0.0
+            for k in range(n_traj):
+                active = (~halted[k]).nonzero().squeeze(1)  # (n_active,)
+                if active.numel() == 0:
+                    continue
+                z_H, z_L = carries[k]
+                sub = None if active.numel() == batch else active
+                tok = tokens if sub is None else tokens[sub]
+                lab = labels if sub is None else labels[sub]
+                zh_in = z_H if sub is None else z_H[sub]
+                zl_in = z_L if sub is None else z_L[sub]
+                zh, zl, logits, q_halt = model.segment(model.embed_input(tok), zh_in, zl_in)
+                ce, halt = _per_trajectory_loss(logits, q_halt, lab, act)  # (n_active,)
+                loss = (ce.sum() + halt.sum()) / denom
+                loss.backward()
+                value += float(loss.detach())
+                stats.loss_ce += float(ce.detach().sum()) / denom
+                stats.loss_halt += float(halt.detach().sum()) / denom
+                if sub is None:
+                    carries[k] = (zh, zl)
+                else:
+                    z_H, z_L = z_H.clone(), z_L.clone()
+                    z_H[sub], z_L[sub] = zh, zl
+                    carries[k] = (z_H, z_L)
+                if act:
+                    halted[k][active] = q_halt > 0
+            stats.loss += value
+            _optimizer_step(model, optimizer, value, grad_clip, stats)
+    else:
+        raise ValueError(f"rollout={rollout!r} must be 'parallel_fixed' or 'serial_act'")
+    stats.loss /= halt_max_steps
+    stats.loss_ce /= halt_max_steps
+    stats.loss_halt /= halt_max_steps
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+_EVAL_NOISE_SEED = 7919
+
+
+@torch.no_grad()
+def evaluate_exact_match(
+    model: RecursiveReasoner,
+    tokens: Tensor,
+    labels: Tensor,
+    *,
+    n_segments: int,
+    sigma: float,
+    perturb: Literal["z_H", "z_L", "both"],
+    chunk: int,
+    noise_seed: int,
+) -> float:
+    """Fraction of mazes solved (every cell right) after ``n_segments`` segments, no halting.
+
+    sigma > 0 perturbs the initial latents with noise drawn from ``noise_seed`` (the same
+    draws at every call, so scores are comparable across iterations and sigmas).
+    """
+    generator = torch.Generator().manual_seed(noise_seed)
+    device = next(model.parameters()).device
+    d, size = model.z_H0.shape[0], tokens.shape[-1]
+    solved = 0
+    for lo in range(0, tokens.shape[0], chunk):
+        tok = tokens[lo : lo + chunk].to(device)  # (n, S, S)
+        lab = labels[lo : lo + chunk].to(device)
+        n = tok.shape[0]
+        eps_H = eps_L = None
+        if sigma > 0:
+            eps = sigma * torch.randn((2, n, d, size, size), generator=generator)
+            eps_H = eps[0] if perturb in ("z_H", "both") else None
+            eps_L = eps[1] if perturb in ("z_L", "both") else None
+        z_H, z_L = model.initial_latents(n, size, eps_H, eps_L)
+        x = model.embed_input(tok)
+        for _ in range(n_segments):
+            z_H, z_L, logits, _ = model.segment(x, z_H, z_L)
+        solved += int((logits.argmax(dim=1) == lab).all(dim=2).all(dim=1).sum())
+    return solved / tokens.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment: the tunelab contract
+# ---------------------------------------------------------------------------------------------
+class RecursiveReasonerExperiment:
+    """One trial: model, optimizer, own RNG, data cursor, best snapshot, metric history."""
+
+    def __init__(self, config: Config, seed: int, data: MazeData) -> None:
+        self.config = config
+        self.data = data
+        self.device = torch.device(config.device)
+        self.model = RecursiveReasoner(config).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            betas=(0.9, 0.95),
+        )
+        self.generator = torch.Generator().manual_seed(seed)  # data order and noise
+        self.perm = torch.randperm(config.n_train, generator=self.generator)
+        self.cursor = 0
+        self.step = 0  # training batches done
+        self.iteration = 0
+        self.best_acc = -math.inf
+        self.best_iteration = -1
+        self.best_state: dict[str, Any] | None = None  # full training state at the best iteration
+        self.history: list[dict[str, float]] = []
+
+    # --- data order ----------------------------------------------------------------------------
+    def _next_indices(self) -> Tensor:
+        """The next batch_size training indices (epoch permutations, reshuffled when used up)."""
+        parts, need = [], self.config.batch_size
+        while need > 0:
+            if self.cursor == self.perm.numel():
+                self.perm = torch.randperm(self.config.n_train, generator=self.generator)
+                self.cursor = 0
+            take = min(need, self.perm.numel() - self.cursor)
+            parts.append(self.perm[self.cursor : self.cursor + take])
+            self.cursor += take
+            need -= take
+        return torch.cat(parts)
+
+    # --- one iteration -------------------------------------------------------------------------
+    def train_iteration(self) -> dict[str, float]:
+        cfg = self.config
+        self.model.train()
+        totals = BatchStats()
+        for _ in range(cfg.steps_per_iter):
+            idx = self._next_indices()
+            noise = trajectory_noise(
+                cfg, step=self.step, batch=idx.numel(), generator=self.generator
+            )
+            stats = train_batch(
+                self.model,
+                self.optimizer,
+                self.data.train_tokens[idx].to(self.device),
+                self.data.train_labels[idx].to(self.device),
+                noise,
+                rollout=cfg.rollout,
+                halt_max_steps=cfg.halt_max_steps,
+                act=cfg.act,
+                grad_clip=cfg.grad_clip,
+            )
+            self.step += 1
+            totals.loss += stats.loss / cfg.steps_per_iter
+            totals.loss_ce += stats.loss_ce / cfg.steps_per_iter
+            totals.loss_halt += stats.loss_halt / cfg.steps_per_iter
+            totals.grad_norms += stats.grad_norms
+            totals.nan_skipped += stats.nan_skipped
+        self.iteration += 1
+        sigma_now = 0.0 if cfg.sigma_mode == "none" else band_max(cfg)
+        sigma_now *= sigma_scale(self.step, cfg.ramp_steps, cfg.clean_warmup_steps)
+        metrics = {
+            M_TRAIN_LOSS: totals.loss,
+            M_TRAIN_LOSS_CE: totals.loss_ce,
+            M_TRAIN_LOSS_HALT: totals.loss_halt,
+            M_TRAIN_SIGMA: sigma_now,
+            **self._evaluate(),
+            M_GRAD_NORM: float(np.mean(totals.grad_norms)) if totals.grad_norms else math.nan,
+            M_NAN_SKIPPED: float(totals.nan_skipped),
+        }
+        clean = metrics[M_VAL_CLEAN_ACC]
+        improved = clean > self.best_acc
+        if improved:
+            self.best_acc, self.best_iteration = clean, self.iteration
+        metrics[M_VAL_BEST_ACC] = self.best_acc
+        metrics[M_VAL_FINAL_ACC] = clean
+        self.history.append(metrics)
+        if improved:
+            # a snapshot (tensors copied) that later training cannot change
+            snapshot = {"family": self._training_state(), "rng": tunelab.capture_rng_state()}
+            self.best_state = copy.deepcopy(snapshot)
+        return metrics
+
+    def _evaluate(self) -> dict[str, float]:
+        cfg = self.config
+        self.model.eval()
+
+        def score(sigma: float) -> float:
+            return evaluate_exact_match(
+                self.model,
+                self.data.test_tokens,
+                self.data.test_labels,
+                n_segments=cfg.n_sup,
+                sigma=sigma,
+                perturb=cfg.perturb,
+                chunk=cfg.eval_batch_size,
+                noise_seed=_EVAL_NOISE_SEED + cfg.data_seed,
+            )
+
+        band = band_max(cfg)
+        out = {
+            M_VAL_CLEAN_ACC: score(0.0),
+            M_VAL_PERTURBED: score(band),
+            M_VAL_PERTURBED_10X: score(10.0 * band),
+        }
+        self.model.train()
+        return out
+
+    # --- state ---------------------------------------------------------------------------------
+    def _training_state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "perm": self.perm,
+            "cursor": self.cursor,
+            "step": self.step,
+            "iteration": self.iteration,
+            "best_acc": self.best_acc,
+            "best_iteration": self.best_iteration,
+            "history": list(self.history),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._training_state(), "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.perm = state["perm"].clone()
+        self.cursor = int(state["cursor"])
+        self.step = int(state["step"])
+        self.iteration = int(state["iteration"])
+        self.best_acc = float(state["best_acc"])
+        self.best_iteration = int(state["best_iteration"])
+        self.history = [dict(m) for m in state["history"]]
+        self.best_state = copy.deepcopy(state.get("best_state"))
+
+    # --- export --------------------------------------------------------------------------------
+    def export(self, out_dir: Path) -> dict[str, Any]:
+        """Write best.pt, final.pt, latest.pt and metrics.json; return the manifest fields.
+
+        Each .pt holds ``{"family": state, "rng": rng, "iteration", "best", "extra"}`` (the
+        layout of :func:`tunelab.save_state`): ``tunelab.restore_rng_state(p["rng"])`` and
+        ``experiment.load_state_dict(p["family"])`` continue training exactly from it. best.pt
+        is the state at the best val/clean_acc; final.pt and latest.pt the current state.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        current = {"family": self.state_dict(), "rng": tunelab.capture_rng_state()}
+        best = self.best_state if self.best_state is not None else current
+        files = {}
+        for kind, snap in (("best", best), ("final", current), ("latest", current)):
+            payload = {
+                "family": snap["family"],
+                "rng": snap["rng"],
+                "iteration": snap["family"]["iteration"],
+                "best": self.best_acc,
+                "extra": {"kind": kind, "config": dataclasses.asdict(self.config)},
+            }
+            buf = io.BytesIO()
+            torch.save(payload, buf)
+            tunelab.atomic_write_bytes(out_dir / f"{kind}.pt", buf.getvalue())
+            files[kind] = f"{kind}.pt"
+        final = self.history[-1] if self.history else {}
+        manifest: dict[str, Any] = {
+            "family": "recursive_reasoner",
+            M_SYS_DTYPE: self.config.dtype,
+            M_VAL_BEST_ACC: self.best_acc if self.history else None,
+            M_VAL_FINAL_ACC: final.get(M_VAL_FINAL_ACC),
+            M_VAL_PERTURBED: final.get(M_VAL_PERTURBED),
+            M_VAL_PERTURBED_10X: final.get(M_VAL_PERTURBED_10X),
+            "best_iteration": self.best_iteration,
+            "iterations": self.iteration,
+            "train_batches": self.step,
+            "arch": self.config.arch,
+            "rollout": self.config.rollout,
+            "loss_mode": self.config.loss_mode,
+            "maze_size": self.config.maze_size,
+            "sigma_band": [self.config.sigma_min, self.config.sigma_max]
+            if self.config.sigma_mode == "loguniform"
+            else band_max(self.config),
+            "files": {**files, "metrics": "metrics.json"},
+        }
+        tunelab.atomic_write_json(
+            out_dir / "metrics.json",
+            {
+                "manifest": manifest,
+                "config": dataclasses.asdict(self.config),
+                "history": self.history,
+            },
+        )
+        return manifest
+
+
+def build(config: Config, seed: int, data_root: Path) -> RecursiveReasonerExperiment:
+    """tunelab entry point: mazes from ``data_seed`` (shared), everything else from ``seed``."""
+    return RecursiveReasonerExperiment(config, seed, load_or_generate_mazes(config, data_root))
+
+
+FAMILY = tunelab.Family(
+    name="recursive_reasoner",
+    config_cls=Config,
+    build=build,
+    metrics=METRICS,
+    description=(
+        "TRM/HRM recursive reasoner on procedural mazes (exact-match shortest path) with "
+        "centered initial-latent noise (trajectory augmentation), parallel_fixed vs serial_act."
+    ),
+)
