@@ -50,7 +50,7 @@ from tunelab._names import (
 )
 from tunelab._schedulers import ITERATION as _SCHED_TIME
 from tunelab._schedulers import OptunaPrunerScheduler, SyncCullScheduler, rank_key
-from tunelab._spec import SeedCullSpec, SweepSpec, load_spec, parse_spec, spec_hash
+from tunelab._spec import AnySpec, LeverABSpec, SeedCullSpec, SweepSpec, load_spec, parse_spec, spec_hash
 from tunelab._tracking import (
     MlflowTrialCallback,
     default_tracking_uri,
@@ -64,8 +64,8 @@ from tunelab._trial import TrialSetup, restore_experiment, run_trial
 
 __all__ = ["ExperimentError", "latest_experiment", "resume_experiment", "run_experiment", "experiment_status"]
 
-AnySpec = SeedCullSpec | SweepSpec
 assert _SCHED_TIME == ITERATION
+LEVER_STATE_FILE = "tunelab_lever.json"
 
 
 class ExperimentError(RuntimeError):
@@ -261,7 +261,7 @@ def _scheduler(state: _State, spec: AnySpec) -> Any:
             metric=metric, mode=mode, pruner=cull.pruner, max_t=spec.budget, min_t=milestone,
             reduction_factor=eta,
         )
-    if spec.scheduler.type == "asha":
+    if isinstance(spec, SweepSpec) and spec.scheduler.type == "asha":
         return ASHAScheduler(
             time_attr=ITERATION, metric=metric, mode=mode, max_t=spec.budget,
             grace_period=spec.scheduler.grace_period, reduction_factor=spec.scheduler.reduction_factor,
@@ -291,8 +291,17 @@ def _tuner(state: _State, spec: AnySpec, *, progress: bool | None, restore: bool
         return tune.Tuner.restore(
             str(state.exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True,
         )
-    search_alg = None
+    search_alg: Any = None
     num_samples = 1
+    trial_tags = None
+    param_space: dict[str, Any] | None = None
+    if isinstance(spec, LeverABSpec):
+        from tunelab._lever import PairedLeverSearcher, lever_trial_tags
+
+        search_alg = PairedLeverSearcher(spec, state_file=str(state.exp_dir / LEVER_STATE_FILE))
+        num_samples, trial_tags = -1, lever_trial_tags
+    else:
+        param_space = _param_space(spec)
     if isinstance(spec, SweepSpec):
         num_samples = spec.num_samples
         if spec.search_alg == "optuna_tpe":
@@ -300,19 +309,20 @@ def _tuner(state: _State, spec: AnySpec, *, progress: bool | None, restore: bool
 
             search_alg = OptunaSearch(metric=spec.metric.name, mode=spec.metric.mode, seed=spec.seeds[0])
     scheduler = _scheduler(state, spec)
-    total = len(spec.seeds) * num_samples
+    total = None if num_samples < 0 else len(spec.seeds) * num_samples
     callbacks = [
         MlflowTrialCallback(
             tracking_uri=state.tracking_uri, experiment_id=state.mlflow_experiment_id,
             parent_run_id=state.parent_run_id, runs_file=str(state.exp_dir / RUNS_FILE),
-            base_tags={**_base_tags(spec, state.git_commit), TAG_ROLE: "seed" if spec.kind == "seed_cull" else "variant"},
+            base_tags=_child_tags(spec, state.git_commit),
+            trial_tags=trial_tags,
             artifacts_root=str(state.exp_dir / ARTIFACTS_DIR),
         ),
         _progress_callback(spec, total, progress),
     ]
     return tune.Tuner(
         trainable,
-        param_space=_param_space(spec),
+        param_space=param_space,
         tune_config=tune.TuneConfig(
             scheduler=scheduler, search_alg=search_alg, num_samples=num_samples, reuse_actors=True,
             max_concurrent_trials=spec.max_concurrent, trial_dirname_creator=_trial_dirname,
@@ -329,7 +339,16 @@ def _tuner(state: _State, spec: AnySpec, *, progress: bool | None, restore: bool
     )
 
 
-def _progress_callback(spec: AnySpec, total: int, enabled: bool | None) -> Any:
+def _child_tags(spec: AnySpec, commit: str) -> dict[str, str]:
+    tags = _base_tags(spec, commit)
+    if isinstance(spec, SeedCullSpec):
+        tags[TAG_ROLE] = "seed"
+    elif isinstance(spec, SweepSpec):
+        tags[TAG_ROLE] = "variant"
+    return tags
+
+
+def _progress_callback(spec: AnySpec, total: int | None, enabled: bool | None) -> Any:
     from tunelab._progress import ProgressCallback
 
     return ProgressCallback(metric=spec.metric.name, mode=spec.metric.mode, budget=spec.budget, total=total, enabled=enabled)
@@ -362,6 +381,9 @@ def _finalize(state: _State, spec: AnySpec, grid: Any) -> dict[str, Any]:
             "trial_id": tid,
             "run_id": runs.get(tid),
             "seed": result.config.get("seed"),
+            "arm": result.config.get("arm"),
+            "round": result.config.get("round"),
+            "stage": result.config.get("stage"),
             "config": result.config.get("config", {}),
             "iterations": iterations,
             "status": status,
@@ -373,11 +395,13 @@ def _finalize(state: _State, spec: AnySpec, grid: Any) -> dict[str, Any]:
     for r in rows:
         if r["run_id"] is None:
             continue
-        if r["status"] == "culled":
+        if r["status"] == "culled" and spec.kind != "lever_ab":
             set_tags(client, r["run_id"], {TAG_CULLED_AT: r["iterations"]})
         end_runs(client, [r["run_id"]], "FAILED" if r["status"] == "error" else "FINISHED")
     table = pd.DataFrame([
-        {"trial_id": r["trial_id"], "run_id": r["run_id"], "seed": r["seed"], "status": r["status"],
+        {"trial_id": r["trial_id"], "run_id": r["run_id"], "seed": r["seed"],
+         **({"arm": r["arm"], "round": r["round"], "stage": r["stage"]} if spec.kind == "lever_ab" else {}),
+         "status": r["status"],
          "iterations": r["iterations"], "culled_at": r["iterations"] if r["status"] == "culled" else None,
          **{f"config.{k}": v for k, v in r["config"].items() if isinstance(v, (int, float, str, bool))},
          **r["metrics"]}
@@ -394,7 +418,8 @@ def _finalize(state: _State, spec: AnySpec, grid: Any) -> dict[str, Any]:
         "kind": spec.kind,
         "metric": spec.metric.model_dump(),
         "trials": [
-            {k: r[k] for k in ("trial_id", "run_id", "seed", "iterations", "status", "metrics", "error")}
+            {k: r[k] for k in ("trial_id", "run_id", "seed", "arm", "round", "iterations", "status", "metrics", "error")
+             if spec.kind == "lever_ab" or k not in ("arm", "round")}
             for r in rows
         ],
         "failed": sum(r["status"] == "error" for r in rows),
@@ -404,12 +429,14 @@ def _finalize(state: _State, spec: AnySpec, grid: Any) -> dict[str, Any]:
         _write_table(table, state.exp_dir / "seed_table")
         summary["cull"] = {"at": spec.cull.milestone(spec.budget), "keep": spec.cull.keep, "scheduler": spec.cull.scheduler}
         summary["selected"] = _select(state, spec, rows, client)
+    elif isinstance(spec, LeverABSpec):
+        from tunelab._lever import finalize_levers
+
+        summary.update(finalize_levers(state.exp_dir / LEVER_STATE_FILE, spec, rows, client, state.parent_run_id))
     else:
         summary["best"] = _best(spec, rows)
     parent_tags = {"tunelab.n_trials": len(rows), "tunelab.n_failed": summary["failed"]}
     set_tags(client, state.parent_run_id, parent_tags)
-    for name in ("results.csv", "summary.json"):
-        pass
     atomic_write_json(state.exp_dir / "summary.json", summary)
     client.log_artifact(state.parent_run_id, str(state.exp_dir / "results.csv"))
     client.log_artifact(state.parent_run_id, str(state.exp_dir / "summary.json"))

@@ -26,6 +26,7 @@ import copy
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -37,11 +38,16 @@ from tunelab._family import Family, get_family
 
 __all__ = [
     "CullSpec",
+    "DecisionSpec",
+    "GuardrailSpec",
+    "LeverABSpec",
+    "apply_overrides",
     "Domain",
     "MetricSpec",
     "ResourcesSpec",
     "SeedCullSpec",
     "SelectSpec",
+    "AnySpec",
     "Spec",
     "SpecError",
     "SweepSpec",
@@ -269,13 +275,103 @@ class SweepSpec(_BaseSpec):
         return self
 
 
-Spec = Annotated[SeedCullSpec | SweepSpec, Field(discriminator="kind")]
-_SPEC_ADAPTER: pydantic.TypeAdapter[SeedCullSpec | SweepSpec] = pydantic.TypeAdapter(Spec)
-_QUICK_KEYS = {"budget", "seeds", "config", "cull", "num_samples", "search", "max_concurrent"}
-_KINDS = ("seed_cull", "sweep")
+class GuardrailSpec(_Strict):
+    """A metric that must not regress by more than ``margin`` (non-inferiority)."""
+
+    name: str
+    mode: Mode
+    margin: Annotated[float, Field(ge=0)] = 0.0
 
 
-def load_spec(path: str | Path, *, quick: bool = False) -> SeedCullSpec | SweepSpec:
+class DecisionSpec(_Strict):
+    """The pre-registered decision rule (shared/VERDICTS.md).
+
+    ``min_effect``: the smallest effect of interest (the keep bar), raw units;
+    ``looks``: seeds analysed at each planned look, e.g. [5, 10, 20];
+    ``correction``: across the levers of a round (``holm`` confirmatory, ``bh``
+    screening); ``confirm_seeds``: seeds a meaningful win must also win on
+    before it is stacked into the next round's control.
+    """
+
+    min_effect: Annotated[float, Field(gt=0)]
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    looks: list[Annotated[int, Field(ge=2)]] | None = None
+    correction: Literal["holm", "bh", "none"] = "holm"
+    confirm_seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+
+    @field_validator("looks")
+    @classmethod
+    def _increasing(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(b <= a for a, b in zip(v, v[1:], strict=False))):
+            raise ValueError(f"looks must be a non-empty, strictly increasing list of seed counts, got {v}")
+        return v
+
+
+class LeverABSpec(_BaseSpec):
+    """Control vs levers on the same seeds; a verdict per lever."""
+
+    kind: Literal["lever_ab"]
+    control: dict[str, Any] = Field(default_factory=dict)
+    levers: dict[str, dict[str, Any]]
+    seeds: list[Annotated[int, Field(ge=0)]]
+    guardrails: list[GuardrailSpec] = Field(default_factory=list)
+    decision: DecisionSpec
+    rounds: Annotated[int, Field(ge=1)] = 1
+
+    @model_validator(mode="after")
+    def _check_levers(self) -> LeverABSpec:
+        if self.config:
+            raise ValueError("config: a lever_ab spec names its base config under `control:`; move it there")
+        if not self.seeds:
+            raise ValueError("seeds: needs at least one seed; paired verdicts need several (e.g. [1, 2, 3, 4, 5])")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds: seeds must be distinct")
+        if not self.levers:
+            raise ValueError("levers: needs at least one lever, e.g. {lds: {lds_alpha: 0.5}}")
+        for name, overrides in self.levers.items():
+            if name == "control" or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+                raise ValueError(f"levers.{name}: a lever name is letters, digits, _ . - and not 'control'")
+            if not overrides:
+                raise ValueError(f"levers.{name}: a lever needs at least one config override")
+        looks = self.decision.looks
+        if looks and looks[-1] > len(self.seeds):
+            raise ValueError(
+                f"decision.looks: the last look ({looks[-1]}) needs more seeds than the {len(self.seeds)} listed"
+            )
+        if set(self.decision.confirm_seeds) & set(self.seeds):
+            raise ValueError("decision.confirm_seeds: confirmation seeds must differ from the seeds")
+        if self.rounds > 1 and not self.decision.confirm_seeds:
+            raise ValueError(
+                "decision.confirm_seeds: stacking wins over rounds needs confirmation seeds "
+                "(a single-seed win is never stacked)"
+            )
+        return self
+
+    def lever_config(self, name: str) -> dict[str, Any]:
+        """The control config with lever ``name``'s overrides applied."""
+        return apply_overrides(self.control, self.levers[name])
+
+
+def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``overrides`` applied; dotted keys reach into nested mappings."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+AnySpec = SeedCullSpec | SweepSpec | LeverABSpec
+Spec = Annotated[AnySpec, Field(discriminator="kind")]
+_SPEC_ADAPTER: pydantic.TypeAdapter[SeedCullSpec | SweepSpec | LeverABSpec] = pydantic.TypeAdapter(Spec)
+_QUICK_KEYS = {"budget", "seeds", "config", "control", "cull", "num_samples", "search", "max_concurrent", "decision", "levers", "rounds"}
+_KINDS = ("seed_cull", "sweep", "lever_ab")
+
+
+def load_spec(path: str | Path, *, quick: bool = False) -> AnySpec:
     """Read, validate and (with ``quick``) shrink a spec file.
 
     Raises:
@@ -296,7 +392,7 @@ def load_spec(path: str | Path, *, quick: bool = False) -> SeedCullSpec | SweepS
     return parse_spec(raw, source=path, quick=quick)
 
 
-def parse_spec(raw: Any, *, source: str | Path = "<spec>", quick: bool = False) -> SeedCullSpec | SweepSpec:
+def parse_spec(raw: Any, *, source: str | Path = "<spec>", quick: bool = False) -> AnySpec:
     """Validate an already-parsed spec mapping (see :func:`load_spec`)."""
     if not isinstance(raw, dict):
         raise SpecError(source, "", f"a spec must be a YAML mapping, got {type(raw).__name__}")
@@ -313,7 +409,7 @@ def parse_spec(raw: Any, *, source: str | Path = "<spec>", quick: bool = False) 
     return spec
 
 
-def spec_hash(spec: SeedCullSpec | SweepSpec) -> str:
+def spec_hash(spec: AnySpec) -> str:
     """A short stable hash of the resolved spec (tag ``tunelab.spec_hash``)."""
     blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
@@ -339,7 +435,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> SeedCullSpec | SweepSpec:
+def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> AnySpec:
     kind = raw.get("kind")
     if kind not in _KINDS:
         got = "missing" if kind is None else f"got {kind!r}"
@@ -365,10 +461,21 @@ def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> SeedCu
     return spec
 
 
-def _check_family_config(spec: SeedCullSpec | SweepSpec, source: str | Path, prefix: str) -> None:
+def _check_family_config(spec: AnySpec, source: str | Path, prefix: str) -> None:
     family = get_family(spec.family)
-    _make_config(family, spec.config, source, prefix + "config")
     fields = _config_fields(family)
+    if isinstance(spec, LeverABSpec):
+        _make_config(family, spec.control, source, prefix + "control")
+        for name, overrides in spec.levers.items():
+            for key in overrides:
+                if key.split(".")[0] not in fields:
+                    raise SpecError(
+                        source, f"{prefix}levers.{name}.{key}",
+                        f"family {family.name!r} has no config key {key!r}; known keys: {sorted(fields)}",
+                    )
+            _make_config(family, spec.lever_config(name), source, f"{prefix}levers.{name}", append_loc=False)
+    else:
+        _make_config(family, spec.config, source, prefix + "config")
     if isinstance(spec, SweepSpec):
         for key, domain in spec.search.items():
             if key not in fields:
@@ -380,6 +487,8 @@ def _check_family_config(spec: SeedCullSpec | SweepSpec, source: str | Path, pre
                 _make_config(family, {**spec.config, key: value}, source, f"{prefix}search.{key}", append_loc=False)
     metrics = set(family.metrics)
     names = [("metric.name", spec.metric.name)]
+    if isinstance(spec, LeverABSpec):
+        names += [(f"guardrails.{i}.name", g.name) for i, g in enumerate(spec.guardrails)]
     if isinstance(spec, SeedCullSpec):
         names.append(("select.metric", spec.select.metric))
         if spec.cull.tie_break:

@@ -53,7 +53,10 @@ class Toy:
         with torch.no_grad():
             val = float(torch.mean((self.net(self.xv) - self.yv) ** 2))
         score = -val if not (self.cfg.nan_at and self.it >= self.cfg.nan_at) else math.nan
-        return {"train/loss": float(loss), "val/mse": val, "val/score": score, "val/aux": float(np.float32(self.it))}
+        return {
+            "train/loss": float(loss.detach()), "val/mse": val, "val/log_mse": math.log(val),
+            "val/score": score, "val/aux": float(np.float32(self.it)),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "it": self.it}
@@ -77,5 +80,5 @@ def build(cfg: Config, seed: int, data_root: Path) -> Toy:
 
 FAMILY = Family(
     name="toy", config_cls=Config, build=build,
-    metrics=("train/loss", "val/mse", "val/score", "val/aux"),
+    metrics=("train/loss", "val/mse", "val/log_mse", "val/score", "val/aux"),
 )

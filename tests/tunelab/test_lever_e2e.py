@@ -1,0 +1,82 @@
+"""Lever A/B on paired seeds end to end: verdicts, tags, stacking, crashes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import TOY, cli_json, write_spec
+
+pytestmark = pytest.mark.slow
+
+SPEC = f"""
+kind: lever_ab
+name: toy-levers
+family: "{TOY}"
+control: {{hidden: 8, steps_per_iter: 100, lr: 0.001}}
+levers:
+  fast: {{lr: 0.03}}
+  broken: {{fail_at: 2}}
+  wide: {{hidden: 16}}
+seeds: [1, 2, 3, 4, 5]
+budget: 3
+metric: {{name: val/log_mse, mode: min}}
+guardrails: [{{name: train/loss, mode: min, margin: 1.0}}]
+decision: {{min_effect: 0.2, alpha: 0.05, correction: none, confirm_seeds: [100]}}
+rounds: 2
+failure: {{retries: 0, tolerate: 10}}
+"""
+
+
+def test_lever_ab_verdicts_tags_and_stack_on_win(tmp_path: Path) -> None:
+    summary = cli_json("sweep", str(write_spec(tmp_path / "lever.yaml", SPEC)), "--storage", str(tmp_path / "res"))
+    verdicts = {(v["round"], v["lever"]): v for v in summary["verdicts"]}
+    # a large learning-rate lever is a meaningful win, confirmed on the confirmation seed and stacked
+    fast = verdicts[(1, "fast")]
+    assert fast["verdict"] == "win" and fast["meaningful"] and fast["confirmed"]
+    assert summary["stacked"] == [[1, "fast"]]
+    assert summary["final_control"]["lr"] == 0.03
+    # a lever whose trials fail is crashed, never silently dropped
+    broken = verdicts[(1, "broken")]
+    assert broken["verdict"] == "crashed" and sorted(broken["crashed_seeds"]) == [1, 2, 3, 4, 5]
+    # round 2 re-tests the remaining lever against the new control
+    assert (2, "wide") in verdicts and (2, "fast") not in verdicts
+    # MLflow: every trial a child run; verdict and outcome tags reviewers filter on
+    client = MlflowClient(summary["tracking_uri"])
+    exp = client.get_experiment_by_name("toy-levers")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'"
+    )
+    assert len(children) == len(summary["trials"])
+    winners = client.search_runs([exp.experiment_id], filter_string="tags.`tunelab.verdict` = 'win'")
+    assert {r.data.tags["tunelab.lever"] for r in winners} == {"fast"}
+    outcomes = {(r.data.tags["tunelab.lever"], r.data.tags["tunelab.round"]): r.data.tags["tunelab.outcome"] for r in children}
+    assert outcomes[("control", "1")] == "superseded" and outcomes[("control", "2")] == "control"
+    assert outcomes[("broken", "1")] == "crashed-early"
+    parent = client.get_run(summary["parent_run_id"]).data.tags
+    for lever in ("fast", "broken", "wide"):
+        latest = max((v for v in summary["verdicts"] if v["lever"] == lever), key=lambda v: v["round"])
+        assert parent[f"tunelab.verdict.{lever}"] == latest["verdict"]
+    # same seeds for every arm, and the results table says which arm each trial was
+    exp_dir = Path(summary["experiment_dir"])
+    table = (exp_dir / "results.csv").read_text().splitlines()
+    assert table[0].split(",")[:6] == ["trial_id", "run_id", "seed", "arm", "round", "stage"]
+    assert json.loads((exp_dir / "verdicts.json").read_text())[0]["lever"]
+
+
+def test_sequential_looks_stop_decided_levers(tmp_path: Path) -> None:
+    spec = SPEC.replace("correction: none, confirm_seeds: [100]", "correction: none, looks: [3, 6]") \
+        .replace("seeds: [1, 2, 3, 4, 5]", "seeds: [1, 2, 3, 4, 5, 6]").replace("rounds: 2", "rounds: 1") \
+        .replace("  broken: {fail_at: 2}\n", "")
+    summary = cli_json("sweep", str(write_spec(tmp_path / "looks.yaml", spec)), "--storage", str(tmp_path / "res"))
+    v = {x["lever"]: x for x in summary["verdicts"]}
+    seeds_run = {lever: sorted(t["seed"] for t in summary["trials"] if t["arm"] == lever) for lever in ("fast", "wide")}
+    # each lever ran exactly the seeds up to the look where it was decided
+    for lever in ("fast", "wide"):
+        assert seeds_run[lever] == list(range(1, v[lever]["n_seeds"] + 1))
+        assert v[lever]["look_no"] in (1, 2)
+    if v["fast"]["verdict"] == "win" and v["fast"]["look_no"] == 1:
+        assert seeds_run["fast"] == [1, 2, 3]
