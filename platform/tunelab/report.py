@@ -1,0 +1,1054 @@
+"""Self-contained HTML report of a lever A/B experiment (``platform report NAME``).
+
+One HTML file that opens offline and can be attached or archived as is: inline
+CSS and inline SVG charts drawn here, no script, font, stylesheet or image
+fetched from anywhere. The layout follows the approved ``flow_report.py`` of the
+flow-policy research (shared/seeds/action_flow_matching_pr.txt: "run cards with
+verdict chips, key-metric table with best-per-column highlighting"):
+
+1. Header: spec name, primary metric and mode, the pre-registered decision rule
+   (keep bar ``min_effect``, ``alpha``, looks, correction), guardrails, seeds,
+   rounds, trial counts and a summary of the verdicts.
+2. One card per lever and round: verdict chip, effect, CI, p, n_pairs, dz, rho,
+   seed wins, guardrail chips, sensitivity figures, crashed seeds, and a strip
+   plot of the per-seed paired differences (signed so that positive is better,
+   shared/VERDICTS.md "Why paired") with the CI, the zero line and the keep bar.
+3. The key-metric table: arms x metrics, mean ± sd over the finished seeds, the
+   best arm of each round marked per column.
+4. Training curves of the primary metric and the guardrails, one line per arm
+   (mean over seeds) over thin per-seed lines.
+5. Every trial with its status: crashed trials stay visible.
+
+Input, an experiment folder written by the lever A/B runner:
+
+- ``tunelab.json``: ``{"spec": {...}, "experiment_dir", "tracking_uri", ...}``.
+- ``results.csv`` (or ``results.parquet``): one row per trial with ``trial_id``,
+  ``run_id``, ``seed``, ``arm`` (``control`` or the lever), ``round``,
+  ``status`` (``finished`` | ``error`` | ``culled``), ``iterations`` and the final
+  metric columns (``val/spike_l1``, ``train/loss``, ...).
+- ``verdicts.json``: a list of :func:`tunelab.verdicts.verdict_to_dict` dicts,
+  each with a ``round`` key.
+- ``trial_<trial_id>/result.json``: Tune's JSON-lines results, one object per
+  iteration with ``iteration`` and the metrics.
+
+Any of the last three may be missing (an experiment still running): the report
+says so where the section would be.
+
+Hooks for tests and scripts: a lever card is ``section.lever-card`` with
+``data-lever``, ``data-round`` and ``data-verdict``; its chip has the classes
+``chip verdict-<label>``; a paired-difference dot is ``circle.pair`` with
+``data-seed`` and ``data-diff``; a metric cell is ``td.metric`` with
+``data-arm``, ``data-round``, ``data-metric`` (``best`` when marked); a mean
+curve is ``polyline.mean`` with ``data-arm``, ``data-round``, ``data-metric``.
+
+Example:
+
+    .. code::
+
+        from pathlib import Path
+        from tunelab.report import find_experiment, write_report
+
+        exp = find_experiment("flow-levers-r1", Path("tunelab_results"))
+        write_report(exp, exp / "report.html")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tunelab._names import ITERATION, RUN_STATE_FILE
+
+__all__ = [
+    "REPORT_FILE",
+    "VERDICT_COLOURS",
+    "ReportError",
+    "find_experiment",
+    "render_report",
+    "write_report",
+]
+
+#: Default file name of the report inside an experiment folder.
+REPORT_FILE = "report.html"
+RESULTS_CSV = "results.csv"
+RESULTS_PARQUET = "results.parquet"
+VERDICTS_FILE = "verdicts.json"
+TRIAL_RESULT = "result.json"
+
+CONTROL = "control"
+COL_TRIAL = "trial_id"
+COL_RUN = "run_id"
+COL_SEED = "seed"
+COL_ARM = "arm"
+COL_ROUND = "round"
+COL_STATUS = "status"
+COL_ITERATIONS = "iterations"
+STATUS_FINISHED = "finished"
+_TEXT_COLS = (COL_TRIAL, COL_RUN, COL_ARM, COL_STATUS)
+_META_COLS = frozenset(
+    {COL_TRIAL, COL_RUN, COL_SEED, COL_ARM, COL_ROUND, COL_STATUS, COL_ITERATIONS}
+)
+#: Columns not named by the spec: lower is better when the name ends with one of these.
+_LOWER_BETTER_SUFFIXES = ("l1", "loss", "mse", "err")
+
+#: Chip colour per verdict label (shared/VERDICTS.md, "Labels"); a meaningful win is darker.
+VERDICT_COLOURS = {
+    "win": "#2e9d4f",
+    "meaningful": "#11562a",
+    "negative": "#c62828",
+    "null": "#8a8a8a",
+    "inconclusive": "#e8a000",
+    "crashed": "#111111",
+}
+_UNKNOWN_COLOUR = "#5c6bc0"
+_GUARD_COLOURS = {"pass": "#1e7a3c", "fail": "#c62828", "inconclusive": "#a06e00"}
+_CONTROL_COLOUR = "#3a3a3a"
+_ARM_PALETTE = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#7f6d00")
+_GOOD, _BAD = "#2e7d32", "#c62828"
+_MAX_POINTS = 400  # per drawn curve; keeps a report of long runs small
+
+
+class ReportError(RuntimeError):
+    """An experiment folder (or name) the report cannot be made from."""
+
+
+# ----------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------
+
+
+def find_experiment(name_or_dir: str, storage: Path) -> Path:
+    """The experiment folder named by ``name_or_dir``.
+
+    Args:
+        name_or_dir: An experiment folder (holding ``tunelab.json``) or a spec
+            name; for a name, the newest folder under ``storage`` whose
+            ``tunelab.json`` has ``spec.name == name`` (newest by its
+            ``created`` stamp, then by modification time).
+        storage: The folder experiments are written under (``tunelab_results``).
+
+    Raises:
+        ReportError: Neither an experiment folder nor a spec name found under
+            ``storage``; the message lists the spec names that are there.
+    """
+    as_dir = Path(name_or_dir)
+    if (as_dir / RUN_STATE_FILE).is_file():
+        return as_dir.resolve()
+    found: list[tuple[str, float, Path]] = []
+    names: set[str] = set()
+    for state_file in Path(storage).glob(f"*/{RUN_STATE_FILE}"):
+        try:
+            state = json.loads(state_file.read_text())
+            name = state["spec"]["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a folder being written, or not tunelab's
+        names.add(str(name))
+        if name == name_or_dir:
+            found.append(
+                (str(state.get("created", "")), state_file.stat().st_mtime, state_file.parent)
+            )
+    if not found:
+        known = ", ".join(sorted(names)) or "none"
+        raise ReportError(
+            f"{name_or_dir!r} is neither an experiment folder (with {RUN_STATE_FILE}) nor the spec "
+            f"name of an experiment under {Path(storage).resolve()} (spec names there: {known}). "
+            "Pass the folder, or --storage where the experiment was run."
+        )
+    return max(found, key=lambda f: (f[0], f[1]))[2].resolve()
+
+
+def render_report(experiment_dir: Path | str) -> str:
+    """The HTML report of the experiment in ``experiment_dir``, as a string.
+
+    Raises:
+        ReportError: No ``tunelab.json`` in the folder, or an unreadable
+            ``verdicts.json`` / results table.
+    """
+    data = _load(Path(experiment_dir))
+    name = str(data.spec.get("name", data.exp_dir.name))
+    body = "\n".join(
+        [
+            _header_html(data),
+            _cards_html(data),
+            _metric_table_html(data),
+            _curves_html(data),
+            _trials_html(data),
+            _footer_html(data),
+        ]
+    )
+    return _page(f"{name}: lever A/B report", body)
+
+
+def write_report(experiment_dir: Path, out: Path) -> Path:
+    """Write the HTML report of ``experiment_dir`` to ``out`` (atomically); returns ``out``.
+
+    Raises:
+        ReportError: See :func:`render_report`.
+    """
+    text = render_report(experiment_dir)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Loading the experiment folder
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """Everything the report shows, read once from the experiment folder."""
+
+    exp_dir: Path
+    state: dict[str, Any]  # tunelab.json
+    spec: dict[str, Any]
+    results: pd.DataFrame  # one row per trial; empty when there is no table yet
+    verdicts: list[dict[str, Any]] | None  # None: no verdicts.json yet
+    curves: dict[str, list[dict[str, Any]]]  # trial_id -> result.json rows
+    metric: str
+    mode: str
+    guardrails: list[dict[str, Any]]
+    colours: dict[str, str]  # arm -> line colour
+
+    @property
+    def rounds(self) -> list[int]:
+        found = set(self.results[COL_ROUND].tolist()) if not self.results.empty else set()
+        found |= {int(v.get(COL_ROUND, 1)) for v in self.verdicts or []}
+        return sorted(found)
+
+
+def _load(exp_dir: Path) -> _Data:
+    state_file = exp_dir / RUN_STATE_FILE
+    if not state_file.is_file():
+        raise ReportError(f"{exp_dir} is not a tunelab experiment folder (no {RUN_STATE_FILE}).")
+    state = json.loads(state_file.read_text())
+    spec = dict(state.get("spec") or {})
+    metric_spec = spec.get("metric") or {}
+    results = _read_results(exp_dir)
+    verdicts = _read_verdicts(exp_dir / VERDICTS_FILE)
+    trial_ids = [t for t in results[COL_TRIAL].tolist() if t] if not results.empty else []
+    return _Data(
+        exp_dir=exp_dir,
+        state=state,
+        spec=spec,
+        results=results,
+        verdicts=verdicts,
+        curves=_read_curves(exp_dir, trial_ids),
+        metric=str(metric_spec.get("name", "")),
+        mode=str(metric_spec.get("mode", "max")),
+        guardrails=[dict(g) for g in spec.get("guardrails") or []],
+        colours=_arm_colours(spec, results, verdicts),
+    )
+
+
+def _read_results(exp_dir: Path) -> pd.DataFrame:
+    csv, parquet = exp_dir / RESULTS_CSV, exp_dir / RESULTS_PARQUET
+    try:
+        if csv.is_file():
+            # Text columns stay text ("00001" is a trial id, "NA" could be a lever name).
+            df = pd.read_csv(
+                csv,
+                dtype={c: str for c in _TEXT_COLS},
+                keep_default_na=False,
+                na_values=["", "nan", "NaN", "null", "None"],
+            )
+        elif parquet.is_file():
+            df = pd.read_parquet(parquet)
+        else:
+            return pd.DataFrame(columns=[*_TEXT_COLS, COL_SEED, COL_ROUND, COL_ITERATIONS])
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{exp_dir}: cannot read the results table: {err}") from err
+    for col in _TEXT_COLS:
+        df[col] = df[col].fillna("").astype(str) if col in df else ""
+    if COL_SEED not in df:
+        raise ReportError(f"{exp_dir}: the results table has no {COL_SEED!r} column.")
+    rounds = pd.to_numeric(df[COL_ROUND], errors="coerce") if COL_ROUND in df else None
+    df[COL_ROUND] = 1 if rounds is None else rounds.fillna(1).astype(int)
+    return df
+
+
+def _read_verdicts(path: Path) -> list[dict[str, Any]] | None:
+    if not path.is_file():
+        return None
+    try:
+        verdicts = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{path}: cannot read the verdicts: {err}") from err
+    if not isinstance(verdicts, list) or not all(isinstance(v, dict) for v in verdicts):
+        raise ReportError(f"{path}: expected a JSON list of verdict objects.")
+    return verdicts
+
+
+def _read_curves(exp_dir: Path, trial_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    curves = {}
+    for tid in trial_ids:
+        path = exp_dir / f"trial_{tid}" / TRIAL_RESULT
+        if path.is_file():
+            curves[tid] = _json_lines(path)
+    missing = set(trial_ids) - curves.keys()
+    if missing:  # Tune's own trial folder names: match on the trial_id key inside
+        for path in sorted(exp_dir.glob(f"*/{TRIAL_RESULT}")):
+            rows = _json_lines(path)
+            tid = next((str(r["trial_id"]) for r in rows if "trial_id" in r), "")
+            if tid in missing:
+                curves[tid] = rows
+    return curves
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _arm_colours(
+    spec: Mapping[str, Any], results: pd.DataFrame, verdicts: Sequence[Mapping[str, Any]] | None
+) -> dict[str, str]:
+    levers = spec.get("levers")
+    arms = list(levers) if isinstance(levers, Mapping) else []
+    arms += results[COL_ARM].tolist() if not results.empty else []
+    arms += [str(v.get("lever")) for v in verdicts or []]
+    order = [a for a in dict.fromkeys(arms) if a != CONTROL]
+    colours = {a: _ARM_PALETTE[i % len(_ARM_PALETTE)] for i, a in enumerate(order)}
+    return {CONTROL: _CONTROL_COLOUR, **colours}
+
+
+# ----------------------------------------------------------------------------
+# Figures from the data
+# ----------------------------------------------------------------------------
+
+
+def _finished_values(df: pd.DataFrame, metric: str) -> dict[Any, float]:
+    """``{seed: value}`` of the finished trials with a finite ``metric``."""
+    if metric not in df or df.empty:
+        return {}
+    ok = df[df[COL_STATUS].isin([STATUS_FINISHED, ""])]  # "": a table without statuses
+    values = pd.to_numeric(ok[metric], errors="coerce")
+    return {
+        _plain(s): float(v) for s, v in zip(ok[COL_SEED], values, strict=True) if math.isfinite(v)
+    }
+
+
+def _paired_diffs(data: _Data, lever: str, rnd: int) -> list[tuple[Any, float]]:
+    """Per-seed differences of the primary metric, signed so that positive is better."""
+    df = data.results[data.results[COL_ROUND] == rnd] if not data.results.empty else data.results
+    if df.empty:
+        return []
+    control = _finished_values(df[df[COL_ARM] == CONTROL], data.metric)
+    variant = _finished_values(df[df[COL_ARM] == lever], data.metric)
+    sign = 1.0 if data.mode == "max" else -1.0
+    return [(s, sign * (variant[s] - control[s])) for s in control if s in variant]
+
+
+def _column_mode(data: _Data, column: str) -> str:
+    if column == data.metric:
+        return data.mode
+    for g in data.guardrails:
+        if g.get("name") == column:
+            return str(g.get("mode", "max"))
+    return "min" if column.lower().endswith(_LOWER_BETTER_SUFFIXES) else "max"
+
+
+def _metric_columns(data: _Data) -> list[str]:
+    df = data.results
+    numeric = [
+        c
+        for c in df.columns
+        if c not in _META_COLS and pd.to_numeric(df[c], errors="coerce").notna().any()
+    ]
+    first = [
+        m for m in [data.metric, *(str(g.get("name")) for g in data.guardrails)] if m in numeric
+    ]
+    return list(dict.fromkeys([*first, *sorted(numeric)]))
+
+
+def _arms_of_round(data: _Data, rnd: int) -> list[str]:
+    df = data.results
+    arms = df[df[COL_ROUND] == rnd][COL_ARM].tolist() if not df.empty else []
+    arms += [str(v.get("lever")) for v in data.verdicts or [] if int(v.get(COL_ROUND, 1)) == rnd]
+    arms = list(dict.fromkeys(arms))
+    return [CONTROL] * (CONTROL in arms) + sorted(
+        (a for a in arms if a != CONTROL), key=lambda a: list(data.colours).index(a)
+    )
+
+
+def _curve(rows: Iterable[Mapping[str, Any]], metric: str) -> list[tuple[int, float]]:
+    """``[(iteration, value)]`` sorted; a repeated iteration (after a resume) keeps the last."""
+    points: dict[int, float] = {}
+    for r in rows:
+        it, v = r.get(ITERATION), r.get(metric)
+        if isinstance(it, (int, float)) and isinstance(v, (int, float)) and math.isfinite(v):
+            points[int(it)] = float(v)
+    return sorted(points.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class _ArmCurves:
+    arm: str
+    colour: str
+    seeds: list[tuple[Any, list[tuple[int, float]]]]  # per-seed curves
+
+    @property
+    def mean(self) -> list[tuple[int, float]]:
+        """Mean over the seeds that reached each iteration."""
+        by_it: dict[int, list[float]] = {}
+        for _, pts in self.seeds:
+            for it, v in pts:
+                by_it.setdefault(it, []).append(v)
+        return [(it, float(np.mean(vs))) for it, vs in sorted(by_it.items())]
+
+
+def _arm_curves(data: _Data, rnd: int, metric: str) -> list[_ArmCurves]:
+    df = data.results[data.results[COL_ROUND] == rnd]
+    out = []
+    for arm in _arms_of_round(data, rnd):
+        rows = df[df[COL_ARM] == arm]
+        seeds = [
+            (_plain(s), _curve(data.curves.get(t, []), metric))
+            for s, t in zip(rows[COL_SEED], rows[COL_TRIAL], strict=True)
+        ]
+        seeds = [(s, pts) for s, pts in seeds if pts]
+        if seeds:
+            out.append(_ArmCurves(arm, data.colours.get(arm, _UNKNOWN_COLOUR), seeds))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# HTML sections
+# ----------------------------------------------------------------------------
+
+
+def _header_html(data: _Data) -> str:
+    spec, decision = data.spec, data.spec.get("decision") or {}
+    looks = decision.get("looks")
+    seeds = spec.get("seeds")
+    if isinstance(seeds, list):
+        seeds_text = f"{len(seeds)} ({_short_list(seeds)})"
+    else:
+        observed = (
+            list(dict.fromkeys(data.results[COL_SEED].tolist())) if not data.results.empty else []
+        )
+        seeds_text = f"{len(observed)} ({_short_list(observed)})" if observed else _e(seeds)
+    guards = ", ".join(
+        f"{_e(g.get('name'))} ({_e(g.get('mode'))}, margin {_e(g.get('margin'))})"
+        for g in data.guardrails
+    )
+    status_counts = (
+        data.results[COL_STATUS].replace("", "unknown").value_counts().to_dict()
+        if not data.results.empty
+        else {}
+    )
+    trials = ", ".join(f"{n} {_e(s)}" for s, n in sorted(status_counts.items()))
+    rule = [
+        (
+            "primary metric",
+            f"<code>{_e(data.metric)}</code> ({_e(data.mode)}: {_direction(data.mode)})",
+        ),
+        ("keep bar (min_effect)", _e(decision.get("min_effect", "–"))),
+        ("alpha", _e(decision.get("alpha", "–"))),
+        ("looks", _e(", ".join(map(str, looks))) if looks else "fixed N"),
+        ("correction", _e(decision.get("correction", "–"))),
+        ("guardrails", guards or "none"),
+        ("seeds", seeds_text),
+        ("rounds", _e(len(data.rounds))),
+        ("trials", f"{len(data.results)} ({trials})" if trials else "none yet"),
+    ]
+    meta = " · ".join(
+        _e(x)
+        for x in [
+            f"family {spec['family']}" if spec.get("family") else "",
+            f"kind {spec.get('kind', '?')}",
+            f"budget {spec['budget']}" if spec.get("budget") is not None else "",
+            f"created {data.state['created']}" if data.state.get("created") else "",
+            f"git {str(data.state['git_commit'])[:10]}" if data.state.get("git_commit") else "",
+        ]
+        if x
+    )
+    summary = ""
+    if data.verdicts:
+        counts: dict[str, int] = {}
+        for v in data.verdicts:
+            counts[_label_key(v)] = counts.get(_label_key(v), 0) + 1
+        summary = (
+            '<p class="summary">'
+            + " ".join(
+                f'<span class="chip {_chip_classes(k)}">{n} × {_e(k.replace("-", " "))}</span>'
+                for k, n in counts.items()
+            )
+            + "</p>"
+        )
+    return (
+        f'<header class="top"><h1>{_e(spec.get("name", data.exp_dir.name))}</h1>'
+        f'<p class="meta">{meta}</p>'
+        f'<dl class="rule">{"".join(f"<div><dt>{k}</dt><dd>{v}</dd></div>" for k, v in rule)}</dl>'
+        f"{summary}</header>"
+    )
+
+
+def _cards_html(data: _Data) -> str:
+    head = "<section><h2>Levers</h2>"
+    if data.verdicts is None:
+        return (
+            head
+            + '<p class="note">No verdicts yet (no verdicts.json): the experiment is still running or failed before its first look.</p></section>'
+        )
+    if not data.verdicts:
+        return head + '<p class="note">verdicts.json holds no verdict.</p></section>'
+    min_effect = _float((data.spec.get("decision") or {}).get("min_effect"))
+    intro = (
+        '<p class="note">Dots: per-seed paired difference of <code>'
+        f"{_e(data.metric)}</code>, signed so that right (&gt; 0) is better; bar: the verdict's "
+        "confidence interval around the mean effect (diamond); solid line: zero; dashed lines and "
+        "shaded band: the keep bar ±min_effect (inside: equivalence zone).</p>"
+    )
+    cards = []
+    for rnd in sorted({int(v.get(COL_ROUND, 1)) for v in data.verdicts}):
+        cards.append(f'<h3 class="round">Round {rnd}</h3><div class="cards">')
+        for v in data.verdicts:
+            if int(v.get(COL_ROUND, 1)) == rnd:
+                cards.append(_card_html(data, v, rnd, min_effect))
+        cards.append("</div>")
+    return head + intro + "".join(cards) + "</section>"
+
+
+def _card_html(data: _Data, v: Mapping[str, Any], rnd: int, min_effect: float | None) -> str:
+    lever, label = str(v.get("lever", "?")), str(v.get("verdict", "?"))
+    colour = _verdict_colour(v)
+    conf = _float(v.get("confidence"))
+    conf_text = f"{conf:.1%}".replace(".0%", "%") if conf is not None else ""
+    p_extra = []
+    if v.get("p_decision") is not None and v.get("p_decision") != v.get("p_value"):
+        p_extra.append(f"decision p {_p(v.get('p_decision'))}")
+    if v.get("correction"):
+        p_extra.append(f"{_e(v['correction'])}-adjusted {_p(v.get('p_adjusted'))}")
+    n_pairs = v.get("n_pairs")
+    stats = [
+        ("effect", f"{_num(v.get('effect'), signed=True)}"),
+        (
+            f"{conf_text} CI",
+            f"[{_num(v.get('ci_low'), signed=True)}, {_num(v.get('ci_high'), signed=True)}]",
+        ),
+        (
+            "p",
+            _p(v.get("p_value"))
+            + (f' <span class="dim">({"; ".join(p_extra)})</span>' if p_extra else ""),
+        ),
+        ("n_pairs", _e(n_pairs)),
+        ("dz", _num(v.get("dz"), digits=3)),
+        ("rho", _num(v.get("rho"), digits=3)),
+        ("seed wins", f"{_e(v.get('wins', '–'))}/{_e(n_pairs)}"),
+    ]
+    if v.get("look") is not None:
+        looks = (data.spec.get("decision") or {}).get("looks") or []
+        final = "final look" if v.get("final_look") else "interim look"
+        stats.append(
+            (
+                "look",
+                f"{_e(v['look'])} of {len(looks)} ({final}, threshold {_p(v.get('threshold'))})",
+            )
+        )
+    margins = {g.get("name"): g.get("margin") for g in data.guardrails}
+    guards = "".join(
+        f'<span class="chip guard guard-{_css(g.get("status"))}" data-guardrail="{_e(name)}" '
+        f'title="effect {_num(g.get("effect"), signed=True)}, one-sided lower bound '
+        f'{_num(g.get("lower"), signed=True)}, margin {_e(margins.get(name, "?"))}">'
+        f"{_e(name)}: {_e(g.get('status'))}</span>"
+        for name, g in (v.get("guardrails") or {}).items()
+    )
+    sens = v.get("sensitivity") or {}
+    sens_text = (
+        f"BCa [{_num(sens.get('bca_low'), signed=True)}, {_num(sens.get('bca_high'), signed=True)}] · "
+        f"permutation p {_p(sens.get('permutation_p'))} · Wilcoxon p {_p(sens.get('wilcoxon_p'))} · "
+        f"TOST p {_p(v.get('tost_p'))}"
+    )
+    crashed = v.get("crashed_seeds") or []
+    crashed_html = (
+        f'<p class="crashed">crashed seeds: {_e(", ".join(map(str, crashed)))}</p>'
+        if crashed
+        else ""
+    )
+    levers = data.spec.get("levers")
+    override = levers.get(lever) if isinstance(levers, Mapping) else None
+    override_html = (
+        f'<p class="override"><code>{_e(json.dumps(override, sort_keys=True))}</code></p>'
+        if override is not None
+        else ""
+    )
+    diffs = _paired_diffs(data, lever, rnd)
+    meaningful = (
+        ' <span class="badge">meaningful</span>' if label == "win" and v.get("meaningful") else ""
+    )
+    return (
+        f'<section class="card lever-card" data-lever="{_e(lever)}" data-round="{rnd}" '
+        f'data-verdict="{_e(label)}" style="border-left-color:{colour}">'
+        f'<header><h4>{_e(lever)}</h4><span class="{_chip_classes(_label_key(v))}" '
+        f'title="{_e(_LABEL_HELP.get(label, label))}">{_e(label)}</span>{meaningful}</header>'
+        f"{override_html}"
+        f'<dl class="stats">{"".join(f"<div><dt>{k}</dt><dd>{val}</dd></div>" for k, val in stats)}</dl>'
+        f'<div class="guards">{guards or "<span class=dim>no guardrails</span>"}</div>'
+        f"{_diff_svg(diffs, v, min_effect, colour)}"
+        f'<p class="dim small">{len(diffs)} finished pairs in results · sensitivity: {sens_text}</p>'
+        f"{crashed_html}</section>"
+    )
+
+
+_LABEL_HELP = {
+    "win": "CI lower bound > 0 and every guardrail passes",
+    "negative": "CI upper bound < 0",
+    "null": "equivalent within ±min_effect (TOST passed)",
+    "inconclusive": "neither win, negative nor null",
+    "crashed": "a pair was lost to a failed or non-finite trial",
+}
+
+
+def _metric_table_html(data: _Data) -> str:
+    head = "<section><h2>Key metrics</h2>"
+    if data.results.empty:
+        return head + '<p class="note">No results table yet.</p></section>'
+    columns = _metric_columns(data)
+    modes = {c: _column_mode(data, c) for c in columns}
+    th = "".join(
+        f'<th class="{"primary" if c == data.metric else ""}" title="{_direction(modes[c])}">'
+        f"{_e(c)} {'▼' if modes[c] == 'min' else '▲'}</th>"
+        for c in columns
+    )
+    rows_html = []
+    for rnd in data.rounds:
+        df = data.results[data.results[COL_ROUND] == rnd]
+        arms = [a for a in _arms_of_round(data, rnd) if (df[COL_ARM] == a).any()]
+        stats = {
+            a: {c: _mean_sd(_finished_values(df[df[COL_ARM] == a], c)) for c in columns}
+            for a in arms
+        }
+        best = {c: _best_arms({a: stats[a][c][0] for a in arms}, modes[c]) for c in columns}
+        for a in arms:
+            sub = df[df[COL_ARM] == a]
+            n_ok = int(sub[COL_STATUS].isin([STATUS_FINISHED, ""]).sum())
+            cells = "".join(
+                f'<td class="metric{" best" if a in best[c] else ""}" data-arm="{_e(a)}" '
+                f'data-round="{rnd}" data-metric="{_e(c)}" title="n = {stats[a][c][2]}">'
+                f"{_mean_sd_text(stats[a][c])}</td>"
+                for c in columns
+            )
+            swatch = f'<span class="swatch" style="background:{data.colours.get(a, _UNKNOWN_COLOUR)}"></span>'
+            rows_html.append(
+                f"<tr><td>{rnd}</td><th scope=row>{swatch}{_e(a)}</th>"
+                f"<td>{n_ok}/{len(sub)}</td>{cells}</tr>"
+            )
+    return (
+        head
+        + '<p class="note">Mean ± sd over the finished seeds; ▼ lower is better, ▲ higher is better; '
+        "<span class=best-key>bold</span>: best arm of its round.</p>"
+        + '<div class="scroll"><table class="metrics"><thead><tr><th>round</th><th>arm</th>'
+        + f"<th>finished</th>{th}</tr></thead><tbody>{''.join(rows_html)}</tbody></table></div></section>"
+    )
+
+
+def _curves_html(data: _Data) -> str:
+    head = "<section><h2>Training curves</h2>"
+    metrics = [data.metric, *(str(g.get("name")) for g in data.guardrails)]
+    parts = []
+    for rnd in data.rounds:
+        panels = []
+        for i, metric in enumerate(metrics):
+            arms = _arm_curves(data, rnd, metric)
+            if arms:
+                mode = _column_mode(data, metric)
+                panels.append(_curves_svg(arms, metric, mode, rnd, primary=i == 0))
+        if panels:
+            legend = "".join(
+                f'<span class="legend"><span class="swatch" style="background:{data.colours.get(a, _UNKNOWN_COLOUR)}"></span>{_e(a)}</span>'
+                for a in _arms_of_round(data, rnd)
+            )
+            parts.append(
+                f'<h3 class="round">Round {rnd}</h3><p>{legend}</p><div class="panels">{"".join(panels)}</div>'
+            )
+    if not parts:
+        return (
+            head
+            + '<p class="note">No per-iteration results (trial_*/result.json) found.</p></section>'
+        )
+    note = (
+        '<p class="note">Thick line: mean over the seeds that reached each iteration; thin lines: '
+        "one per seed.</p>"
+    )
+    return head + note + "".join(parts) + "</section>"
+
+
+def _trials_html(data: _Data) -> str:
+    if data.results.empty:
+        return ""
+    cols = [
+        c
+        for c in (COL_TRIAL, COL_RUN, COL_ROUND, COL_ARM, COL_SEED, COL_STATUS, COL_ITERATIONS)
+        if c in data.results
+    ]
+    cols += [data.metric] if data.metric in data.results else []
+    rows = []
+    for rec in data.results[cols].to_dict("records"):
+        status = str(rec.get(COL_STATUS, ""))
+        cells = "".join(
+            f"<td>{_num(rec[c]) if c == data.metric else _e(_plain(rec[c]))}</td>" for c in cols
+        )
+        rows.append(f'<tr class="status-{_css(status)}">{cells}</tr>')
+    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    return (
+        f"<section><details><summary><h2>Trials ({len(rows)})</h2></summary>"
+        f'<div class="scroll"><table class="trials"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div></details></section>"
+    )
+
+
+def _footer_html(data: _Data) -> str:
+    bits = [f"experiment folder {data.state.get('experiment_dir', data.exp_dir)}"]
+    if data.state.get("tracking_uri"):
+        bits.append(f"MLflow {data.state['tracking_uri']}")
+    if data.state.get("parent_run_id"):
+        bits.append(f"parent run {data.state['parent_run_id']}")
+    return f'<footer class="dim small">{_e(" · ".join(str(b) for b in bits))}</footer>'
+
+
+# ----------------------------------------------------------------------------
+# Inline SVG charts
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Axis:
+    """Linear map from data units [lo, hi] to pixels [px_lo, px_hi]."""
+
+    lo: float
+    hi: float
+    px_lo: float
+    px_hi: float
+
+    def __call__(self, v: float) -> float:
+        return self.px_lo + (v - self.lo) / (self.hi - self.lo) * (self.px_hi - self.px_lo)
+
+
+def _diff_svg(
+    diffs: Sequence[tuple[Any, float]], v: Mapping[str, Any], min_effect: float | None, colour: str
+) -> str:
+    """Strip plot of the paired differences with the CI bar, zero line and keep bar."""
+    w, h, pad = 560, 150, 18
+    top, axis_y, ci_y = 16, 118, 98
+    ci = [_float(v.get(k)) for k in ("ci_low", "effect", "ci_high")]
+    values = [d for _, d in diffs] + [c for c in ci if c is not None] + [0.0]
+    if min_effect:
+        values += [-min_effect, min_effect]
+    lo, hi = _padded(values)
+    x = _Axis(lo, hi, pad, w - pad)
+    out = [
+        f'<svg class="diffs" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="paired differences">'
+    ]
+    if min_effect:
+        out.append(
+            f'<rect x="{x(-min_effect):.1f}" y="{top}" width="{x(min_effect) - x(-min_effect):.1f}" '
+            f'height="{axis_y - top}" fill="#efefef"><title>equivalence zone ±{min_effect:g}</title></rect>'
+        )
+        for sign, name in ((-1, "−min_effect"), (1, "+min_effect")):
+            xe = x(sign * min_effect)
+            out.append(
+                f'<line class="keep-bar" x1="{xe:.1f}" x2="{xe:.1f}" y1="{top}" y2="{axis_y}" '
+                'stroke="#777" stroke-dasharray="4 3"/>'
+                f'<text x="{xe:.1f}" y="{top - 4}" text-anchor="middle" class="lbl">{name}</text>'
+            )
+    out.append(
+        f'<line class="zero" x1="{x(0):.1f}" x2="{x(0):.1f}" y1="{top}" y2="{axis_y}" stroke="#222" stroke-width="1.2"/>'
+    )
+    offsets = (0, -12, 12, -24, 24)
+    ranked = sorted(range(len(diffs)), key=lambda i: diffs[i][1])
+    for rank, i in enumerate(ranked):
+        seed, d = diffs[i]
+        cy = 58 + offsets[rank % len(offsets)]
+        fill = _GOOD if d > 0 else _BAD
+        out.append(
+            f'<circle class="pair" data-seed="{_e(seed)}" data-diff="{d!r}" cx="{x(d):.1f}" cy="{cy}" '
+            f'r="5" fill="{fill}" fill-opacity="0.85" stroke="#fff"><title>seed {_e(seed)}: {d:+.4g}</title></circle>'
+        )
+    low, eff, high = ci
+    if low is not None and high is not None:
+        out.append(
+            f'<rect class="ci" x="{x(low):.1f}" y="{ci_y - 6}" width="{max(x(high) - x(low), 1.0):.1f}" '
+            f'height="12" rx="3" fill="{colour}" fill-opacity="0.3" stroke="{colour}"/>'
+        )
+    if eff is not None:
+        xe = x(eff)
+        out.append(
+            f'<path class="effect" d="M{xe:.1f} {ci_y - 8}l7 8l-7 8l-7 -8z" fill="{colour}" stroke="#fff">'
+            f"<title>effect {eff:+.4g}</title></path>"
+        )
+    out.append(_x_axis(x, lo, hi, axis_y, w - pad))
+    out.append(
+        f'<text x="{w - pad}" y="{h - 2}" text-anchor="end" class="lbl">paired difference, better →</text>'
+    )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _curves_svg(
+    arms: Sequence[_ArmCurves], metric: str, mode: str, rnd: int, *, primary: bool
+) -> str:
+    """Learning curves of one metric: per-seed thin lines and the per-arm mean."""
+    w, h = 560, 300
+    left, right, top, bottom = 64, 14, 28, 40
+    its = [it for a in arms for _, pts in a.seeds for it, _ in pts]
+    vals = [v for a in arms for _, pts in a.seeds for _, v in pts]
+    x = _Axis(min(its), max(its) if max(its) > min(its) else min(its) + 1, left, w - right)
+    y_lo, y_hi = _padded(vals)
+    y = _Axis(y_lo, y_hi, h - bottom, top)
+    out = [
+        f'<svg class="curves" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="{_e(metric)}">'
+    ]
+    y_ticks, y_step = _ticks(y_lo, y_hi)
+    for t in y_ticks:
+        out.append(
+            f'<line x1="{left}" x2="{w - right}" y1="{y(t):.1f}" y2="{y(t):.1f}" stroke="#eee"/>'
+            f'<text x="{left - 6}" y="{y(t) + 3.5:.1f}" text-anchor="end" class="lbl">{_tick_text(t, y_step)}</text>'
+        )
+    x_ticks, _ = _ticks(x.lo, x.hi, integer=True)
+    for t in x_ticks:
+        out.append(
+            f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{h - bottom}" y2="{h - bottom + 4}" stroke="#444"/>'
+            f'<text x="{x(t):.1f}" y="{h - bottom + 16}" text-anchor="middle" class="lbl">{t:g}</text>'
+        )
+    out.append(
+        f'<line x1="{left}" x2="{w - right}" y1="{h - bottom}" y2="{h - bottom}" stroke="#444"/>'
+    )
+    out.append(f'<text x="{w - right}" y="{h - 4}" text-anchor="end" class="lbl">iteration</text>')
+    title = f"{metric} ({'lower' if mode == 'min' else 'higher'} is better){' · primary' if primary else ''}"
+    out.append(f'<text x="{left}" y="16" class="ttl">{_e(title)}</text>')
+    for a in arms:
+        for seed, pts in a.seeds:
+            out.append(
+                f'<polyline class="seed" data-arm="{_e(a.arm)}" data-seed="{_e(seed)}" points="{_points(pts, x, y)}" '
+                f'fill="none" stroke="{a.colour}" stroke-opacity="0.3" stroke-width="1"><title>{_e(a.arm)}, seed {_e(seed)}</title></polyline>'
+            )
+    for a in arms:
+        mean = a.mean
+        it_last, v_last = mean[-1]
+        out.append(
+            f'<polyline class="mean" data-arm="{_e(a.arm)}" data-round="{rnd}" data-metric="{_e(metric)}" '
+            f'points="{_points(mean, x, y)}" fill="none" stroke="{a.colour}" stroke-width="2.4" '
+            f'stroke-linejoin="round"><title>{_e(a.arm)}: mean of {len(a.seeds)} seeds, last {v_last:.4g}</title></polyline>'
+            f'<circle cx="{x(it_last):.1f}" cy="{y(v_last):.1f}" r="3" fill="{a.colour}"/>'
+        )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _x_axis(x: _Axis, lo: float, hi: float, y0: float, right: float) -> str:
+    ticks, step = _ticks(lo, hi)
+    parts = [f'<line x1="{x.px_lo}" x2="{right}" y1="{y0}" y2="{y0}" stroke="#444"/>']
+    for t in ticks:
+        parts.append(
+            f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{y0}" y2="{y0 + 4}" stroke="#444"/>'
+            f'<text x="{x(t):.1f}" y="{y0 + 15}" text-anchor="middle" class="lbl">{_tick_text(t, step)}</text>'
+        )
+    return "".join(parts)
+
+
+def _points(pts: Sequence[tuple[float, float]], x: _Axis, y: _Axis) -> str:
+    if len(pts) > _MAX_POINTS:  # long runs: evenly spaced points, the last one kept
+        keep = np.unique(np.linspace(0, len(pts) - 1, _MAX_POINTS).round().astype(int))
+        pts = [pts[i] for i in keep]
+    return " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in pts)
+
+
+def _padded(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    pad = (hi - lo) * 0.08 if hi > lo else (abs(lo) * 0.1 or 1.0)
+    return lo - pad, hi + pad
+
+
+def _ticks(lo: float, hi: float, n: int = 5, *, integer: bool = False) -> tuple[list[float], float]:
+    """About ``n`` round tick values in ``[lo, hi]`` (steps 1, 2, 2.5, 5 x 10^k) and the step."""
+    raw = (hi - lo) / n
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1.0, 2.0, 2.5, 5.0, 10.0)), key=lambda s: abs((hi - lo) / s - n))
+    if integer:
+        step = max(1.0, round(step))
+    first = math.ceil(lo / step - 1e-9)
+    ticks = [k * step for k in range(first, math.floor(hi / step + 1e-9) + 1)]
+    return ticks, step
+
+
+def _tick_text(t: float, step: float) -> str:
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (
+        1 if f"{step:g}".rstrip("0").endswith("25") else 0
+    )
+    return f"{t:.{decimals}f}".replace("-", "−")
+
+
+# ----------------------------------------------------------------------------
+# Small helpers: formatting, classes
+# ----------------------------------------------------------------------------
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _css(x: Any) -> str:
+    """A CSS class fragment from a label (letters, digits, ``-`` and ``_`` only)."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in str(x)) or "unknown"
+
+
+def _label_key(v: Mapping[str, Any]) -> str:
+    label = str(v.get("verdict", "unknown"))
+    return "meaningful-win" if label == "win" and v.get("meaningful") else label
+
+
+def _chip_classes(key: str) -> str:
+    if key == "meaningful-win":
+        return "chip verdict-win meaningful"
+    return f"chip verdict-{_css(key)}"
+
+
+def _verdict_colour(v: Mapping[str, Any]) -> str:
+    key = _label_key(v)
+    return (
+        VERDICT_COLOURS["meaningful"]
+        if key == "meaningful-win"
+        else VERDICT_COLOURS.get(key, _UNKNOWN_COLOUR)
+    )
+
+
+def _direction(mode: str) -> str:
+    return "lower is better" if mode == "min" else "higher is better"
+
+
+def _float(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _num(x: Any, *, signed: bool = False, digits: int = 4) -> str:
+    f = _float(x)
+    if f is None:
+        return "–"
+    return f"{f:{'+' if signed else ''}.{digits}g}".replace("-", "−")
+
+
+def _p(x: Any) -> str:
+    f = _float(x)
+    if f is None:
+        return "–"
+    return f"{f:.1e}" if f < 1e-4 else f"{f:.3g}"
+
+
+def _mean_sd(values: Mapping[Any, float]) -> tuple[float | None, float | None, int]:
+    vs = list(values.values())
+    if not vs:
+        return None, None, 0
+    return float(np.mean(vs)), float(np.std(vs, ddof=1)) if len(vs) > 1 else None, len(vs)
+
+
+def _mean_sd_text(stat: tuple[float | None, float | None, int]) -> str:
+    mean, sd, _ = stat
+    if mean is None:
+        return "–"
+    return _num(mean) + (
+        f' <span class="dim">± {_num(sd, digits=2)}</span>' if sd is not None else ""
+    )
+
+
+def _best_arms(means: Mapping[str, float | None], mode: str) -> set[str]:
+    finite = {a: m for a, m in means.items() if m is not None}
+    if len(finite) < 2:
+        return set()
+    target = min(finite.values()) if mode == "min" else max(finite.values())
+    return {a for a, m in finite.items() if m == target}
+
+
+def _short_list(items: Sequence[Any], limit: int = 12) -> str:
+    shown = ", ".join(_e(_plain(i)) for i in items[:limit])
+    return shown + (f", … +{len(items) - limit}" if len(items) > limit else "")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    return x
+
+
+def _page(title: str, body: str) -> str:
+    chips = "".join(
+        f".verdict-{k}{{background:{c}}}" for k, c in VERDICT_COLOURS.items() if k != "meaningful"
+    )
+    guards = "".join(f".guard-{k}{{color:{c};border-color:{c}}}" for k, c in _GUARD_COLOURS.items())
+    css = (
+        _CSS
+        + chips
+        + f".verdict-win.meaningful{{background:{VERDICT_COLOURS['meaningful']}}}"
+        + ".verdict-inconclusive{color:#2b2100}"
+        + guards
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{css}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1d1d1f;
+ margin:0 auto;padding:24px 28px 48px;max-width:1240px;background:#fafafa}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;display:inline-block}
+h3.round{font-size:15px;margin:16px 0 8px;color:#444}h4{font-size:16px;margin:0}
+code{font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:#f0f0f0;padding:1px 4px;border-radius:3px}
+.top{background:#fff;border:1px solid #e3e3e3;border-radius:10px;padding:16px 20px}
+.meta,.dim{color:#6b6b6b}.small{font-size:12px}.note{color:#555;margin:4px 0 10px;max-width:900px}
+dl{margin:0}dl div{display:flex;gap:8px}dt{color:#6b6b6b;min-width:88px}dd{margin:0}
+.rule{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:2px 24px;margin-top:10px}
+.rule dt{min-width:150px}
+.summary{margin:12px 0 0}.summary .chip{margin-right:6px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(580px,1fr));gap:16px}
+.card{background:#fff;border:1px solid #e3e3e3;border-left:6px solid #999;border-radius:10px;padding:12px 14px}
+.card header{display:flex;align-items:center;gap:10px;margin-bottom:6px}
+.stats{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:1px 18px;margin:6px 0}
+.override{margin:0 0 4px}
+.chip{display:inline-block;padding:2px 10px;border-radius:999px;font-size:12px;font-weight:600;
+ color:#fff;letter-spacing:.02em;white-space:nowrap}
+.badge{font-size:11px;font-weight:600;color:#11562a;border:1px solid #11562a;border-radius:4px;padding:0 5px}
+.guards{margin:6px 0}.guard{background:#fff;border:1px solid;font-weight:500;font-size:11px;padding:1px 8px;margin:0 4px 4px 0}
+.crashed{color:#fff;background:#111;padding:2px 8px;border-radius:4px;display:inline-block;margin:4px 0 0}
+svg{display:block;max-width:100%;height:auto}svg .lbl{font-size:10px;fill:#555}svg .ttl{font-size:12px;font-weight:600;fill:#222}
+.panels{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:12px}
+.panels svg{background:#fff;border:1px solid #e3e3e3;border-radius:8px}
+.legend{margin-right:14px;white-space:nowrap}
+.swatch{display:inline-block;width:12px;height:12px;border-radius:3px;margin-right:6px;vertical-align:-1px}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;background:#fff;font-size:13px}
+th,td{border-bottom:1px solid #e6e6e6;padding:5px 10px;text-align:right;white-space:nowrap}
+thead th{background:#f3f3f3;font-weight:600}th[scope=row]{text-align:left;font-weight:500}
+th.primary{background:#e6eefc}td.best{font-weight:700;background:#e8f5e9}.best-key{font-weight:700}
+tr.status-error td,tr.status-crashed td{color:#c62828}tr.status-culled td{color:#8a8a8a}
+details summary{cursor:pointer}details summary h2{margin-top:20px}
+footer{margin-top:32px}
+"""
