@@ -131,6 +131,74 @@ def status(
     console.print(f"best {info['metric']}: {info['best']}  finished: {info['finished']}  folder: {info['experiment_dir']}")
 
 
+@app.command()
+def verdict(
+    results: Annotated[Path, typer.Argument(help="CSV or Parquet with columns seed, arm and metric columns.")],
+    metric: Annotated[str, typer.Option(help="Primary metric column.")] = "",
+    mode: Annotated[str, typer.Option(help="max or min: which direction is better.")] = "max",
+    min_effect: Annotated[float, typer.Option("--min-effect", help="Keep bar: smallest effect of interest (raw units).")] = 0.0,
+    alpha: Annotated[float, typer.Option(help="Two-sided type I error rate.")] = 0.05,
+    guardrail: Annotated[list[str] | None, typer.Option(help="NAME:MODE:MARGIN, repeatable, e.g. val/flat_l1:min:0.005.")] = None,
+    control: Annotated[str, typer.Option(help="Name of the control arm.")] = "control",
+    looks: Annotated[str | None, typer.Option(help="Planned looks, comma-separated seed counts, e.g. 5,10,20.")] = None,
+    correction: Annotated[str, typer.Option(help="holm, bh or none across the levers.")] = "holm",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one object per lever).")] = False,
+) -> None:
+    """Paired-seed verdicts on any results table (from tunelab or elsewhere)."""
+    from tunelab._paired_table import TableError, verdict_table
+
+    try:
+        if not metric:
+            raise TableError("--metric is required: the primary metric column, e.g. --metric val/spike_l1")
+        if min_effect <= 0:
+            raise TableError("--min-effect must be > 0: the smallest effect of interest in the metric's units")
+        plan = [int(x) for x in looks.split(",")] if looks else None
+        rows = verdict_table(
+            results, metric=metric, mode=mode, min_effect=min_effect, alpha=alpha,
+            guardrails=guardrail or (), control=control, looks=plan, correction=correction,
+        )
+    except (TableError, ValueError) as err:
+        _err(str(err))
+        raise typer.Exit(EXIT_INVALID) from None
+    if as_json:
+        typer.echo(json.dumps(rows, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{metric} ({mode}), keep bar {min_effect}, alpha {alpha}")
+    for col in ("lever", "verdict", "effect", "95% CI", "p", "n", "dz", "rho", "guardrails"):
+        table.add_column(col)
+    for r in rows:
+        guards = " ".join(f"{k}={g['status']}" for k, g in r["guardrails"].items())
+        verdict_text = r["verdict"] + (" (meaningful)" if r["meaningful"] else "")
+        ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        table.add_row(r["lever"], verdict_text, _fmt(r["effect"]), ci, _fmt(r["p_value"]), str(r["n_pairs"]),
+                      _fmt(r["dz"]), _fmt(r["rho"]), guards)
+    Console().print(table)
+
+
+@app.command()
+def report(
+    name_or_dir: Annotated[str, typer.Argument(help="An experiment folder, or a spec name (its latest run).")],
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path("report.html"),
+    storage: Annotated[Path, typer.Option(help="Where to look up a spec name.")] = Path("tunelab_results"),
+) -> None:
+    """Write a self-contained HTML report of a lever A/B experiment."""
+    from tunelab.report import ReportError, find_experiment, write_report
+
+    try:
+        path = write_report(find_experiment(name_or_dir, storage), out)
+    except ReportError as err:
+        _err(str(err))
+        raise typer.Exit(EXIT_INVALID) from None
+    typer.echo(f"report: {path}")
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
 def main() -> None:  # pragma: no cover
     app()
 
