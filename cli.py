@@ -38,7 +38,9 @@ def _finish(summary: dict[str, Any], as_json: bool) -> None:
     else:
         _print_summary(summary)
     if summary.get("failed", 0) > summary.get("failure_budget", 0):
-        _err(f"{summary['failed']} trial(s) failed, more than the spec tolerates ({summary['failure_budget']})")
+        _err(
+            f"{summary['failed']} trial(s) failed, more than the spec tolerates ({summary['failure_budget']})"
+        )
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -51,30 +53,61 @@ def _print_summary(summary: dict[str, Any]) -> None:
     out("trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     sel = summary.get("selected")
     if sel:
-        out(f"selected: seed {sel['seed']} ({sel['metric']} = {sel['value']:.4g}), run {sel['run_id']}")
+        out(
+            f"selected: seed {sel['seed']} ({sel['metric']} = {sel['value']:.4g}), run {sel['run_id']}"
+        )
         out(f"manifest: {sel['manifest']}")
     best = summary.get("best")
     if best:
-        out(f"best: trial {best['trial_id']} ({summary['metric']['name']} = {best['value']:.4g}) config {best['config']}")
+        out(
+            f"best: trial {best['trial_id']} ({summary['metric']['name']} = {best['value']:.4g}) config {best['config']}"
+        )
     uri = summary["tracking_uri"]
-    out(f"MLflow store: {uri} (experiment {summary['mlflow_experiment']!r}, parent run {summary['parent_run_id']})")
-    out(f"open the MLflow UI: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"MLflow UI: {uri}")
+    out(
+        f"MLflow store: {uri} (experiment {summary['mlflow_experiment']!r}, parent run {summary['parent_run_id']})"
+    )
+    out(
+        f"open the MLflow UI: mlflow ui --backend-store-uri {uri}"
+        if uri.startswith("sqlite")
+        else f"MLflow UI: {uri}"
+    )
 
 
 @app.command()
 def sweep(
-    spec: Annotated[Path, typer.Argument(help="Experiment spec (YAML), e.g. search_spaces/seed_cull.yaml.")],
-    quick: Annotated[bool, typer.Option("--quick", help="Use the spec's `quick:` overrides (minutes on 2 CPUs).")] = False,
-    storage: Annotated[Path, typer.Option(help="Folder for results, checkpoints and the embedded MLflow store.")] = Path("tunelab_results"),
-    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: sqlite under --storage, or $MLFLOW_TRACKING_URI).")] = None,
-    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout at the end.")] = False,
+    spec: Annotated[
+        Path, typer.Argument(help="Experiment spec (YAML), e.g. search_spaces/seed_cull.yaml.")
+    ],
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Use the spec's `quick:` overrides (minutes on 2 CPUs).")
+    ] = False,
+    storage: Annotated[
+        Path, typer.Option(help="Folder for results, checkpoints and the embedded MLflow store.")
+    ] = Path("tunelab_results"),
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow tracking URI (default: sqlite under --storage, or $MLFLOW_TRACKING_URI).",
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON summary on stdout at the end.")
+    ] = False,
 ) -> None:
     """Validate a spec and run it: seed cull, sweep or lever A/B."""
     from tunelab import SpecError, run_experiment
 
     try:
-        summary = run_experiment(spec, quick=quick, storage=storage, tracking_uri=tracking_uri, address=address)
+        summary = run_experiment(
+            spec, quick=quick, storage=storage, tracking_uri=tracking_uri, address=address
+        )
     except SpecError as err:
         _err(str(err))
         raise typer.Exit(EXIT_INVALID) from None
@@ -83,9 +116,13 @@ def sweep(
 
 @app.command()
 def resume(
-    experiment_dir: Annotated[Path, typer.Argument(help="The experiment folder printed by `platform sweep`.")],
+    experiment_dir: Annotated[
+        Path, typer.Argument(help="The experiment folder printed by `platform sweep`.")
+    ],
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster address.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout at the end.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON summary on stdout at the end.")
+    ] = False,
 ) -> None:
     """Continue an interrupted experiment (Ctrl-C, crash, SIGKILL) to the same final state."""
     from tunelab import ExperimentError, resume_experiment
@@ -100,8 +137,12 @@ def resume(
 
 @app.command()
 def status(
-    experiment_dir: Annotated[Path | None, typer.Argument(help="Experiment folder (default: the latest under --storage).")] = None,
-    storage: Annotated[Path, typer.Option(help="Where to look for the latest experiment.")] = Path("tunelab_results"),
+    experiment_dir: Annotated[
+        Path | None, typer.Argument(help="Experiment folder (default: the latest under --storage).")
+    ] = None,
+    storage: Annotated[Path, typer.Option(help="Where to look for the latest experiment.")] = Path(
+        "tunelab_results"
+    ),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Trials, their states, iterations and the best metric."""
@@ -124,38 +165,69 @@ def status(
         table.add_column(col)
     for t in info["trials"]:
         value = t[info["metric"]]
-        table.add_row(t["trial_id"], str(t["seed"]), t["status"], str(t["iterations"]),
-                      "-" if value is None else f"{value:.4g}", str(t["run_id"]))
+        table.add_row(
+            t["trial_id"],
+            str(t["seed"]),
+            t["status"],
+            str(t["iterations"]),
+            "-" if value is None else f"{value:.4g}",
+            str(t["run_id"]),
+        )
     console = Console()
     console.print(table)
-    console.print(f"best {info['metric']}: {info['best']}  finished: {info['finished']}  folder: {info['experiment_dir']}")
+    console.print(
+        f"best {info['metric']}: {info['best']}  finished: {info['finished']}  folder: {info['experiment_dir']}"
+    )
 
 
 @app.command()
 def verdict(
-    results: Annotated[Path, typer.Argument(help="CSV or Parquet with columns seed, arm and metric columns.")],
+    results: Annotated[
+        Path, typer.Argument(help="CSV or Parquet with columns seed, arm and metric columns.")
+    ],
     metric: Annotated[str, typer.Option(help="Primary metric column.")] = "",
     mode: Annotated[str, typer.Option(help="max or min: which direction is better.")] = "max",
-    min_effect: Annotated[float, typer.Option("--min-effect", help="Keep bar: smallest effect of interest (raw units).")] = 0.0,
+    min_effect: Annotated[
+        float,
+        typer.Option("--min-effect", help="Keep bar: smallest effect of interest (raw units)."),
+    ] = 0.0,
     alpha: Annotated[float, typer.Option(help="Two-sided type I error rate.")] = 0.05,
-    guardrail: Annotated[list[str] | None, typer.Option(help="NAME:MODE:MARGIN, repeatable, e.g. val/flat_l1:min:0.005.")] = None,
+    guardrail: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME:MODE:MARGIN, repeatable, e.g. val/flat_l1:min:0.005."),
+    ] = None,
     control: Annotated[str, typer.Option(help="Name of the control arm.")] = "control",
-    looks: Annotated[str | None, typer.Option(help="Planned looks, comma-separated seed counts, e.g. 5,10,20.")] = None,
+    looks: Annotated[
+        str | None, typer.Option(help="Planned looks, comma-separated seed counts, e.g. 5,10,20.")
+    ] = None,
     correction: Annotated[str, typer.Option(help="holm, bh or none across the levers.")] = "holm",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one object per lever).")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (one object per lever).")
+    ] = False,
 ) -> None:
     """Paired-seed verdicts on any results table (from tunelab or elsewhere)."""
     from tunelab._paired_table import TableError, verdict_table
 
     try:
         if not metric:
-            raise TableError("--metric is required: the primary metric column, e.g. --metric val/spike_l1")
+            raise TableError(
+                "--metric is required: the primary metric column, e.g. --metric val/spike_l1"
+            )
         if min_effect <= 0:
-            raise TableError("--min-effect must be > 0: the smallest effect of interest in the metric's units")
+            raise TableError(
+                "--min-effect must be > 0: the smallest effect of interest in the metric's units"
+            )
         plan = [int(x) for x in looks.split(",")] if looks else None
         rows = verdict_table(
-            results, metric=metric, mode=mode, min_effect=min_effect, alpha=alpha,
-            guardrails=guardrail or (), control=control, looks=plan, correction=correction,
+            results,
+            metric=metric,
+            mode=mode,
+            min_effect=min_effect,
+            alpha=alpha,
+            guardrails=guardrail or (),
+            control=control,
+            looks=plan,
+            correction=correction,
         )
     except (TableError, ValueError) as err:
         _err(str(err))
@@ -173,16 +245,31 @@ def verdict(
         guards = " ".join(f"{k}={g['status']}" for k, g in r["guardrails"].items())
         verdict_text = r["verdict"] + (" (meaningful)" if r["meaningful"] else "")
         ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
-        table.add_row(r["lever"], verdict_text, _fmt(r["effect"]), ci, _fmt(r["p_value"]), str(r["n_pairs"]),
-                      _fmt(r["dz"]), _fmt(r["rho"]), guards)
+        table.add_row(
+            r["lever"],
+            verdict_text,
+            _fmt(r["effect"]),
+            ci,
+            _fmt(r["p_value"]),
+            str(r["n_pairs"]),
+            _fmt(r["dz"]),
+            _fmt(r["rho"]),
+            guards,
+        )
     Console().print(table)
 
 
 @app.command()
 def report(
-    name_or_dir: Annotated[str, typer.Argument(help="An experiment folder, or a spec name (its latest run).")],
-    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path("report.html"),
-    storage: Annotated[Path, typer.Option(help="Where to look up a spec name.")] = Path("tunelab_results"),
+    name_or_dir: Annotated[
+        str, typer.Argument(help="An experiment folder, or a spec name (its latest run).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path(
+        "report.html"
+    ),
+    storage: Annotated[Path, typer.Option(help="Where to look up a spec name.")] = Path(
+        "tunelab_results"
+    ),
 ) -> None:
     """Write a self-contained HTML report of a lever A/B experiment."""
     from tunelab.report import ReportError, find_experiment, write_report

@@ -9,22 +9,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 TOY = "tests.tunelab.toy_family:FAMILY"
 
 # Ray workers inherit the driver's environment: make the test families importable there.
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``platform`` command line in a fresh process."""
     return subprocess.run(
         [sys.executable, "-m", "cli", *args],
-        cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
 
@@ -32,7 +37,9 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900, env: dict
 def cli_json(*args: str, **kw: Any) -> dict[str, Any]:
     """Run ``platform ... --json`` and parse stdout; fails the test with stderr on error."""
     proc = run_cli(*args, "--json", **kw)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    )
     return json.loads(proc.stdout)
 
 

@@ -13,7 +13,11 @@ def test_platform_folder_is_not_a_package() -> None:
 
 def test_stdlib_platform_imports_from_repo_root() -> None:
     # `python -m pytest` and `python cli.py` put the repo root first on sys.path
-    code = "import platform, sys; print(platform.system()); import tunelab, torch, ray, mlflow, pandas"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    code = (
+        "import platform, sys; print(platform.system()); import tunelab, torch, ray, mlflow, pandas"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "Linux"

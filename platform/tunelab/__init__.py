@@ -1,4 +1,12 @@
-"""tunelab: seed culls, paired-seed lever A/B verdicts and sweeps on Ray Tune + MLflow."""
+"""tunelab: seed culls, paired-seed lever A/B verdicts and sweeps on Ray Tune + MLflow.
+
+The public surface: the family contract (:class:`Family`, :class:`Experiment`),
+the checkpoint helpers families use, specs (:func:`load_spec`) and the
+experiment entry points (:func:`run_experiment`, :func:`resume_experiment`,
+:func:`experiment_status`), which import Ray lazily on first use.
+"""
+
+from typing import TYPE_CHECKING
 
 from tunelab._checkpoint import (
     atomic_write_bytes,
@@ -12,24 +20,40 @@ from tunelab._checkpoint import (
     sorted_checkpoints,
 )
 from tunelab._family import Experiment, Family, family_names, get_family
+from tunelab._spec import SpecError, load_spec, parse_spec
+
+if TYPE_CHECKING:
+    from tunelab._runner import (
+        ExperimentError,
+        experiment_status,
+        latest_experiment,
+        resume_experiment,
+        run_experiment,
+    )
 
 __all__ = [
     "Experiment",
+    "ExperimentError",
     "Family",
+    "SpecError",
     "atomic_write_bytes",
     "atomic_write_json",
     "capture_rng_state",
     "data_lock",
+    "experiment_status",
     "family_names",
     "get_family",
+    "latest_experiment",
+    "load_spec",
     "load_state",
+    "parse_spec",
     "restore_rng_state",
+    "resume_experiment",
+    "run_experiment",
     "save_state",
     "seed_everything",
     "sorted_checkpoints",
 ]
-
-from tunelab._spec import SpecError, load_spec, parse_spec
 
 _LAZY = {  # heavy (Ray) imports, loaded on first use
     "ExperimentError": "tunelab._runner",
@@ -46,6 +70,3 @@ def __getattr__(name: str) -> object:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tunelab' has no attribute {name!r}")
-
-
-__all__ += [*_LAZY, "SpecError", "load_spec", "parse_spec"]

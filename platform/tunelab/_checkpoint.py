@@ -26,12 +26,12 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "capture_rng_state",
-    "restore_rng_state",
-    "seed_everything",
-    "save_state",
-    "load_state",
-    "sorted_checkpoints",
     "data_lock",
+    "load_state",
+    "restore_rng_state",
+    "save_state",
+    "seed_everything",
+    "sorted_checkpoints",
 ]
 
 STATE_FILE = "state.pt"

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Experiment", "Family", "get_family", "family_names"]
+__all__ = ["Experiment", "Family", "family_names", "get_family"]
 
 
 @runtime_checkable

@@ -93,7 +93,7 @@ class PairedLeverSearcher(Searcher):
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         st = self.st
         if not st["queue"] and not st["pending"] and not st["finished"]:
             self._advance()

@@ -43,7 +43,9 @@ class ProgressCallback(Callback):
         self.__dict__.update(state)
         self._init_runtime()
 
-    def setup(self, **info: Any) -> None:
+    def setup(
+        self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
+    ) -> None:
         enabled = sys.stderr.isatty() if self.enabled is None else self.enabled
         if not enabled:
             return

@@ -69,9 +69,13 @@ class SyncCullScheduler(FIFOScheduler):
         if mode not in ("max", "min"):
             raise ValueError(f"The value of `mode` is {mode!r}, but must be 'max' or 'min'.")
         if not 1 <= keep < expected:
-            raise ValueError(f"The value of `keep` is {keep}, but must be `1 <= keep < expected` ({expected}).")
+            raise ValueError(
+                f"The value of `keep` is {keep}, but must be `1 <= keep < expected` ({expected})."
+            )
         if milestone < 1:
-            raise ValueError(f"The value of `milestone` is {milestone}, but must be `milestone >= 1`.")
+            raise ValueError(
+                f"The value of `milestone` is {milestone}, but must be `milestone >= 1`."
+            )
         self._metric, self._mode, self.milestone, self.keep = metric, mode, milestone, keep
         self.expected, self.tie_break, self.time_attr = expected, tie_break, time_attr
         self.state_path = state_path
@@ -85,7 +89,11 @@ class SyncCullScheduler(FIFOScheduler):
         if result.get(self.time_attr, 0) < self.milestone:
             return TrialScheduler.CONTINUE
         if self._survivors is not None:
-            return TrialScheduler.CONTINUE if trial.trial_id in self._survivors else TrialScheduler.STOP
+            return (
+                TrialScheduler.CONTINUE
+                if trial.trial_id in self._survivors
+                else TrialScheduler.STOP
+            )
         if trial.trial_id not in self._arrived:
             self._arrived[trial.trial_id] = [
                 _as_float(result.get(self._metric)),
@@ -97,7 +105,9 @@ class SyncCullScheduler(FIFOScheduler):
             return TrialScheduler.PAUSE
         return TrialScheduler.CONTINUE if trial.trial_id in self._survivors else TrialScheduler.STOP
 
-    def on_trial_complete(self, tune_controller: TuneController, trial: Trial, result: dict) -> None:
+    def on_trial_complete(
+        self, tune_controller: TuneController, trial: Trial, result: dict
+    ) -> None:
         self._drop(tune_controller, trial)
 
     def on_trial_error(self, tune_controller: TuneController, trial: Trial) -> None:
@@ -116,7 +126,11 @@ class SyncCullScheduler(FIFOScheduler):
         return None
 
     def debug_string(self) -> str:
-        state = "decided" if self._survivors is not None else f"{len(self._arrived)}/{self.expected} arrived"
+        state = (
+            "decided"
+            if self._survivors is not None
+            else f"{len(self._arrived)}/{self.expected} arrived"
+        )
         return f"SyncCull(at={self.milestone}, keep={self.keep}, {state})"
 
     # -- public views ----------------------------------------------------------
@@ -156,7 +170,11 @@ class SyncCullScheduler(FIFOScheduler):
         if self.state_path:
             atomic_write_json(
                 Path(self.state_path),
-                {"milestone": self.milestone, "arrived": self._arrived, "survivors": self._survivors},
+                {
+                    "milestone": self.milestone,
+                    "arrived": self._arrived,
+                    "survivors": self._survivors,
+                },
             )
 
     def _load(self) -> None:
@@ -253,13 +271,17 @@ class OptunaPrunerScheduler(FIFOScheduler):
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
 
-    def on_trial_complete(self, tune_controller: TuneController, trial: Trial, result: dict) -> None:
+    def on_trial_complete(
+        self, tune_controller: TuneController, trial: Trial, result: dict
+    ) -> None:
         self._finish(trial, pruned=False, value=_as_float((result or {}).get(self._metric)))
 
     def on_trial_error(self, tune_controller: TuneController, trial: Trial) -> None:
         self._finish(trial, pruned=False, failed=True)
 
-    def _finish(self, trial: Trial, *, pruned: bool, value: float = math.nan, failed: bool = False) -> None:
+    def _finish(
+        self, trial: Trial, *, pruned: bool, value: float = math.nan, failed: bool = False
+    ) -> None:
         import optuna
 
         otrial = self._trials.pop(trial.trial_id, None)
@@ -284,7 +306,11 @@ def _make_pruner(pruner: Any, min_t: int, max_t: int, eta: int) -> Any:
     if pruner == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_t, reduction_factor=eta)
     if pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=min_t, max_resource=max_t, reduction_factor=eta)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=min_t, max_resource=max_t, reduction_factor=eta
+        )
     if pruner == "wilcoxon":
         return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=min_t)
-    raise ValueError(f"The value of `pruner` is {pruner!r}, but must be one of successive_halving, hyperband, wilcoxon.")
+    raise ValueError(
+        f"The value of `pruner` is {pruner!r}, but must be one of successive_halving, hyperband, wilcoxon."
+    )

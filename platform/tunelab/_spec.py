@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -37,20 +38,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tunelab._family import Family, get_family
 
 __all__ = [
+    "AnySpec",
     "CullSpec",
     "DecisionSpec",
+    "Domain",
     "GuardrailSpec",
     "LeverABSpec",
-    "apply_overrides",
-    "Domain",
     "MetricSpec",
     "ResourcesSpec",
     "SeedCullSpec",
     "SelectSpec",
-    "AnySpec",
     "Spec",
     "SpecError",
     "SweepSpec",
+    "apply_overrides",
     "load_spec",
     "parse_spec",
     "spec_hash",
@@ -269,7 +270,9 @@ class SweepSpec(_BaseSpec):
     @model_validator(mode="after")
     def _check_search(self) -> SweepSpec:
         if not self.search:
-            raise ValueError("search: needs at least one key, e.g. {lr: {loguniform: [1e-4, 1e-2]}}")
+            raise ValueError(
+                "search: needs at least one key, e.g. {lr: {loguniform: [1e-4, 1e-2]}}"
+            )
         if self.search_alg == "optuna_tpe" and any(d.kind == "grid" for d in self.search.values()):
             raise ValueError("search: grid domains cannot be used with search_alg optuna_tpe")
         return self
@@ -302,8 +305,10 @@ class DecisionSpec(_Strict):
     @field_validator("looks")
     @classmethod
     def _increasing(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or any(b <= a for a, b in zip(v, v[1:], strict=False))):
-            raise ValueError(f"looks must be a non-empty, strictly increasing list of seed counts, got {v}")
+        if v is not None and (not v or any(b <= a for a, b in itertools.pairwise(v))):
+            raise ValueError(
+                f"looks must be a non-empty, strictly increasing list of seed counts, got {v}"
+            )
         return v
 
 
@@ -321,16 +326,22 @@ class LeverABSpec(_BaseSpec):
     @model_validator(mode="after")
     def _check_levers(self) -> LeverABSpec:
         if self.config:
-            raise ValueError("config: a lever_ab spec names its base config under `control:`; move it there")
+            raise ValueError(
+                "config: a lever_ab spec names its base config under `control:`; move it there"
+            )
         if not self.seeds:
-            raise ValueError("seeds: needs at least one seed; paired verdicts need several (e.g. [1, 2, 3, 4, 5])")
+            raise ValueError(
+                "seeds: needs at least one seed; paired verdicts need several (e.g. [1, 2, 3, 4, 5])"
+            )
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds: seeds must be distinct")
         if not self.levers:
             raise ValueError("levers: needs at least one lever, e.g. {lds: {lds_alpha: 0.5}}")
         for name, overrides in self.levers.items():
             if name == "control" or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-                raise ValueError(f"levers.{name}: a lever name is letters, digits, _ . - and not 'control'")
+                raise ValueError(
+                    f"levers.{name}: a lever name is letters, digits, _ . - and not 'control'"
+                )
             if not overrides:
                 raise ValueError(f"levers.{name}: a lever needs at least one config override")
         looks = self.decision.looks
@@ -339,7 +350,9 @@ class LeverABSpec(_BaseSpec):
                 f"decision.looks: the last look ({looks[-1]}) needs more seeds than the {len(self.seeds)} listed"
             )
         if set(self.decision.confirm_seeds) & set(self.seeds):
-            raise ValueError("decision.confirm_seeds: confirmation seeds must differ from the seeds")
+            raise ValueError(
+                "decision.confirm_seeds: confirmation seeds must differ from the seeds"
+            )
         if self.rounds > 1 and not self.decision.confirm_seeds:
             raise ValueError(
                 "decision.confirm_seeds: stacking wins over rounds needs confirmation seeds "
@@ -366,8 +379,22 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 AnySpec = SeedCullSpec | SweepSpec | LeverABSpec
 Spec = Annotated[AnySpec, Field(discriminator="kind")]
-_SPEC_ADAPTER: pydantic.TypeAdapter[SeedCullSpec | SweepSpec | LeverABSpec] = pydantic.TypeAdapter(Spec)
-_QUICK_KEYS = {"budget", "seeds", "config", "control", "cull", "num_samples", "search", "max_concurrent", "decision", "levers", "rounds"}
+_SPEC_ADAPTER: pydantic.TypeAdapter[SeedCullSpec | SweepSpec | LeverABSpec] = pydantic.TypeAdapter(
+    Spec
+)
+_QUICK_KEYS = {
+    "budget",
+    "seeds",
+    "config",
+    "control",
+    "cull",
+    "num_samples",
+    "search",
+    "max_concurrent",
+    "decision",
+    "levers",
+    "rounds",
+}
 _KINDS = ("seed_cull", "sweep", "lever_ab")
 
 
@@ -421,14 +448,16 @@ def _check_quick(block: Any, source: str | Path) -> None:
     unknown = sorted(set(block) - _QUICK_KEYS)
     if unknown:
         raise SpecError(
-            source, f"quick.{unknown[0]}", f"cannot be overridden in quick; allowed: {sorted(_QUICK_KEYS)}"
+            source,
+            f"quick.{unknown[0]}",
+            f"cannot be overridden in quick; allowed: {sorted(_QUICK_KEYS)}",
         )
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "search":
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("search", "levers"):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v
@@ -470,21 +499,31 @@ def _check_family_config(spec: AnySpec, source: str | Path, prefix: str) -> None
             for key in overrides:
                 if key.split(".")[0] not in fields:
                     raise SpecError(
-                        source, f"{prefix}levers.{name}.{key}",
+                        source,
+                        f"{prefix}levers.{name}.{key}",
                         f"family {family.name!r} has no config key {key!r}; known keys: {sorted(fields)}",
                     )
-            _make_config(family, spec.lever_config(name), source, f"{prefix}levers.{name}", append_loc=False)
+            _make_config(
+                family, spec.lever_config(name), source, f"{prefix}levers.{name}", append_loc=False
+            )
     else:
         _make_config(family, spec.config, source, prefix + "config")
     if isinstance(spec, SweepSpec):
         for key, domain in spec.search.items():
             if key not in fields:
                 raise SpecError(
-                    source, f"{prefix}search.{key}",
+                    source,
+                    f"{prefix}search.{key}",
                     f"family {family.name!r} has no config key {key!r}; known keys: {sorted(fields)}",
                 )
             for value in domain.sample_values():
-                _make_config(family, {**spec.config, key: value}, source, f"{prefix}search.{key}", append_loc=False)
+                _make_config(
+                    family,
+                    {**spec.config, key: value},
+                    source,
+                    f"{prefix}search.{key}",
+                    append_loc=False,
+                )
     metrics = set(family.metrics)
     names = [("metric.name", spec.metric.name)]
     if isinstance(spec, LeverABSpec):
@@ -496,14 +535,17 @@ def _check_family_config(spec: AnySpec, source: str | Path, prefix: str) -> None
     for key, name in names:
         if name not in metrics:
             raise SpecError(
-                source, prefix + key,
+                source,
+                prefix + key,
                 f"family {family.name!r} does not report {name!r}; it reports {sorted(metrics)}",
             )
 
 
 def _config_fields(family: Family) -> set[str]:
-    return set(getattr(family.config_cls, "__dataclass_fields__", {}) or
-               getattr(family.config_cls, "model_fields", {}))
+    return set(
+        getattr(family.config_cls, "__dataclass_fields__", {})
+        or getattr(family.config_cls, "model_fields", {})
+    )
 
 
 def _make_config(

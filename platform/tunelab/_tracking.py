@@ -27,10 +27,7 @@ from tunelab._checkpoint import atomic_write_json
 from tunelab._names import (
     ITERATION,
     TAG_FAMILY,
-    TAG_KIND,
     TAG_SEED,
-    TAG_SPEC,
-    TAG_SPEC_HASH,
     TAG_STATUS,
     TAG_TRIAL_ID,
 )
@@ -68,7 +65,9 @@ def ensure_experiment(client: Any, name: str, artifact_root: Path | None) -> str
         return str(exp.experiment_id)
 
 
-def start_parent_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
+def start_parent_run(
+    client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]
+) -> str:
     """Create the experiment's parent run; returns its id."""
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
     return str(run.info.run_id)
@@ -90,7 +89,12 @@ def git_commit(cwd: Path | None = None) -> str:
     """The current git commit of ``cwd`` (``unknown`` outside a repository)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -144,7 +148,9 @@ class MlflowTrialCallback(Callback):
         self._init_runtime()
 
     # -- lifecycle -----------------------------------------------------------
-    def setup(self, **info: Any) -> None:
+    def setup(
+        self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
+    ) -> None:
         from mlflow import MlflowClient
 
         self._client = MlflowClient(self.tracking_uri)
@@ -166,7 +172,9 @@ class MlflowTrialCallback(Callback):
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ensure_run(trial)
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
         from mlflow.entities import Metric
 
         run_id = self._ensure_run(trial)
@@ -175,7 +183,9 @@ class MlflowTrialCallback(Callback):
         metrics = [
             Metric(k, float(v), ts, step)
             for k, v in result.items()
-            if _is_metric_key(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            if _is_metric_key(k)
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
             and math.isfinite(float(v))
         ]
         self._queue.put((run_id, metrics))
@@ -222,7 +232,9 @@ class MlflowTrialCallback(Callback):
             name = f"{tags.get(TAG_FAMILY, 'trial')}-seed{config.get('seed')}-{trial.trial_id}"
             run = self._client.create_run(self.experiment_id, run_name=name, tags=tags)
             run_id = str(run.info.run_id)
-            self._log_params(run_id, {"seed": config.get("seed"), **flatten(config.get("config", {}))})
+            self._log_params(
+                run_id, {"seed": config.get("seed"), **flatten(config.get("config", {}))}
+            )
             self._runs[trial.trial_id] = run_id
             atomic_write_json(Path(self.runs_file), self._runs)
             return run_id
@@ -263,9 +275,20 @@ class MlflowTrialCallback(Callback):
 
 
 _SKIP_KEYS = {
-    "done", "training_iteration", "trial_id", "date", "timestamp", "pid", "hostname", "node_ip",
-    "time_since_restore", "iterations_since_restore", "time_total_s", "time_this_iter_s",
-    "checkpoint_dir_name", "should_checkpoint",
+    "done",
+    "training_iteration",
+    "trial_id",
+    "date",
+    "timestamp",
+    "pid",
+    "hostname",
+    "node_ip",
+    "time_since_restore",
+    "iterations_since_restore",
+    "time_total_s",
+    "time_this_iter_s",
+    "checkpoint_dir_name",
+    "should_checkpoint",
 }
 
 

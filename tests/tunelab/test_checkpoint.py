@@ -25,7 +25,10 @@ def test_checkpoints_sort_by_number_not_name(tmp_path: Path) -> None:
         (tmp_path / f"checkpoint_{n}").mkdir()
     (tmp_path / "checkpoint_notes.txt").write_text("not a checkpoint")
     assert [p.name for p in sorted_checkpoints(tmp_path)] == [
-        "checkpoint_2", "checkpoint_9", "checkpoint_15", "checkpoint_100",
+        "checkpoint_2",
+        "checkpoint_9",
+        "checkpoint_15",
+        "checkpoint_100",
     ]
 
 

@@ -32,7 +32,9 @@ failure: {{retries: 0, tolerate: 10}}
 
 
 def test_lever_ab_verdicts_tags_and_stack_on_win(tmp_path: Path) -> None:
-    summary = cli_json("sweep", str(write_spec(tmp_path / "lever.yaml", SPEC)), "--storage", str(tmp_path / "res"))
+    summary = cli_json(
+        "sweep", str(write_spec(tmp_path / "lever.yaml", SPEC)), "--storage", str(tmp_path / "res")
+    )
     verdicts = {(v["round"], v["lever"]): v for v in summary["verdicts"]}
     # a large learning-rate lever is a meaningful win, confirmed on the confirmation seed and stacked
     fast = verdicts[(1, "fast")]
@@ -51,14 +53,21 @@ def test_lever_ab_verdicts_tags_and_stack_on_win(tmp_path: Path) -> None:
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'"
     )
     assert len(children) == len(summary["trials"])
-    winners = client.search_runs([exp.experiment_id], filter_string="tags.`tunelab.verdict` = 'win'")
+    winners = client.search_runs(
+        [exp.experiment_id], filter_string="tags.`tunelab.verdict` = 'win'"
+    )
     assert {r.data.tags["tunelab.lever"] for r in winners} == {"fast"}
-    outcomes = {(r.data.tags["tunelab.lever"], r.data.tags["tunelab.round"]): r.data.tags["tunelab.outcome"] for r in children}
+    outcomes = {
+        (r.data.tags["tunelab.lever"], r.data.tags["tunelab.round"]): r.data.tags["tunelab.outcome"]
+        for r in children
+    }
     assert outcomes[("control", "1")] == "superseded" and outcomes[("control", "2")] == "control"
     assert outcomes[("broken", "1")] == "crashed-early"
     parent = client.get_run(summary["parent_run_id"]).data.tags
     for lever in ("fast", "broken", "wide"):
-        latest = max((v for v in summary["verdicts"] if v["lever"] == lever), key=lambda v: v["round"])
+        latest = max(
+            (v for v in summary["verdicts"] if v["lever"] == lever), key=lambda v: v["round"]
+        )
         assert parent[f"tunelab.verdict.{lever}"] == latest["verdict"]
     # same seeds for every arm, and the results table says which arm each trial was
     exp_dir = Path(summary["experiment_dir"])
@@ -68,12 +77,20 @@ def test_lever_ab_verdicts_tags_and_stack_on_win(tmp_path: Path) -> None:
 
 
 def test_sequential_looks_stop_decided_levers(tmp_path: Path) -> None:
-    spec = SPEC.replace("correction: none, confirm_seeds: [100]", "correction: none, looks: [3, 6]") \
-        .replace("seeds: [1, 2, 3, 4, 5]", "seeds: [1, 2, 3, 4, 5, 6]").replace("rounds: 2", "rounds: 1") \
+    spec = (
+        SPEC.replace("correction: none, confirm_seeds: [100]", "correction: none, looks: [3, 6]")
+        .replace("seeds: [1, 2, 3, 4, 5]", "seeds: [1, 2, 3, 4, 5, 6]")
+        .replace("rounds: 2", "rounds: 1")
         .replace("  broken: {fail_at: 2}\n", "")
-    summary = cli_json("sweep", str(write_spec(tmp_path / "looks.yaml", spec)), "--storage", str(tmp_path / "res"))
+    )
+    summary = cli_json(
+        "sweep", str(write_spec(tmp_path / "looks.yaml", spec)), "--storage", str(tmp_path / "res")
+    )
     v = {x["lever"]: x for x in summary["verdicts"]}
-    seeds_run = {lever: sorted(t["seed"] for t in summary["trials"] if t["arm"] == lever) for lever in ("fast", "wide")}
+    seeds_run = {
+        lever: sorted(t["seed"] for t in summary["trials"] if t["arm"] == lever)
+        for lever in ("fast", "wide")
+    }
     # each lever ran exactly the seeds up to the look where it was decided
     for lever in ("fast", "wide"):
         assert seeds_run[lever] == list(range(1, v[lever]["n_seeds"] + 1))

@@ -27,10 +27,24 @@ def _free_port() -> int:
 def mlflow_server(tmp_path: Path):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -50,7 +64,9 @@ def mlflow_server(tmp_path: Path):
 
 
 def test_sweep_logs_to_a_real_tracking_server(tmp_path: Path, mlflow_server: str) -> None:
-    spec = write_spec(tmp_path / "s.yaml", f"""
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        f"""
 kind: sweep
 name: toy-server
 family: "{TOY}"
@@ -58,13 +74,18 @@ config: {{hidden: 8, steps_per_iter: 10}}
 budget: 3
 metric: {{name: val/score, mode: max}}
 search: {{lr: {{grid: [0.001, 0.01, 0.03, 0.1]}}}}
-""")
-    summary = cli_json("sweep", str(spec), "--storage", str(tmp_path / "res"), "--tracking-uri", mlflow_server)
+""",
+    )
+    summary = cli_json(
+        "sweep", str(spec), "--storage", str(tmp_path / "res"), "--tracking-uri", mlflow_server
+    )
     assert summary["tracking_uri"] == mlflow_server
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("toy-server")
     runs = client.search_runs([exp.experiment_id])
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]]
+    children = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]
+    ]
     assert len(children) == 4
     # params logged once per run (concurrent trials, no "changing param values"), metrics per iteration
     assert sorted(r.data.params["lr"] for r in children) == ["0.001", "0.01", "0.03", "0.1"]

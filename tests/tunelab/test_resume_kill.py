@@ -30,7 +30,10 @@ select: {{metric: val/score, mode: max}}
 
 
 def _final(summary: dict) -> dict:
-    return {t["seed"]: (t["status"], t["iterations"], t["metrics"]["val/score"]) for t in summary["trials"]}
+    return {
+        t["seed"]: (t["status"], t["iterations"], t["metrics"]["val/score"])
+        for t in summary["trials"]
+    }
 
 
 def test_sigkill_then_resume_gives_the_same_selection(tmp_path: Path) -> None:
@@ -40,7 +43,10 @@ def test_sigkill_then_resume_gives_the_same_selection(tmp_path: Path) -> None:
     storage = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "sweep", str(spec), "--storage", str(storage), "--json"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ.copy(),
     )
     deadline = time.monotonic() + 300
     cull_file = None
@@ -60,4 +66,7 @@ def test_sigkill_then_resume_gives_the_same_selection(tmp_path: Path) -> None:
     assert resumed["selected"]["seed"] == straight["selected"]["seed"]
     assert resumed["selected"]["value"] == straight["selected"]["value"]  # bit-exact training
     assert _final(resumed) == _final(straight)
-    assert resumed["parent_run_id"] == json.loads((exp_dir / "tunelab.json").read_text())["parent_run_id"]
+    assert (
+        resumed["parent_run_id"]
+        == json.loads((exp_dir / "tunelab.json").read_text())["parent_run_id"]
+    )

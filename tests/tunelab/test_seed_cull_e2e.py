@@ -28,8 +28,18 @@ failure: {{retries: {retries}, tolerate: 0}}
 
 
 def _spec(tmp: Path, **kw: object) -> Path:
-    args = dict(name="cull", toy=TOY, extra="", seeds=4, budget=6, at=0.5, keep=2, scheduler="sync",
-                ckpt_keep="null", retries=1)
+    args = dict(
+        name="cull",
+        toy=TOY,
+        extra="",
+        seeds=4,
+        budget=6,
+        at=0.5,
+        keep=2,
+        scheduler="sync",
+        ckpt_keep="null",
+        retries=1,
+    )
     args.update(kw)
     return write_spec(tmp / f"{args['name']}.yaml", SPEC.format(**args))
 
@@ -47,20 +57,28 @@ def test_sync_cull_keeps_exactly_k_and_tags_everything(tmp_path: Path) -> None:
     assert sorted(t["iterations"] for t in trials) == [3, 3, 6, 6]
     assert {t["status"] for t in trials if t["iterations"] == 3} == {"culled"}
     client, runs = _runs(summary)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]]
+    children = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]
+    ]
     assert len(runs) == 5 and len(children) == 4  # 1 parent + N children
     culled = {r.data.tags["tunelab.seed"]: r.data.tags.get("tunelab.culled_at") for r in children}
     assert sorted(v for v in culled.values() if v) == ["3", "3"]
     # survivors are the top k at the milestone (cull metric recorded per iteration, step = iteration)
     at_cull = {
-        r.info.run_id: next(m.value for m in client.get_metric_history(r.info.run_id, "val/score") if m.step == 3)
+        r.info.run_id: next(
+            m.value for m in client.get_metric_history(r.info.run_id, "val/score") if m.step == 3
+        )
         for r in children
     }
     survivors = {t["run_id"] for t in trials if t["status"] == "finished"}
-    assert min(at_cull[r] for r in survivors) >= max(v for r, v in at_cull.items() if r not in survivors)
+    assert min(at_cull[r] for r in survivors) >= max(
+        v for r, v in at_cull.items() if r not in survivors
+    )
     # the selection is the best survivor, tagged on the winner and on the parent
     sel = summary["selected"]
-    best = max((t for t in trials if t["status"] == "finished"), key=lambda t: t["metrics"]["val/score"])
+    best = max(
+        (t for t in trials if t["status"] == "finished"), key=lambda t: t["metrics"]["val/score"]
+    )
     assert (sel["seed"], sel["run_id"]) == (best["seed"], best["run_id"])
     tags = {r.info.run_id: r.data.tags for r in runs}
     assert tags[sel["run_id"]]["tunelab.selected"] == "true"
@@ -87,10 +105,12 @@ def test_async_culls_stop_some_seeds(tmp_path: Path, scheduler: str) -> None:
     summary = cli_json("sweep", str(spec), "--storage", str(tmp_path / "res"))
     iters = [t["iterations"] for t in summary["trials"]]
     assert any(i < 8 for i in iters) and any(i == 8 for i in iters), iters
-    client, runs = _runs(summary)
+    _client, runs = _runs(summary)
     culled = [r for r in runs if "tunelab.culled_at" in r.data.tags]
     assert len(culled) == sum(i < 8 for i in iters)
-    assert summary["selected"]["seed"] in [t["seed"] for t in summary["trials"] if t["iterations"] == 8]
+    assert summary["selected"]["seed"] in [
+        t["seed"] for t in summary["trials"] if t["iterations"] == 8
+    ]
 
 
 def test_retention_keeps_last_n_by_iteration(tmp_path: Path) -> None:

@@ -98,16 +98,38 @@ CASES = [
     ("quick-budget-negative", VALID, "quick.budget", -1, "quick.budget"),
     ("sweep-search-empty", VALID_SWEEP, "search", {}, "search"),
     ("sweep-search-unknown-key", VALID_SWEEP, "search", {"width": {"choice": [1]}}, "search.width"),
-    ("sweep-domain-two-kinds", VALID_SWEEP, "search", {"lr": {"uniform": [0.1, 0.2], "choice": [0.1]}}, "search.lr"),
-    ("sweep-domain-low-high", VALID_SWEEP, "search", {"lr": {"loguniform": [0.1, 0.01]}}, "search.lr"),
-    ("sweep-domain-bad-value", VALID_SWEEP, "search", {"hidden": {"choice": ["x"]}}, "search.hidden"),
+    (
+        "sweep-domain-two-kinds",
+        VALID_SWEEP,
+        "search",
+        {"lr": {"uniform": [0.1, 0.2], "choice": [0.1]}},
+        "search.lr",
+    ),
+    (
+        "sweep-domain-low-high",
+        VALID_SWEEP,
+        "search",
+        {"lr": {"loguniform": [0.1, 0.01]}},
+        "search.lr",
+    ),
+    (
+        "sweep-domain-bad-value",
+        VALID_SWEEP,
+        "search",
+        {"hidden": {"choice": ["x"]}},
+        "search.hidden",
+    ),
     ("sweep-num-samples-zero", VALID_SWEEP, "num_samples", 0, "num_samples"),
     ("sweep-search-alg-unknown", VALID_SWEEP, "search_alg", "bayes", "search_alg"),
 ]
 
 
-@pytest.mark.parametrize(("base", "path", "value", "expect_key"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_malformed_spec_exits_2_naming_the_key(tmp_path: Path, base: str, path: str, value: object, expect_key: str) -> None:
+@pytest.mark.parametrize(
+    ("base", "path", "value", "expect_key"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_malformed_spec_exits_2_naming_the_key(
+    tmp_path: Path, base: str, path: str, value: object, expect_key: str
+) -> None:
     spec = tmp_path / "bad.yaml"
     spec.write_text(_mutate(base, path, value))
     result = CliRunner().invoke(app, ["sweep", str(spec), "--storage", str(tmp_path / "res")])
@@ -165,7 +187,11 @@ def test_cull_fraction_becomes_an_iteration(tmp_path: Path) -> None:
     assert spec.cull.milestone(spec.budget) == 3
 
 
-@pytest.mark.parametrize("shipped", sorted((Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "shipped",
+    sorted((Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
 def test_shipped_specs_are_valid(shipped: Path) -> None:
     load_spec(shipped)
     load_spec(shipped, quick=True)

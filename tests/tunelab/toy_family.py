@@ -32,7 +32,9 @@ class Config:
 class Toy:
     def __init__(self, cfg: Config, seed: int) -> None:
         self.cfg = cfg
-        self.net = torch.nn.Sequential(torch.nn.Linear(1, cfg.hidden), torch.nn.Tanh(), torch.nn.Linear(cfg.hidden, 1))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(1, cfg.hidden), torch.nn.Tanh(), torch.nn.Linear(cfg.hidden, 1)
+        )
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         self.it = 0
         g = torch.Generator().manual_seed(1234)
@@ -54,8 +56,11 @@ class Toy:
             val = float(torch.mean((self.net(self.xv) - self.yv) ** 2))
         score = -val if not (self.cfg.nan_at and self.it >= self.cfg.nan_at) else math.nan
         return {
-            "train/loss": float(loss.detach()), "val/mse": val, "val/log_mse": math.log(val),
-            "val/score": score, "val/aux": float(np.float32(self.it)),
+            "train/loss": float(loss.detach()),
+            "val/mse": val,
+            "val/log_mse": math.log(val),
+            "val/score": score,
+            "val/aux": float(np.float32(self.it)),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -79,6 +84,8 @@ def build(cfg: Config, seed: int, data_root: Path) -> Toy:
 
 
 FAMILY = Family(
-    name="toy", config_cls=Config, build=build,
+    name="toy",
+    config_cls=Config,
+    build=build,
     metrics=("train/loss", "val/mse", "val/log_mse", "val/score", "val/aux"),
 )
