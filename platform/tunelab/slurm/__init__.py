@@ -1,0 +1,35 @@
+"""Ray on SLURM: a `ray up` node provider whose workers are sbatch jobs.
+
+Public surface:
+
+- SlurmNodeProvider: the provider (`provider: {type: external, module:
+  tunelab.slurm.SlurmNodeProvider}` in cluster.yaml).
+- load_cluster_config: read cluster.yaml, optionally replacing values of its
+  site block (the CI variant of the tests is made this way).
+- check_cluster_config / check_cluster_file: problems of a cluster config
+  against the local SLURM (partitions, GRES, CPUs), as a list of strings.
+- render_head_job: an sbatch script that runs a whole Ray cluster inside one
+  allocation, for sites that forbid long-running login-node processes.
+- stop_cluster_processes: `ray stop` scoped to one cluster.
+"""
+
+from tunelab.slurm._check import check_cluster_config, check_cluster_file, query_partitions
+from tunelab.slurm._cluster_yaml import dump_cluster_config, load_cluster_config
+from tunelab.slurm._head_job import render_head_job
+from tunelab.slurm._provider import SlurmNodeProvider
+from tunelab.slurm._settings import JobSpec, ProviderSettings
+from tunelab.slurm._stop import cluster_processes, stop_cluster_processes
+
+__all__ = [
+    "JobSpec",
+    "ProviderSettings",
+    "SlurmNodeProvider",
+    "check_cluster_config",
+    "check_cluster_file",
+    "cluster_processes",
+    "dump_cluster_config",
+    "load_cluster_config",
+    "query_partitions",
+    "render_head_job",
+    "stop_cluster_processes",
+]

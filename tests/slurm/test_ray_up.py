@@ -1,0 +1,268 @@
+"""`ray up` / `ray down` of cluster.yaml (CI variant) against a real single-node SLURM.
+
+One cluster for the module, brought up once; the tests run in file order:
+workers join as Ray nodes, request_resources submits a job, a Tune run uses
+the SLURM worker, a cancelled worker is replaced, `ray down` leaves nothing.
+The head stays on this machine (head num_cpus=1) and each worker job has one
+CPU: the SLURM node has 2, so at most 2 workers run.
+
+To run a command on the cluster the way a researcher does (on the head, with
+RAY_ADDRESS set), use `RayCluster.head_exec`; e.g. a later test can run
+`cluster.head_exec("platform sweep search_spaces/<spec>.yaml --quick")`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tunelab.slurm import (
+    ProviderSettings,
+    SlurmNodeProvider,
+    cluster_processes,
+    dump_cluster_config,
+    load_cluster_config,
+    stop_cluster_processes,
+)
+
+from tests.slurm.conftest import CLUSTER_YAML, VENV_BIN, ci_site
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+WORKER = "a100x1"
+TIMINGS: dict[str, float] = {}
+
+
+@dataclasses.dataclass
+class RayCluster:
+    """A cluster started by `ray up` from a generated CI cluster.yaml."""
+
+    config_path: Path
+    config: dict[str, Any]
+    settings: ProviderSettings
+    env: dict[str, str]
+    down: bool = False
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """`ray <args> <config>` in a fresh process; fails the test on a non-zero exit."""
+        proc = subprocess.run(
+            ["ray", *args, str(self.config_path)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        assert proc.returncode == 0, _failure(f"ray {' '.join(args)}", proc, self)
+        return proc
+
+    def head_exec(self, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run `command` on the head (`ray exec`) with RAY_ADDRESS of this cluster set."""
+        env = {**self.env, "RAY_ADDRESS": self.settings.gcs_address}
+        proc = subprocess.run(
+            ["ray", "exec", "--no-config-cache", str(self.config_path), command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        assert proc.returncode == 0, _failure(command, proc, self)
+        return proc
+
+    def jobs(self) -> dict[str, str]:
+        """{job id: state} of this cluster's SLURM jobs."""
+        out = subprocess.run(
+            ["squeue", "-h", "-o", "%i|%T|%j"], check=True, capture_output=True, text=True
+        ).stdout
+        rows = [line.split("|") for line in out.splitlines()]
+        return {i: s for i, s, name in rows if name.startswith(self.settings.job_name_prefix)}
+
+    def ray_nodes(self) -> dict[str, str]:
+        """{cloud instance id: Ray node type} of the nodes alive in Ray (autoscaler v2 view)."""
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        try:
+            status = get_cluster_status(self.settings.gcs_address, timeout=10)
+        except Exception:
+            return {}
+        return {
+            n.instance_id: n.ray_node_type_name for n in status.active_nodes + status.idle_nodes
+        }
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, cluster: RayCluster) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{_diagnostics(cluster)}")
+
+
+@pytest.fixture(scope="module")
+def cluster(slurm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """`ray up -y` of the CI variant of cluster.yaml; torn down (and checked) at the end."""
+    base = tmp_path_factory.mktemp("ray_up")
+    config = load_cluster_config(CLUSTER_YAML, site=ci_site(base, min_workers=1))
+    config_path = base / "cluster.yaml"
+    dump_cluster_config(config, config_path)
+    booted = SlurmNodeProvider.bootstrap_config(config)
+    settings = ProviderSettings.from_provider_config(booted["provider"], booted["cluster_name"])
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_UP_enable_autoscaler_v2": "1",
+    }
+    rc = RayCluster(config_path, config, settings, env)
+    t0 = time.monotonic()
+    try:
+        rc.ray("up", "-y", "--no-config-cache", timeout=300)
+        TIMINGS["ray up"] = time.monotonic() - t0
+        yield rc
+    finally:
+        if not rc.down:
+            subprocess.run(
+                ["ray", "down", "-y", str(config_path)], env=env, capture_output=True, timeout=120
+            )
+        leftover = list(rc.jobs())
+        if leftover:
+            subprocess.run(["scancel", *leftover], check=False)
+        stop_cluster_processes(settings.ray_temp_dir, settings.gcs_port, grace_s=2)
+        shutil.rmtree(settings.ray_temp_dir, ignore_errors=True)
+        for cache in Path(tempfile.gettempdir()).glob("ray-config-*"):  # `ray down` leaves one
+            if f'"{settings.cluster_name}"' in cache.read_text(errors="replace"):
+                cache.unlink()
+        print(
+            "\nSLURM e2e timings (s): " + json.dumps({k: round(v, 1) for k, v in TIMINGS.items()})
+        )
+
+
+# ---------------------------------------------------------------------------
+# tests, in order
+# ---------------------------------------------------------------------------
+
+
+def test_worker_job_joins_as_a_ray_node(cluster: RayCluster) -> None:
+    # min_workers=1: a job is submitted and its Ray node carries the job id (RAY_CLOUD_INSTANCE_ID)
+    t0 = time.monotonic()
+
+    def joined() -> list[str]:
+        jobs, nodes = cluster.jobs(), cluster.ray_nodes()
+        return [j for j in jobs if nodes.get(j) == WORKER]
+
+    assert len(wait_for(joined, 120, "the worker job to join Ray", cluster)) == 1
+    TIMINGS["worker joined after ray up"] = time.monotonic() - t0
+    assert cluster.ray_nodes()[cluster.settings.head_node_id] == "head"
+
+
+def test_request_resources_submits_a_job(cluster: RayCluster) -> None:
+    # 1 CPU on the head + 1 per worker: asking for 3 CPUs needs a second worker job
+    before = set(cluster.jobs())
+    cluster.head_exec(
+        "python -c 'import ray; from ray.autoscaler.sdk import request_resources; "
+        "ray.init(); request_resources(num_cpus=3)'"
+    )
+    t0 = time.monotonic()
+    new = wait_for(lambda: set(cluster.jobs()) - before, 60, "a job for request_resources", cluster)
+    TIMINGS["job submitted after request_resources"] = time.monotonic() - t0
+    assert len(new) == 1
+
+
+def test_tune_trials_run_on_the_slurm_worker(cluster: RayCluster) -> None:
+    # 4 one-CPU trials over head + workers; a trial on a worker sees its SLURM job id
+    wait_for(lambda: len(cluster.ray_nodes()) == 3, 90, "3 Ray nodes", cluster)
+    driver = Path(cluster.settings.shared_dir) / "tune_driver.py"
+    driver.parent.mkdir(parents=True, exist_ok=True)
+    driver.write_text(TUNE_DRIVER)
+    t0 = time.monotonic()
+    proc = cluster.head_exec(f"python {driver} {cluster.settings.shared_dir}/ray_results")
+    TIMINGS["tune run (4 trials)"] = time.monotonic() - t0
+    trials = json.loads(proc.stdout.split("TRIALS=", 1)[1].splitlines()[0])
+    jobs = set(cluster.jobs())
+    assert len(trials) == 4
+    assert any(t["job"] in jobs for t in trials)
+    assert len({t["node"] for t in trials}) >= 2
+
+
+def test_cancelled_worker_is_replaced(cluster: RayCluster) -> None:
+    # scancel one worker: the autoscaler notices and a new job joins Ray in its place
+    before = set(cluster.jobs())
+    victim = min(before, key=int)
+    subprocess.run(["scancel", victim], check=True)
+    t0 = time.monotonic()
+
+    def replaced() -> list[str]:
+        nodes = cluster.ray_nodes()
+        return [j for j in set(cluster.jobs()) - before if j in nodes and victim not in nodes]
+
+    wait_for(replaced, 120, f"a job replacing {victim} to join Ray", cluster)
+    TIMINGS["replacement joined after scancel"] = time.monotonic() - t0
+
+
+def test_ray_down_leaves_no_job_and_no_process(cluster: RayCluster) -> None:
+    # ray down cancels every job and stops every process of this cluster, only this one
+    t0 = time.monotonic()
+    cluster.ray("down", "-y")
+    cluster.down = True
+    TIMINGS["ray down"] = time.monotonic() - t0
+    wait_for(lambda: not cluster.jobs(), 30, "squeue to be empty", cluster)
+    s = cluster.settings
+    wait_for(
+        lambda: not cluster_processes(s.ray_temp_dir, s.gcs_port), 15, "processes to end", cluster
+    )
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+TUNE_DRIVER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import ray
+    from ray import tune
+
+    def trainable(config):
+        time.sleep(2.0)  # long enough for the trials to spread over the nodes
+        return {
+            "job": os.environ.get("SLURM_JOB_ID", ""),
+            "node": ray.get_runtime_context().get_node_id(),
+        }
+
+    ray.init()
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1}),
+        param_space={"i": tune.grid_search(list(range(4)))},
+        run_config=tune.RunConfig(storage_path=sys.argv[1], name="slurm_e2e", verbose=0),
+    )
+    results = tuner.fit()
+    trials = [{"job": r.metrics["job"], "node": r.metrics["node"]} for r in results]
+    print("TRIALS=" + json.dumps(trials))
+    """
+)
+
+
+def _diagnostics(cluster: RayCluster) -> str:
+    squeue = subprocess.run(["squeue"], capture_output=True, text=True, check=False).stdout
+    monitor = Path(cluster.settings.ray_temp_dir, "session_latest", "logs", "monitor.log")
+    tail = monitor.read_text()[-4000:] if monitor.exists() else "(no monitor.log)"
+    return f"squeue:\n{squeue}\nRay nodes: {cluster.ray_nodes()}\nmonitor.log tail:\n{tail}"
+
+
+def _failure(what: str, proc: subprocess.CompletedProcess[str], cluster: RayCluster) -> str:
+    return (
+        f"`{what}` exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\n"
+        f"STDERR:\n{proc.stderr[-3000:]}\n{_diagnostics(cluster)}"
+    )
