@@ -100,13 +100,24 @@ def sweep(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON summary on stdout at the end.")
     ] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override a spec key (repeatable): --set budget=2 --set config.hidden=16."
+        ),
+    ] = None,
 ) -> None:
     """Validate a spec and run it: seed cull, sweep or lever A/B."""
     from tunelab import SpecError, run_experiment
 
     try:
         summary = run_experiment(
-            spec, quick=quick, storage=storage, tracking_uri=tracking_uri, address=address
+            spec,
+            quick=quick,
+            storage=storage,
+            tracking_uri=tracking_uri,
+            address=address,
+            overrides=set_ or (),
         )
     except SpecError as err:
         _err(str(err))

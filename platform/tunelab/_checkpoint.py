@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 __all__ = [
     "STATE_FILE",
@@ -41,6 +40,8 @@ _CKPT_RE = re.compile(r"checkpoint_(\d+)$")
 
 def seed_everything(seed: int) -> None:
     """Seed python's ``random``, numpy's global RNG and torch (CPU and CUDA)."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -48,6 +49,8 @@ def seed_everything(seed: int) -> None:
 
 def capture_rng_state() -> dict[str, Any]:
     """Snapshot the global python / numpy / torch RNG states."""
+    import torch
+
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -60,6 +63,8 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`capture_rng_state` returned."""
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -100,6 +105,8 @@ def save_state(
 
     Returns the path of the state file.
     """
+    import torch
+
     directory = Path(directory)
     payload = {
         "family": family_state,
@@ -125,6 +132,8 @@ def save_state(
 
 def load_state(directory: Path, *, restore_rng: bool = True) -> dict[str, Any]:
     """Load a state written by :func:`save_state`; restores global RNGs by default."""
+    import torch
+
     payload: dict[str, Any] = torch.load(
         Path(directory) / STATE_FILE, map_location="cpu", weights_only=False
     )

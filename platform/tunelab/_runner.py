@@ -24,7 +24,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +105,16 @@ def run_experiment(
     tracking_uri: str | None = None,
     address: str | None = None,
     progress: bool | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Validate ``spec_file`` and run it to the end; returns the summary dict.
+
+    ``overrides`` are ``dotted.key=value`` changes applied after ``quick``.
 
     Raises:
         SpecError: the spec is invalid (nothing has started).
     """
-    spec = load_spec(spec_file, quick=quick)
+    spec = load_spec(spec_file, quick=quick, overrides=overrides)
     storage = Path(storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)

@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -398,8 +399,11 @@ _QUICK_KEYS = {
 _KINDS = ("seed_cull", "sweep", "lever_ab")
 
 
-def load_spec(path: str | Path, *, quick: bool = False) -> AnySpec:
+def load_spec(path: str | Path, *, quick: bool = False, overrides: Sequence[str] = ()) -> AnySpec:
     """Read, validate and (with ``quick``) shrink a spec file.
+
+    ``overrides`` are ``dotted.key=value`` strings (values parsed as YAML)
+    applied last, e.g. ``["budget=2", "config.hidden=16"]``.
 
     Raises:
         SpecError: unreadable file, bad YAML, or any invalid key.
@@ -416,10 +420,12 @@ def load_spec(path: str | Path, *, quick: bool = False) -> AnySpec:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise SpecError(path, "", f"invalid YAML{where}: {problem}") from None
-    return parse_spec(raw, source=path, quick=quick)
+    return parse_spec(raw, source=path, quick=quick, overrides=overrides)
 
 
-def parse_spec(raw: Any, *, source: str | Path = "<spec>", quick: bool = False) -> AnySpec:
+def parse_spec(
+    raw: Any, *, source: str | Path = "<spec>", quick: bool = False, overrides: Sequence[str] = ()
+) -> AnySpec:
     """Validate an already-parsed spec mapping (see :func:`load_spec`)."""
     if not isinstance(raw, dict):
         raise SpecError(source, "", f"a spec must be a YAML mapping, got {type(raw).__name__}")
@@ -432,8 +438,24 @@ def parse_spec(raw: Any, *, source: str | Path = "<spec>", quick: bool = False) 
         merged = _deep_merge(raw, quick_block)
         quick_spec = _validate(merged, source, prefix="quick.")
         if quick:
-            return quick_spec
+            spec, raw = quick_spec, merged
+    if overrides:
+        for item in overrides:
+            raw = _apply_set(raw, item, source)
+        spec = _validate(raw, source, prefix="")
     return spec
+
+
+def _apply_set(raw: dict[str, Any], item: str, source: str | Path) -> dict[str, Any]:
+    """Apply one ``--set dotted.key=value`` (value parsed as YAML) to a raw spec."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(source, "--set", f"expected KEY=VALUE (e.g. budget=2 or config.hidden=16), got {item!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    return apply_overrides(raw, {key.strip(): value})
 
 
 def spec_hash(spec: AnySpec) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -94,7 +96,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         if it == setup.budget and setup.artifacts_root:
             out = Path(setup.artifacts_root) / trial_id
             manifest = exp.export(out)
-            atomic_write_json(out / "manifest.json", {"seed": seed, "iteration": it, **manifest})
+            where = {"hostname": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+            atomic_write_json(out / "manifest.json", {"seed": seed, "iteration": it, **where, **manifest})
         if it % setup.checkpoint_every == 0 or it in setup.milestones or it == setup.budget:
             with tempfile.TemporaryDirectory(prefix="tunelab-ckpt-") as d:
                 t1 = time.perf_counter()

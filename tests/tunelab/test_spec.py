@@ -195,3 +195,21 @@ def test_cull_fraction_becomes_an_iteration(tmp_path: Path) -> None:
 def test_shipped_specs_are_valid(shipped: Path) -> None:
     load_spec(shipped)
     load_spec(shipped, quick=True)
+
+
+def test_set_overrides_apply_after_quick(tmp_path: Path) -> None:
+    spec_file = tmp_path / "ok.yaml"
+    spec_file.write_text(VALID)
+    spec = load_spec(spec_file, quick=True, overrides=["budget=3", "config.hidden=2", "seeds=[5, 6, 7]"])
+    assert (spec.budget, spec.config["hidden"], spec.seeds) == (3, 2, [5, 6, 7])
+
+
+@pytest.mark.parametrize(
+    ("item", "key"), [("budget=-1", "budget"), ("config.hiddn=3", "config.hiddn"), ("nokey", "--set")]
+)
+def test_bad_set_override_names_the_key(tmp_path: Path, item: str, key: str) -> None:
+    spec_file = tmp_path / "ok.yaml"
+    spec_file.write_text(VALID)
+    result = CliRunner().invoke(app, ["sweep", str(spec_file), "--set", item])
+    assert result.exit_code == 2
+    assert f"{spec_file}: {key}:" in result.output
