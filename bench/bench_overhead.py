@@ -28,8 +28,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import itertools
 
 from tunelab._trial import build_experiment  # noqa: E402
 
@@ -52,7 +56,9 @@ def bare_times(family: str, config: dict[str, Any], iters: int, data_root: Path)
     return out
 
 
-def calibrate(family: str, config: dict[str, Any], key: str, target_s: float, data_root: Path) -> dict[str, Any]:
+def calibrate(
+    family: str, config: dict[str, Any], key: str, target_s: float, data_root: Path
+) -> dict[str, Any]:
     """Scale ``config[key]`` so that one iteration takes about ``target_s``."""
     cfg = dict(config)
     from tunelab import get_family
@@ -69,18 +75,31 @@ def calibrate(family: str, config: dict[str, Any], key: str, target_s: float, da
 def platform_run(family: str, config: dict[str, Any], iters: int, storage: Path) -> dict[str, Any]:
     """Run one trial through the real runner; per-iteration times from Tune's results."""
     spec = storage / "bench.yaml"
-    spec.write_text(json.dumps({
-        "kind": "sweep", "name": "bench-overhead", "family": family, "config": config,
-        "budget": iters, "metric": {"name": "train/loss", "mode": "min"},
-        "search": {next(iter(config)): {"grid": [config[next(iter(config))]]}},
-        "checkpoint": {"every": 1, "keep": 2},
-    }))
+    spec.write_text(
+        json.dumps(
+            {
+                "kind": "sweep",
+                "name": "bench-overhead",
+                "family": family,
+                "config": config,
+                "budget": iters,
+                "metric": {"name": "train/loss", "mode": "min"},
+                "search": {next(iter(config)): {"grid": [config[next(iter(config))]]}},
+                "checkpoint": {"every": 1, "keep": 2},
+            }
+        )
+    )
     from tunelab import run_experiment
 
     summary = run_experiment(spec, storage=storage, progress=False)
     trial = summary["trials"][0]
     exp_dir = Path(summary["experiment_dir"])
-    rows = [json.loads(line) for line in (exp_dir / f"trial_{trial['trial_id']}" / "result.json").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (exp_dir / f"trial_{trial['trial_id']}" / "result.json")
+        .read_text()
+        .splitlines()
+    ]
     return {"rows": rows, "summary": summary}
 
 
@@ -104,7 +123,7 @@ def trial_start_times(reuse: bool, n: int, storage: Path) -> list[float]:
         run_config=tune.RunConfig(name=f"start-{reuse}", storage_path=str(storage), verbose=0),
     )
     rows = sorted((r.metrics for r in tuner.fit()), key=lambda m: m["t_first"])
-    return [b["t_first"] - a["t_end"] for a, b in zip(rows, rows[1:], strict=False)]
+    return [b["t_first"] - a["t_end"] for a, b in itertools.pairwise(rows)]
 
 
 def main() -> None:
@@ -152,13 +171,23 @@ def main() -> None:
     plat_med = statistics.median(per_iter)
     work_med = statistics.median(in_trial_work)
     print(f"family {args.family}, config {config}")
-    print(f"bare loop            : {bare * 1000:8.1f} ms/iteration (median of {len(bare1 + bare2)})")
-    print(f"in a tunelab trial   : {plat_med * 1000:8.1f} ms/iteration (report + MLflow + checkpoint every iteration)")
-    print(f"  of which training  : {work_med * 1000:8.1f} ms; checkpoint write {statistics.median(ckpt) * 1000:.1f} ms")
-    print(f"overhead per iteration: {100 * (plat_med / bare - 1):+.2f}% vs bare "
-          f"({100 * (plat_med / work_med - 1):+.2f}% vs the same work measured inside the trial)")
-    print(f"one-time: ray start {ray_start:.2f} s, MLflow run creation {mlflow_run * 1000:.0f} ms, "
-          f"trial start {statistics.median(reuse):.2f} s with actor reuse vs {statistics.median(fresh):.2f} s without")
+    print(
+        f"bare loop            : {bare * 1000:8.1f} ms/iteration (median of {len(bare1 + bare2)})"
+    )
+    print(
+        f"in a tunelab trial   : {plat_med * 1000:8.1f} ms/iteration (report + MLflow + checkpoint every iteration)"
+    )
+    print(
+        f"  of which training  : {work_med * 1000:8.1f} ms; checkpoint write {statistics.median(ckpt) * 1000:.1f} ms"
+    )
+    print(
+        f"overhead per iteration: {100 * (plat_med / bare - 1):+.2f}% vs bare "
+        f"({100 * (plat_med / work_med - 1):+.2f}% vs the same work measured inside the trial)"
+    )
+    print(
+        f"one-time: ray start {ray_start:.2f} s, MLflow run creation {mlflow_run * 1000:.0f} ms, "
+        f"trial start {statistics.median(reuse):.2f} s with actor reuse vs {statistics.median(fresh):.2f} s without"
+    )
 
 
 if __name__ == "__main__":

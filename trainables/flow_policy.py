@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 from torch import nn
+
 from tunelab import Family, atomic_write_json
 
 __all__ = [

@@ -52,10 +52,11 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tunelab
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
+
+import tunelab
 
 __all__ = [
     "FAMILY",

@@ -10,9 +10,9 @@ from typing import Any
 import pydantic
 import pytest
 import torch
-from tunelab import load_state, save_state, seed_everything
 
 from trainables import flow_policy as fp
+from tunelab import load_state, save_state, seed_everything
 
 torch.set_num_threads(1)
 

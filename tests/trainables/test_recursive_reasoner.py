@@ -13,10 +13,10 @@ import numpy as np
 import pydantic
 import pytest
 import torch
-import tunelab
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components, shortest_path
 
+import tunelab
 from trainables import recursive_reasoner as rr
 
 TINY: dict[str, Any] = {

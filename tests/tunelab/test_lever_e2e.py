@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import TOY, cli_json, write_spec
+from tests.conftest import TOY, cli_json, run_cli, write_spec
+from tests.tunelab.test_report import CHROMIUM, card, chip, parse
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +75,37 @@ def test_lever_ab_verdicts_tags_and_stack_on_win(tmp_path: Path) -> None:
     table = (exp_dir / "results.csv").read_text().splitlines()
     assert table[0].split(",")[:6] == ["trial_id", "run_id", "seed", "arm", "round", "stage"]
     assert json.loads((exp_dir / "verdicts.json").read_text())[0]["lever"]
+    # the HTML report of this real run, by spec name, renders every lever card in Chromium
+    out = tmp_path / "report.html"
+    proc = run_cli("report", "toy-levers", "--storage", str(tmp_path / "res"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    if CHROMIUM.exists():
+        dom = parse(_chromium_dom(out, tmp_path))
+        for v in summary["verdicts"]:
+            assert chip(card(dom, v["lever"], v["round"])).text() == v["verdict"]
+
+
+def _chromium_dom(html: Path, tmp: Path) -> str:
+    import subprocess
+
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
+    proc = subprocess.run(
+        [str(CHROMIUM), *flags, f"--user-data-dir={tmp / 'profile'}", "--dump-dom", html.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return proc.stdout
 
 
 def test_sequential_looks_stop_decided_levers(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from statsmodels.stats.multitest import multipletests
+
 from tunelab._paired_table import (
     TableError,
     load_paired_table,

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+
 from tunelab.report import ReportError, find_experiment, render_report, write_report
 from tunelab.verdicts import Decision, Guardrail, adjust_family, analyze_lever, verdict_to_dict
 

@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import ttost_paired
+
 from tunelab.verdicts import (
     CRASHED,
     INCONCLUSIVE,
