@@ -15,6 +15,7 @@ The family's config is scaled so that one iteration takes about ``--target-ms``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -32,8 +33,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
 )
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import itertools
 
 from tunelab._trial import build_experiment  # noqa: E402
 
