@@ -2,7 +2,8 @@
 
 Thin commands over the ``tunelab`` library. Exit codes: 0 success; 2 invalid
 spec, table or arguments (nothing started); 1 trials failed past the spec's
-failure budget (or an experiment could not be resumed).
+failure budget; 130 interrupted (Ctrl-C / SIGTERM) with the state saved for
+``platform resume``.
 
     platform sweep search_spaces/seed_cull.yaml --quick
     platform status
@@ -25,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _err(message: str) -> None:
@@ -109,6 +110,7 @@ def sweep(
 ) -> None:
     """Validate a spec and run it: seed cull, sweep or lever A/B."""
     from tunelab import SpecError, run_experiment
+    from tunelab._runner import ExperimentInterrupted
 
     try:
         summary = run_experiment(
@@ -122,6 +124,9 @@ def sweep(
     except SpecError as err:
         _err(str(err))
         raise typer.Exit(EXIT_INVALID) from None
+    except ExperimentInterrupted as err:
+        _err(str(err))
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     _finish(summary, as_json)
 
 
@@ -137,12 +142,16 @@ def resume(
 ) -> None:
     """Continue an interrupted experiment (Ctrl-C, crash, SIGKILL) to the same final state."""
     from tunelab import ExperimentError, resume_experiment
+    from tunelab._runner import ExperimentInterrupted
 
     try:
         summary = resume_experiment(experiment_dir, address=address)
     except ExperimentError as err:
         _err(str(err))
         raise typer.Exit(EXIT_INVALID) from None
+    except ExperimentInterrupted as err:
+        _err(str(err))
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     _finish(summary, as_json)
 
 

@@ -28,6 +28,7 @@ from ray.tune.search import Searcher
 from tunelab import verdicts as vd
 from tunelab._checkpoint import atomic_write_json
 from tunelab._spec import LeverABSpec, apply_overrides
+from tunelab.metrics import record_verdicts
 
 __all__ = ["CONTROL", "PairedLeverSearcher", "decision_of", "finalize_levers", "guardrails_of", "lever_trial_tags"]
 
@@ -198,6 +199,10 @@ class PairedLeverSearcher(Searcher):
         records = {k: v for k, v in self.st["verdicts"].items() if k.startswith(f"{rnd}|")}
         if spec.decision.correction != "none" and len(records) > 1:
             self._correct(spec, rnd, records)
+        record_verdicts(  # Prometheus counter per verdict label (tunelab.metrics)
+            spec.name, spec.family,
+            [rec["verdict"] for key, rec in self.st["verdicts"].items() if key.startswith(f"{rnd}|")],
+        )
         winners = [
             lever for key, rec in self.st["verdicts"].items()
             if key.startswith(f"{rnd}|") and rec["verdict"] == vd.WIN and rec["meaningful"]

@@ -11,7 +11,7 @@ from ray.tune import Callback
 
 from tunelab._names import ITERATION
 
-__all__ = ["ProgressCallback"]
+__all__ = ["ProgressCallback", "trial_counts"]
 
 
 class ProgressCallback(Callback):
@@ -83,15 +83,25 @@ class ProgressCallback(Callback):
             self._progress = None
 
     def _refresh(self, trials: list) -> None:
-        counts = {"running": 0, "paused": 0, "pending": 0, "culled": 0, "finished": 0, "error": 0}
-        for t in trials:
-            if t.status == "TERMINATED":
-                it = (t.last_result or {}).get(ITERATION, 0)
-                counts["finished" if it >= self.budget else "culled"] += 1
-            elif t.status.lower() in counts:
-                counts[t.status.lower()] += 1
+        counts = trial_counts(trials, self.budget)
         text = " ".join(f"{k} {v}" for k, v in counts.items() if v or k in ("running", "finished"))
         best = "-" if math.isnan(self._best) else f"{self._best:.4g}"
         text += f" | best {self.metric} {best}"
         done = counts["culled"] + counts["finished"] + counts["error"]
         self._progress.update(self._task, completed=done, total=self.total or len(trials), counts=text)
+
+
+def trial_counts(trials: list, budget: int) -> dict[str, int]:
+    """Trials per state: running, paused, pending, culled, finished, error.
+
+    A terminated trial that reached ``budget`` iterations is finished, one
+    that stopped below it was culled (also used by :mod:`tunelab.metrics`).
+    """
+    counts = {"running": 0, "paused": 0, "pending": 0, "culled": 0, "finished": 0, "error": 0}
+    for t in trials:
+        if t.status == "TERMINATED":
+            it = (t.last_result or {}).get(ITERATION, 0)
+            counts["finished" if it >= budget else "culled"] += 1
+        elif t.status.lower() in counts:
+            counts[t.status.lower()] += 1
+    return counts

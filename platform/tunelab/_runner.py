@@ -5,8 +5,11 @@
 crash or a SIGKILL of the driver); both end in the same post-processing, so a
 resumed experiment reaches the same final state as an uninterrupted one.
 
-An experiment folder (``<storage>/<spec name>-<timestamp>/``) is Tune's
-experiment directory plus tunelab's own files: ``tunelab.json`` (the resolved
+An experiment folder (``<storage>/<spec name>-<timestamp>/``) holds Tune's
+experiment directory ``tune/`` (trial folders, checkpoints, Tune's state) and,
+beside it and out of reach of Tune's driver sync (which re-uploads the copy it
+downloaded at restore, so files inside Tune's folder would go stale),
+tunelab's own files: ``tunelab.json`` (the resolved
 spec and where its runs live), ``tunelab_runs.json`` (trial -> MLflow run),
 ``tunelab_cull.json`` (sync cull decisions), ``trial_artifacts/<trial>/``,
 and at the end ``results.parquet`` / ``results.csv``, ``summary.json`` and,
@@ -62,10 +65,12 @@ from tunelab._tracking import (
 )
 from tunelab._trial import TrialSetup, restore_experiment, run_trial
 
-__all__ = ["ExperimentError", "latest_experiment", "resume_experiment", "run_experiment", "experiment_status"]
+__all__ = [
+    "ExperimentInterrupted","ExperimentError", "latest_experiment", "resume_experiment", "run_experiment", "experiment_status"]
 
 assert _SCHED_TIME == ITERATION
 LEVER_STATE_FILE = "tunelab_lever.json"
+TUNE_DIR = "tune"
 
 
 class ExperimentError(RuntimeError):
@@ -91,6 +96,11 @@ class _State:
     @property
     def exp_dir(self) -> Path:
         return Path(self.experiment_dir)
+
+    @property
+    def tune_dir(self) -> Path:
+        """Tune's experiment directory (trial folders, checkpoints, Tune state)."""
+        return Path(self.experiment_dir) / TUNE_DIR
 
     def parsed_spec(self) -> AnySpec:
         return parse_spec(self.spec, source=self.spec_file)
@@ -165,8 +175,9 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
     spec = state.parsed_spec()
     runs = _read_json(state.exp_dir / RUNS_FILE, {})
     trials = []
-    tune_state = _tune_trial_states(state.exp_dir)
-    for trial_dir in sorted(p for p in state.exp_dir.iterdir() if (p / "result.json").exists()):
+    tune_state = _tune_trial_states(state.tune_dir)
+    trial_dirs = state.tune_dir.iterdir() if state.tune_dir.is_dir() else iter(())
+    for trial_dir in sorted(p for p in trial_dirs if (p / "result.json").exists()):
         rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
         if not rows:
             continue
@@ -201,9 +212,52 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
 def _run(state: _State, spec: AnySpec, *, address: str | None, progress: bool | None, restore: bool) -> dict[str, Any]:
     _init_ray(address)
     tuner = _tuner(state, spec, progress=progress, restore=restore)
-    with _stdout_to_stderr():  # MLflow and Tune print; stdout stays for --json
+    with _stdout_to_stderr(), _sigterm_stops_gracefully():  # stdout stays for --json
         grid = tuner.fit()
+        unfinished = _unfinished_trials(grid)
+        if unfinished:
+            raise ExperimentInterrupted(state.exp_dir, unfinished)
         return _finalize(state, spec, grid)
+
+
+class ExperimentInterrupted(RuntimeError):
+    """The driver was stopped (Ctrl-C, SIGTERM, SLURM preemption) with trials unfinished.
+
+    Trials' latest checkpoints and the experiment state are saved; nothing was
+    finalized. ``platform resume`` continues it.
+    """
+
+    def __init__(self, experiment_dir: Path, unfinished: int) -> None:
+        self.experiment_dir = experiment_dir
+        super().__init__(
+            f"interrupted with {unfinished} trial(s) unfinished; state saved. "
+            f"Continue with: platform resume {experiment_dir}"
+        )
+
+
+@contextlib.contextmanager
+def _sigterm_stops_gracefully() -> Iterator[None]:
+    """Turn SIGTERM (SLURM preemption, ``scancel``) into Tune's graceful stop (SIGUSR1).
+
+    Tune then checkpoints the experiment state one last time and returns; trials
+    resume from their latest checkpoints with ``platform resume``.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: os.kill(os.getpid(), signal.SIGUSR1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _unfinished_trials(grid: Any) -> int:
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
 def _init_ray(address: str | None) -> None:
@@ -216,7 +270,10 @@ def _init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=False)
+        # TUNELAB_METRICS_EXPORT_PORT: serve Ray's and tunelab's metrics to Prometheus (dashboards/README.md)
+        port = os.environ.get("TUNELAB_METRICS_EXPORT_PORT")
+        extra: dict[str, Any] = {"_metrics_export_port": int(port)} if port else {}
+        ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=False, **extra)
 
 
 def _trial_setup(state: _State, spec: AnySpec) -> TrialSetup:
@@ -225,6 +282,7 @@ def _trial_setup(state: _State, spec: AnySpec) -> TrialSetup:
         milestones = (spec.cull.milestone(spec.budget),)
     return TrialSetup(
         family=spec.family,
+        spec=spec.name,
         budget=spec.budget,
         checkpoint_every=spec.checkpoint.every,
         milestones=milestones,
@@ -289,10 +347,10 @@ def _tuner(state: _State, spec: AnySpec, *, progress: bool | None, restore: bool
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     trainable = _trainable(state, spec)
     if restore:
-        if not (state.exp_dir / "tuner.pkl").exists():
+        if not (state.tune_dir / "tuner.pkl").exists():
             raise ExperimentError(f"{state.exp_dir} has no Tune state yet (it never started); run it again")
         return tune.Tuner.restore(
-            str(state.exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True,
+            str(state.tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True,
         )
     search_alg: Any = None
     num_samples = 1
@@ -313,6 +371,8 @@ def _tuner(state: _State, spec: AnySpec, *, progress: bool | None, restore: bool
             search_alg = OptunaSearch(metric=spec.metric.name, mode=spec.metric.mode, seed=spec.seeds[0])
     scheduler = _scheduler(state, spec)
     total = None if num_samples < 0 else len(spec.seeds) * num_samples
+    from tunelab.metrics import TrialStateMetrics  # Prometheus gauges of trial states
+
     callbacks = [
         MlflowTrialCallback(
             tracking_uri=state.tracking_uri, experiment_id=state.mlflow_experiment_id,
@@ -322,6 +382,7 @@ def _tuner(state: _State, spec: AnySpec, *, progress: bool | None, restore: bool
             artifacts_root=str(state.exp_dir / ARTIFACTS_DIR),
         ),
         _progress_callback(spec, total, progress),
+        TrialStateMetrics(spec=spec.name, family=spec.family, budget=spec.budget),
     ]
     return tune.Tuner(
         trainable,
@@ -332,8 +393,8 @@ def _tuner(state: _State, spec: AnySpec, *, progress: bool | None, restore: bool
             trial_name_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=state.exp_dir.name,
-            storage_path=state.storage,
+            name=TUNE_DIR,
+            storage_path=str(state.exp_dir),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             failure_config=tune.FailureConfig(max_failures=spec.failure.retries),
             callbacks=callbacks,

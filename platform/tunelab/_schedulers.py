@@ -84,6 +84,11 @@ class SyncCullScheduler(FIFOScheduler):
         self._survivors: list[str] | None = None
         self._load()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Tuner.restore unpickles the scheduler as it was at the start: reload the decisions.
+        self.__dict__.update(state)
+        self._load()
+
     # -- Tune hooks ------------------------------------------------------------
     def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
         if result.get(self.time_attr, 0) < self.milestone:

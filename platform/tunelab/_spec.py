@@ -274,6 +274,11 @@ class SweepSpec(_BaseSpec):
             raise ValueError(
                 "search: needs at least one key, e.g. {lr: {loguniform: [1e-4, 1e-2]}}"
             )
+        if self.scheduler.type == "asha" and self.scheduler.grace_period > self.budget:
+            raise ValueError(
+                f"scheduler.grace_period: must be at most the budget ({self.budget}), "
+                f"got {self.scheduler.grace_period}; lower it or raise the budget"
+            )
         if self.search_alg == "optuna_tpe" and any(d.kind == "grid" for d in self.search.values()):
             raise ValueError("search: grid domains cannot be used with search_alg optuna_tpe")
         return self

@@ -23,6 +23,7 @@ from typing import Any
 from tunelab._checkpoint import STATE_FILE, atomic_write_json, load_state, save_state, seed_everything
 from tunelab._family import Experiment, get_family
 from tunelab._names import ITERATION, M_CKPT_BYTES, M_CKPT_TIME, M_ITER_TIME
+from tunelab.metrics import TrialRecorder, family_label
 
 __all__ = ["TrialSetup", "run_trial", "build_experiment", "restore_experiment"]
 
@@ -33,6 +34,7 @@ class TrialSetup:
 
     Args:
         family: The family name (or ``module:ATTR``).
+        spec: The spec name (metric tags).
         budget: Iterations per trial.
         checkpoint_every: Checkpoint period in iterations.
         milestones: Iterations that always checkpoint (cull points).
@@ -43,6 +45,7 @@ class TrialSetup:
 
     family: str
     budget: int
+    spec: str = ""
     checkpoint_every: int = 1
     milestones: tuple[int, ...] = ()
     data_root: str = ""
@@ -88,11 +91,13 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     else:
         exp = build_experiment(setup.family, config["config"], seed, data_root)
     trial_id = tune.get_context().get_trial_id()
+    recorder = TrialRecorder(setup.spec, family_label(setup.family))  # Prometheus metrics (tunelab.metrics)
     for it in range(start + 1, setup.budget + 1):
         t0 = time.perf_counter()
         metrics = {k: _finite_or_nan(v) for k, v in exp.train_iteration().items()}
         metrics[M_ITER_TIME] = time.perf_counter() - t0
         metrics[ITERATION] = it
+        recorder.iteration(metrics[M_ITER_TIME], metrics)
         if it == setup.budget and setup.artifacts_root:
             out = Path(setup.artifacts_root) / trial_id
             manifest = exp.export(out)
@@ -104,6 +109,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
                 save_state(Path(d), exp.state_dict(), iteration=it)
                 metrics[M_CKPT_TIME] = time.perf_counter() - t1
                 metrics[M_CKPT_BYTES] = float((Path(d) / STATE_FILE).stat().st_size)
+                recorder.checkpoint(metrics[M_CKPT_TIME], metrics[M_CKPT_BYTES])
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(metrics)

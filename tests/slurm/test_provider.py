@@ -29,6 +29,8 @@ from ray.autoscaler.tags import (
     TAG_RAY_NODE_KIND,
     TAG_RAY_USER_NODE_TYPE,
 )
+
+from tests.slurm.conftest import CLUSTER_YAML, ci_site
 from tunelab.slurm import (
     SlurmNodeProvider,
     check_cluster_config,
@@ -40,8 +42,6 @@ from tunelab.slurm import (
 )
 from tunelab.slurm._check import parse_sinfo, parse_slurm_time
 from tunelab.slurm._runner import LocalCommandRunner, SrunCommandRunner
-
-from tests.slurm.conftest import CLUSTER_YAML, ci_site
 
 slurm = pytest.mark.slurm
 WORKER = "a100x1"
@@ -156,6 +156,7 @@ def test_jobs_of_other_clusters_are_not_listed(
             "sbatch",
             "--parsable",
             "--hold",
+            "--output=/dev/null",
             "-J",
             f"ray-{config['cluster_name']}-x:{WORKER}",
             "--wrap",
@@ -234,10 +235,13 @@ def test_worker_script_sets_job_identity_and_drops_head_env(
 
 
 @slurm
-def test_srun_runner_runs_inside_the_job(slurm: Path, config: dict[str, Any]) -> None:
+def test_srun_runner_runs_inside_the_job(
+    slurm: Path, config: dict[str, Any], tmp_path: Path
+) -> None:
     # a worker's command runner runs a step of its job, not a command on the head
+    log = f"--output={tmp_path / 'slurm-%j.out'}"  # not slurm-<id>.out in the current folder
     job_id = subprocess.run(
-        ["sbatch", "--parsable", "-J", "runner-test", "--wrap", "sleep 60"],
+        ["sbatch", "--parsable", "-J", "runner-test", log, "--wrap", "sleep 60"],
         check=True,
         capture_output=True,
         text=True,

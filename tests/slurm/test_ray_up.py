@@ -2,13 +2,14 @@
 
 One cluster for the module, brought up once; the tests run in file order:
 workers join as Ray nodes, request_resources submits a job, a Tune run uses
-the SLURM worker, a cancelled worker is replaced, `ray down` leaves nothing.
+the SLURM worker, `platform sweep` of a shipped spec runs its trials on head
+and workers and logs to the cluster's MLflow server, a cancelled worker is
+replaced, `ray down` leaves nothing.
 The head stays on this machine (head num_cpus=1) and each worker job has one
 CPU: the SLURM node has 2, so at most 2 workers run.
 
 To run a command on the cluster the way a researcher does (on the head, with
-RAY_ADDRESS set), use `RayCluster.head_exec`; e.g. a later test can run
-`cluster.head_exec("platform sweep search_spaces/<spec>.yaml --quick")`.
+RAY_ADDRESS set), use `RayCluster.head_exec` (the `platform sweep` tests do).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.slurm.conftest import CLUSTER_YAML, REPO, VENV_BIN, ci_site
 from tunelab.slurm import (
     ProviderSettings,
     SlurmNodeProvider,
@@ -35,11 +38,23 @@ from tunelab.slurm import (
     stop_cluster_processes,
 )
 
-from tests.slurm.conftest import CLUSTER_YAML, VENV_BIN, ci_site
-
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 WORKER = "a100x1"
 TIMINGS: dict[str, float] = {}
+# A shipped sweep spec at test size: 4 trials of 2 iterations on small mazes. ASHA
+# (the spec's scheduler) needs grace_period <= budget; at grace_period == budget its
+# only rung is the budget, so every trial finishes.
+SWEEP_SPEC = REPO / "search_spaces" / "sigma_ramp.yaml"
+SWEEP_TRIALS = 4
+SWEEP_OVERRIDES = (
+    f"num_samples={SWEEP_TRIALS}",
+    "budget=2",
+    "scheduler.grace_period=2",
+    "resources.cpu=1",
+    "config.n_train=256",
+    "config.n_test=64",
+    "config.steps_per_iter=3",
+)
 
 
 @dataclasses.dataclass
@@ -194,6 +209,71 @@ def test_tune_trials_run_on_the_slurm_worker(cluster: RayCluster) -> None:
     assert len(trials) == 4
     assert any(t["job"] in jobs for t in trials)
     assert len({t["node"] for t in trials}) >= 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """What `platform sweep --json` on the head printed, and the worker jobs around it."""
+
+    summary: dict[str, Any]
+    worker_jobs: frozenset[str]
+    tracking_uri: str
+
+    def manifests(self) -> list[dict[str, Any]]:
+        from tunelab._names import ARTIFACTS_DIR
+
+        folder = Path(self.summary["experiment_dir"]) / ARTIFACTS_DIR
+        return [
+            json.loads((folder / t["trial_id"] / "manifest.json").read_text())
+            for t in self.summary["trials"]
+        ]
+
+
+@pytest.fixture(scope="module")
+def sweep(cluster: RayCluster) -> Sweep:
+    """`platform sweep` of SWEEP_SPEC on the head, storage in the cluster's shared dir."""
+    storage = Path(cluster.settings.shared_dir) / "tunelab_results"
+    sets = " ".join(f"--set {o}" for o in SWEEP_OVERRIDES)
+
+    def worker_jobs() -> set[str]:  # jobs of this cluster alive as Ray nodes, of any type
+        return set(cluster.jobs()) & set(cluster.ray_nodes())
+
+    before = worker_jobs()
+    t0 = time.monotonic()
+    proc = cluster.head_exec(
+        f"platform sweep {SWEEP_SPEC} --quick {sets} --storage {storage} --json", timeout=150
+    )
+    TIMINGS[f"platform sweep ({SWEEP_TRIALS} trials)"] = time.monotonic() - t0
+    workers = frozenset(before | worker_jobs())
+    json_lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert json_lines, _failure("platform sweep: no JSON summary", proc, cluster)
+    uri = cluster.settings.exports()["MLFLOW_TRACKING_URI"]
+    return Sweep(json.loads(json_lines[-1]), workers, uri)
+
+
+def test_sweep_finishes_every_trial(sweep: Sweep) -> None:
+    # exit 0 (head_exec checks it) and every trial reached its budget
+    statuses = [t["status"] for t in sweep.summary["trials"]]
+    assert statuses == ["finished"] * SWEEP_TRIALS
+
+
+def test_sweep_trial_on_a_worker_sees_its_job_id(sweep: Sweep) -> None:
+    # the manifest of a trial run inside a worker job names that job
+    job_ids = {m["slurm_job_id"] for m in sweep.manifests()}
+    assert job_ids & sweep.worker_jobs
+
+
+def test_sweep_logs_parent_and_child_runs_to_the_cluster_mlflow(sweep: Sweep) -> None:
+    # the sweep used the tracking server the cluster exports: 1 parent run + 1 child per trial
+    from mlflow import MlflowClient
+
+    assert sweep.summary["tracking_uri"] == sweep.tracking_uri
+    runs = MlflowClient(sweep.tracking_uri).search_runs([sweep.summary["mlflow_experiment_id"]])
+    parent = sweep.summary["parent_run_id"]
+    children = {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert {r.info.run_id for r in runs} - children == {parent}
+    assert children == {t["run_id"] for t in sweep.summary["trials"]}
+    assert len(children) == SWEEP_TRIALS
 
 
 def test_cancelled_worker_is_replaced(cluster: RayCluster) -> None:

@@ -36,16 +36,25 @@ def _final(summary: dict) -> dict:
     }
 
 
-def test_sigkill_then_resume_gives_the_same_selection(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "kill.yaml", SPEC)
-    straight = cli_json("sweep", str(spec), "--storage", str(tmp_path / "straight"))
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("straight")
+    spec = write_spec(tmp / "kill.yaml", SPEC)
+    return spec, cli_json("sweep", str(spec), "--storage", str(tmp / "res"))
 
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_stopped_driver_resumes_to_the_same_selection(
+    tmp_path: Path, straight: tuple[Path, dict], sig: signal.Signals
+) -> None:
+    spec, straight_summary = straight
     storage = tmp_path / "killed"
-    proc = subprocess.Popen(
+    out_file, err_file = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
+    proc = subprocess.Popen(  # files, not pipes: an unread pipe could block the driver
         [sys.executable, "-m", "cli", "sweep", str(spec), "--storage", str(storage), "--json"],
         cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=out_file,
+        stderr=err_file,
         env=os.environ.copy(),
     )
     deadline = time.monotonic() + 300
@@ -57,15 +66,23 @@ def test_sigkill_then_resume_gives_the_same_selection(tmp_path: Path) -> None:
             break
         time.sleep(0.2)
     assert cull_file is not None, "the sweep never reached the cull"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=120)
+    out, err = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
     exp_dir = cull_file.parent
     assert not (exp_dir / "summary.json").exists()
+    if sig == signal.SIGTERM:  # graceful: state saved, told how to resume, nothing finalized
+        assert proc.returncode == 130, err[-2000:]
+        assert f"platform resume {exp_dir}" in err and out == ""
 
     resumed = cli_json("resume", str(exp_dir))
-    assert resumed["selected"]["seed"] == straight["selected"]["seed"]
-    assert resumed["selected"]["value"] == straight["selected"]["value"]  # bit-exact training
-    assert _final(resumed) == _final(straight)
+    assert resumed["selected"]["seed"] == straight_summary["selected"]["seed"]
+    assert resumed["selected"]["value"] == straight_summary["selected"]["value"]  # bit-exact
+    assert _final(resumed) == _final(straight_summary)
+    # every trial kept (or got) its MLflow run, and the cull decision file is the resumed one
+    assert all(t["run_id"] for t in resumed["trials"])
+    cull = json.loads(cull_file.read_text())
+    assert cull["survivors"] is not None and len(cull["arrived"]) == 4
     assert (
         resumed["parent_run_id"]
         == json.loads((exp_dir / "tunelab.json").read_text())["parent_run_id"]

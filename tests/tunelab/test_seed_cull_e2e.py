@@ -117,7 +117,7 @@ def test_retention_keeps_last_n_by_iteration(tmp_path: Path) -> None:
     spec = _spec(tmp_path, name="keep", seeds=2, keep=1, budget=12, at=0.25, ckpt_keep=2)
     summary = cli_json("sweep", str(spec), "--storage", str(tmp_path / "res"))
     winner = next(t for t in summary["trials"] if t["status"] == "finished")
-    trial_dir = Path(summary["experiment_dir"]) / f"trial_{winner['trial_id']}"
+    trial_dir = Path(summary["experiment_dir"]) / "tune" / f"trial_{winner['trial_id']}"
     from tunelab import load_state, sorted_checkpoints
 
     kept = sorted_checkpoints(trial_dir)

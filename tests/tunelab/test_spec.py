@@ -121,6 +121,7 @@ CASES = [
     ),
     ("sweep-num-samples-zero", VALID_SWEEP, "num_samples", 0, "num_samples"),
     ("sweep-search-alg-unknown", VALID_SWEEP, "search_alg", "bayes", "search_alg"),
+    ("sweep-asha-grace-beyond-budget", VALID_SWEEP, "scheduler", {"type": "asha", "grace_period": 5}, "scheduler.grace_period"),
 ]
 
 
