@@ -540,7 +540,7 @@ def _select(state: _State, spec: SeedCullSpec, rows: list[dict[str, Any]], clien
         "selection": {"metric": spec.select.metric, "mode": spec.select.mode, "value": value, "tie_break": tie},
         "cull": {"at": spec.cull.milestone(spec.budget), "keep": spec.cull.keep, "scheduler": spec.cull.scheduler},
         "val": {k: v for k, v in best["metrics"].items() if k.startswith("val/")},
-        "test": {k: v for k, v in exported.items() if k.startswith("test")} or trial_manifest.get("test"),
+        "test": _scores(exported, "test") or _scores(trial_manifest, "test"),
         "export": exported,
         "sample_rate": exported.get("sample_rate", trial_manifest.get("sample_rate")),
         "hyperparameters": hyper,
@@ -579,6 +579,14 @@ def _best(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 def _base_tags(spec: AnySpec, commit: str) -> dict[str, str]:
     return {TAG_KIND: spec.kind, TAG_SPEC: spec.name, TAG_SPEC_HASH: spec_hash(spec),
             TAG_FAMILY: spec.family, TAG_GIT_COMMIT: commit}
+
+
+def _scores(manifest: dict[str, Any], split: str) -> dict[str, Any]:
+    """A family manifest's scores of ``split``: a ``{split: {...}}`` block or ``split/...`` keys."""
+    block = manifest.get(split)
+    if isinstance(block, dict):
+        return block
+    return {k: v for k, v in manifest.items() if k.startswith(f"{split}/")}
 
 
 def _last_checkpoint(result: Any) -> str | None:

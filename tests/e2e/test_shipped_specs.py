@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,14 @@ SPECS = ROOT / "search_spaces"
 
 # tiny budgets on top of each spec's quick block
 TINY = {
-    "sigma_ramp.yaml": ["--set", "num_samples=2", "--set", "budget=2"],
+    "sigma_ramp.yaml": [
+        "--set",
+        "num_samples=2",
+        "--set",
+        "budget=2",
+        "--set",
+        "scheduler.grace_period=1",
+    ],
     "sigma_ramp_ab.yaml": ["--set", "budget=2", "--set", "seeds=[1, 2]"],
     "lever.yaml": [
         "--set",
@@ -41,3 +49,46 @@ def test_shipped_spec_smoke(tmp_path: Path, name: str) -> None:
         )
     else:
         assert summary["best"]["run_id"]
+
+
+def test_seed_cull_quick_selects_a_bounded_seed_and_reloads_it(tmp_path: Path) -> None:
+    # the README's main job: the shipped seed cull at --quick size
+    import soundfile as sf
+    from mlflow import MlflowClient
+
+    summary = cli_json(
+        "sweep", str(SPECS / "seed_cull.yaml"), "--quick", "--storage", str(tmp_path / "res")
+    )
+    trials = summary["trials"]
+    finished = [t for t in trials if t["status"] == "finished"]
+    assert len(trials) == 4 and len(finished) == 2  # exactly k reach the budget
+    sel = summary["selected"]
+    best = max(finished, key=lambda t: t["metrics"]["val/autonomy"])
+    assert sel["seed"] == best["seed"]
+    assert best["metrics"]["val/autonomy"] > -5.0 and best["metrics"]["val/bounded_frac"] >= 0.9
+    client = MlflowClient(summary["tracking_uri"])
+    children = client.search_runs(
+        [client.get_experiment_by_name(summary["mlflow_experiment"]).experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'",
+    )
+    assert len(children) == 4
+    assert sorted(r.data.tags.get("tunelab.culled_at", "-") for r in children) == [
+        "-",
+        "-",
+        "3",
+        "3",
+    ]
+    winner = next(r for r in children if r.info.run_id == sel["run_id"])
+    assert {"generated.wav", "spectrogram.png", "manifest.json"} <= {
+        a.path for a in client.list_artifacts(winner.info.run_id)
+    }
+    # the selected checkpoint reloads and regenerates exactly the WAV the trial wrote
+    exp_dir = Path(summary["experiment_dir"])
+    regenerated = exp_dir / "selected" / "generated.wav"
+    original = exp_dir / "trial_artifacts" / sel["trial_id"] / "generated.wav"
+    assert regenerated.read_bytes() == original.read_bytes()
+    audio, rate = sf.read(regenerated)
+    assert rate == 8000 and len(audio) > 0
+    manifest = json.loads(Path(sel["manifest"]).read_text())
+    assert manifest["selected_seed"] == sel["seed"] and manifest["sample_rate"] == 8000
+    assert manifest["test"]["test/bounded_frac"] >= 0.9 and "hidden" in manifest["hyperparameters"]
