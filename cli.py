@@ -302,13 +302,17 @@ def report(
     typer.echo(f"report: {path}")
 
 
-cluster_app = typer.Typer(help="Helpers for Ray clusters on SLURM (see cluster.yaml).", no_args_is_help=True)
+cluster_app = typer.Typer(
+    help="Helpers for Ray clusters on SLURM (see cluster.yaml).", no_args_is_help=True
+)
 app.add_typer(cluster_app, name="cluster")
 
 
 @cluster_app.command("check")
 def cluster_check(
-    config: Annotated[Path, typer.Argument(help="The cluster.yaml to check.")] = Path("cluster.yaml"),
+    config: Annotated[Path, typer.Argument(help="The cluster.yaml to check.")] = Path(
+        "cluster.yaml"
+    ),
 ) -> None:
     """Check a cluster.yaml against the local SLURM: partitions, GRES, CPUs, paths."""
     from tunelab.slurm import check_cluster_file

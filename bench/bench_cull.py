@@ -70,11 +70,13 @@ def record(name: str, n_seeds: int, budget: int | None, out: Path) -> None:
     budget = budget or 12
     data_root = str(ROOT / "tunelab_results" / "data")
     jobs = [(info["family"], config, s, budget, data_root) for s in range(n_seeds)]
-    _record_one(jobs[0][:2] + (0, 1, data_root))  # generate shared data once before forking
+    _record_one((*jobs[0][:2], 0, 1, data_root))  # generate shared data once before forking
     with mp.get_context("spawn").Pool(2) as pool:
         curves = pool.map(_record_one, jobs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"family": info["family"], "config": config, "budget": budget, "curves": curves}))
+    out.write_text(
+        json.dumps({"family": info["family"], "config": config, "budget": budget, "curves": curves})
+    )
     print(f"recorded {n_seeds} seeds x {budget} iterations -> {out}")
 
 
@@ -100,7 +102,9 @@ class _Controller:
         trial.status = "TERMINATED"
 
 
-def replay(scheduler: Any, curves: list[list[dict[str, float]]], budget: int, workers: int = 2) -> tuple[int, int]:
+def replay(
+    scheduler: Any, curves: list[list[dict[str, float]]], budget: int, workers: int = 2
+) -> tuple[int, int]:
     """Run recorded curves through ``scheduler``; returns (picked index, iterations trained)."""
     from ray.tune.schedulers import TrialScheduler
 
@@ -122,12 +126,14 @@ def replay(scheduler: Any, curves: list[list[dict[str, float]]], budget: int, wo
         t = min(running, key=lambda x: x.it)  # workers advance in lockstep
         t.it += 1
         trained += 1
-        result = {**t.curve[t.it - 1], "iteration": t.it, "training_iteration": t.it, "trial_id": t.trial_id}
+        result = {
+            **t.curve[t.it - 1],
+            "iteration": t.it,
+            "training_iteration": t.it,
+            "trial_id": t.trial_id,
+        }
         decision = scheduler.on_trial_result(ctl, t, result)
-        if t.it >= budget:
-            t.status = "TERMINATED"
-            scheduler.on_trial_complete(ctl, t, result)
-        elif decision == TrialScheduler.STOP:
+        if t.it >= budget or decision == TrialScheduler.STOP:
             t.status = "TERMINATED"
             scheduler.on_trial_complete(ctl, t, result)
         elif decision == TrialScheduler.PAUSE:
@@ -139,35 +145,58 @@ def replay(scheduler: Any, curves: list[list[dict[str, float]]], budget: int, wo
 _METRIC = "val/autonomy"
 
 
-def make_scheduler(kind: str, metric: str, tie: str, n: int, keep: int, milestone: int, budget: int) -> Any:
+def make_scheduler(
+    kind: str, metric: str, tie: str, n: int, keep: int, milestone: int, budget: int
+) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     from tunelab._schedulers import OptunaPrunerScheduler, SyncCullScheduler
 
     eta = max(2, round(n / keep))
     if kind == "sync":
-        return SyncCullScheduler(metric=metric, mode="max", milestone=milestone, keep=keep, expected=n, tie_break=tie)
+        return SyncCullScheduler(
+            metric=metric, mode="max", milestone=milestone, keep=keep, expected=n, tie_break=tie
+        )
     if kind == "asha":
-        return ASHAScheduler(time_attr="iteration", metric=metric, mode="max", max_t=budget,
-                             grace_period=milestone, reduction_factor=eta, brackets=1)
-    return OptunaPrunerScheduler(metric=metric, mode="max", pruner="successive_halving", max_t=budget,
-                                 min_t=milestone, reduction_factor=eta)
+        return ASHAScheduler(
+            time_attr="iteration",
+            metric=metric,
+            mode="max",
+            max_t=budget,
+            grace_period=milestone,
+            reduction_factor=eta,
+            brackets=1,
+        )
+    return OptunaPrunerScheduler(
+        metric=metric,
+        mode="max",
+        pruner="successive_halving",
+        max_t=budget,
+        min_t=milestone,
+        reduction_factor=eta,
+    )
 
 
-def evaluate(data: dict[str, Any], metric: str, tie: str, n: int, keep: int, at: float, reps: int) -> None:
+def evaluate(
+    data: dict[str, Any], metric: str, tie: str, n: int, keep: int, at: float, reps: int
+) -> None:
     global _METRIC
     _METRIC = metric
     curves, budget = data["curves"], data["budget"]
     milestone = max(1, math.ceil(at * budget))
     rng = random.Random(0)
     draws = [rng.sample(range(len(curves)), n) for _ in range(reps)]
-    print(f"{len(curves)} recorded seeds x {budget} iterations; draws of {n} seeds, keep {keep}, cull at {milestone}")
+    print(
+        f"{len(curves)} recorded seeds x {budget} iterations; draws of {n} seeds, keep {keep}, cull at {milestone}"
+    )
     print(f"{'scheduler':>9} | P(pick within 1% of full-budget best) | compute vs train-all")
     for kind in ("sync", "asha", "optuna"):
         hits, used = 0, 0.0
         for draw in draws:
             sub = [curves[i] for i in draw]
-            pick, trained = replay(make_scheduler(kind, metric, tie, n, keep, milestone, budget), sub, budget)
+            pick, trained = replay(
+                make_scheduler(kind, metric, tie, n, keep, milestone, budget), sub, budget
+            )
             best = max(c[-1][metric] for c in sub)
             value = sub[pick][-1][metric] if pick >= 0 else -math.inf
             hits += value >= best - 0.01 * abs(best)
@@ -191,7 +220,15 @@ def main() -> None:
     if args.record or not path.exists():
         record(args.family, args.record_seeds, args.budget, path)
     info = FAMILIES[args.family]
-    evaluate(json.loads(path.read_text()), info["metric"], info["tie"], args.seeds, args.keep, args.at, args.reps)
+    evaluate(
+        json.loads(path.read_text()),
+        info["metric"],
+        info["tie"],
+        args.seeds,
+        args.keep,
+        args.at,
+        args.reps,
+    )
 
 
 if __name__ == "__main__":

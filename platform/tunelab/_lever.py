@@ -30,7 +30,14 @@ from tunelab._checkpoint import atomic_write_json
 from tunelab._spec import LeverABSpec, apply_overrides
 from tunelab.metrics import record_verdicts
 
-__all__ = ["CONTROL", "PairedLeverSearcher", "decision_of", "finalize_levers", "guardrails_of", "lever_trial_tags"]
+__all__ = [
+    "CONTROL",
+    "PairedLeverSearcher",
+    "decision_of",
+    "finalize_levers",
+    "guardrails_of",
+    "lever_trial_tags",
+]
 
 CONTROL = "control"
 _DECISIVE = (vd.WIN, vd.NEGATIVE, vd.CRASHED)
@@ -40,7 +47,9 @@ def decision_of(spec: LeverABSpec) -> vd.Decision:
     """The spec's decision block as the verdict engine's :class:`Decision`."""
     d = spec.decision
     return vd.Decision(
-        min_effect=d.min_effect, alpha=d.alpha, looks=tuple(d.looks) if d.looks else None,
+        min_effect=d.min_effect,
+        alpha=d.alpha,
+        looks=tuple(d.looks) if d.looks else None,
         correction=d.correction,
     )
 
@@ -91,7 +100,9 @@ class PairedLeverSearcher(Searcher):
         self._start_look(0)
 
     # -- Tune searcher API -----------------------------------------------------------
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict, **spec: Any
+    ) -> bool:
         return True
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
@@ -106,15 +117,30 @@ class PairedLeverSearcher(Searcher):
         st["pending"][trial_id] = [rnd, arm, seed, stage]
         st["trials"][_key(rnd, arm, seed)] = trial_id
         self._mirror()
-        return {"seed": seed, "arm": arm, "round": rnd, "stage": stage, "config": self._arm_config(arm, rnd)}
+        return {
+            "seed": seed,
+            "arm": arm,
+            "round": rnd,
+            "stage": stage,
+            "config": self._arm_config(arm, rnd),
+        }
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         entry = self.st["pending"].pop(trial_id, None)
         if entry is None:
             return
         rnd, arm, seed, _ = entry
-        names = [self.spec_dump["metric"]["name"], *(g["name"] for g in self.spec_dump["guardrails"])]
-        ok = not error and result is not None and result.get("iteration", 0) >= self.spec_dump["budget"]
+        names = [
+            self.spec_dump["metric"]["name"],
+            *(g["name"] for g in self.spec_dump["guardrails"]),
+        ]
+        ok = (
+            not error
+            and result is not None
+            and result.get("iteration", 0) >= self.spec_dump["budget"]
+        )
         self.st["results"][_key(rnd, arm, seed)] = (
             {n: _float(result.get(n)) for n in names} if ok and result is not None else None
         )
@@ -175,14 +201,18 @@ class PairedLeverSearcher(Searcher):
         last = k == len(self._looks()) - 1
         still = []
         for lever in self.st["active"]:
-            v = self._analyze(spec, rnd, lever, seeds, look_index=k if spec.decision.looks else None)
+            v = self._analyze(
+                spec, rnd, lever, seeds, look_index=k if spec.decision.looks else None
+            )
             if v.verdict in _DECISIVE or last:
                 self.st["verdicts"][f"{rnd}|{lever}"] = _verdict_record(v, rnd, k + 1, n)
             else:
                 still.append(lever)
         self.st["active"] = still
 
-    def _analyze(self, spec: LeverABSpec, rnd: int, lever: str, seeds: list[int], look_index: int | None) -> vd.LeverVerdict:
+    def _analyze(
+        self, spec: LeverABSpec, rnd: int, lever: str, seeds: list[int], look_index: int | None
+    ) -> vd.LeverVerdict:
         metric = spec.metric.name
         c_rows = [self.st["results"].get(_key(rnd, CONTROL, s)) for s in seeds]
         v_rows = [self.st["results"].get(_key(rnd, lever, s)) for s in seeds]
@@ -190,8 +220,14 @@ class PairedLeverSearcher(Searcher):
             g.name: (_col(c_rows, g.name), _col(v_rows, g.name), g) for g in guardrails_of(spec)
         }
         return vd.analyze_lever(
-            _col(c_rows, metric), _col(v_rows, metric), mode=spec.metric.mode, decision=decision_of(spec),
-            guardrails=guards, look_index=look_index, lever=lever, seeds=seeds,
+            _col(c_rows, metric),
+            _col(v_rows, metric),
+            mode=spec.metric.mode,
+            decision=decision_of(spec),
+            guardrails=guards,
+            look_index=look_index,
+            lever=lever,
+            seeds=seeds,
         )
 
     def _end_looks(self) -> None:
@@ -200,11 +236,17 @@ class PairedLeverSearcher(Searcher):
         if spec.decision.correction != "none" and len(records) > 1:
             self._correct(spec, rnd, records)
         record_verdicts(  # Prometheus counter per verdict label (tunelab.metrics)
-            spec.name, spec.family,
-            [rec["verdict"] for key, rec in self.st["verdicts"].items() if key.startswith(f"{rnd}|")],
+            spec.name,
+            spec.family,
+            [
+                rec["verdict"]
+                for key, rec in self.st["verdicts"].items()
+                if key.startswith(f"{rnd}|")
+            ],
         )
         winners = [
-            lever for key, rec in self.st["verdicts"].items()
+            lever
+            for key, rec in self.st["verdicts"].items()
             if key.startswith(f"{rnd}|") and rec["verdict"] == vd.WIN and rec["meaningful"]
             for lever in [key.split("|", 1)[1]]
         ]
@@ -228,7 +270,9 @@ class PairedLeverSearcher(Searcher):
         method = {"holm": "holm", "bh": "bh"}[spec.decision.correction]
         for v in vd.adjust_family(verdicts, method=method):
             old = records[f"{rnd}|{v.lever}"]
-            self.st["verdicts"][f"{rnd}|{v.lever}"] = _verdict_record(v, rnd, old["look_no"], old["n_seeds"])
+            self.st["verdicts"][f"{rnd}|{v.lever}"] = _verdict_record(
+                v, rnd, old["look_no"], old["n_seeds"]
+            )
 
     def _end_confirm(self) -> None:
         spec, rnd = self._spec, self.st["round"]
@@ -266,7 +310,8 @@ class PairedLeverSearcher(Searcher):
         self.st["controls"][nxt] = control
         merged = {lv for _, lv in self.st["stacked"]}
         negative = {
-            k.split("|", 1)[1] for k, r in self.st["verdicts"].items()
+            k.split("|", 1)[1]
+            for k, r in self.st["verdicts"].items()
             if k.startswith(f"{rnd}|") and r["verdict"] == vd.NEGATIVE
         }
         self.st["active"] = [lv for lv in spec.levers if lv not in merged and lv not in negative]
@@ -334,7 +379,10 @@ def finalize_levers(
     latest: dict[str, dict[str, Any]] = {}
     for rec in records:  # the last round a lever was analysed in
         latest[rec["lever"]] = rec
-    parent: dict[str, Any] = {"tunelab.rounds": final_round, "tunelab.stacked": ",".join(lv for _, lv in st["stacked"]) or "-"}
+    parent: dict[str, Any] = {
+        "tunelab.rounds": final_round,
+        "tunelab.stacked": ",".join(lv for _, lv in st["stacked"]) or "-",
+    }
     for lever, rec in latest.items():
         parent[f"tunelab.verdict.{lever}"] = rec["verdict"]
         parent[f"tunelab.meaningful.{lever}"] = str(bool(rec["meaningful"])).lower()

@@ -25,8 +25,16 @@ class ProgressCallback(Callback):
         enabled: Force on/off; by default on only when stderr is a terminal.
     """
 
-    def __init__(self, *, metric: str, mode: str, budget: int, total: int | None, enabled: bool | None = None) -> None:
-        self.metric, self.mode, self.budget, self.total, self.enabled = metric, mode, budget, total, enabled
+    def __init__(
+        self, *, metric: str, mode: str, budget: int, total: int | None, enabled: bool | None = None
+    ) -> None:
+        self.metric, self.mode, self.budget, self.total, self.enabled = (
+            metric,
+            mode,
+            budget,
+            total,
+            enabled,
+        )
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -44,7 +52,11 @@ class ProgressCallback(Callback):
         self._init_runtime()
 
     def setup(
-        self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
+        self,
+        stop: Any = None,
+        num_samples: int | None = None,
+        total_num_samples: int | None = None,
+        **info: Any,
     ) -> None:
         enabled = sys.stderr.isatty() if self.enabled is None else self.enabled
         if not enabled:
@@ -63,7 +75,9 @@ class ProgressCallback(Callback):
         self._progress.start()
         self._task = self._progress.add_task("trials", total=self.total, counts="starting")
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
             better = value > self._best if self.mode == "max" else value < self._best
@@ -88,7 +102,9 @@ class ProgressCallback(Callback):
         best = "-" if math.isnan(self._best) else f"{self._best:.4g}"
         text += f" | best {self.metric} {best}"
         done = counts["culled"] + counts["finished"] + counts["error"]
-        self._progress.update(self._task, completed=done, total=self.total or len(trials), counts=text)
+        self._progress.update(
+            self._task, completed=done, total=self.total or len(trials), counts=text
+        )
 
 
 def trial_counts(trials: list, budget: int) -> dict[str, int]:

@@ -53,7 +53,15 @@ from tunelab._names import (
 )
 from tunelab._schedulers import ITERATION as _SCHED_TIME
 from tunelab._schedulers import OptunaPrunerScheduler, SyncCullScheduler, rank_key
-from tunelab._spec import AnySpec, LeverABSpec, SeedCullSpec, SweepSpec, load_spec, parse_spec, spec_hash
+from tunelab._spec import (
+    AnySpec,
+    LeverABSpec,
+    SeedCullSpec,
+    SweepSpec,
+    load_spec,
+    parse_spec,
+    spec_hash,
+)
 from tunelab._tracking import (
     MlflowTrialCallback,
     default_tracking_uri,
@@ -66,7 +74,13 @@ from tunelab._tracking import (
 from tunelab._trial import TrialSetup, restore_experiment, run_trial
 
 __all__ = [
-    "ExperimentInterrupted","ExperimentError", "latest_experiment", "resume_experiment", "run_experiment", "experiment_status"]
+    "ExperimentError",
+    "ExperimentInterrupted",
+    "experiment_status",
+    "latest_experiment",
+    "resume_experiment",
+    "run_experiment",
+]
 
 assert _SCHED_TIME == ITERATION
 LEVER_STATE_FILE = "tunelab_lever.json"
@@ -127,7 +141,9 @@ def run_experiment(
     spec = load_spec(spec_file, quick=quick, overrides=overrides)
     storage = Path(storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
+    tracking_uri = (
+        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
+    )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     exp_dir = storage / f"{spec.name}-{stamp}"
     exp_dir.mkdir(parents=True)
@@ -139,15 +155,24 @@ def run_experiment(
     exp_id = ensure_experiment(client, spec.name, artifact_root)
     commit = git_commit(Path(spec_file).resolve().parent)
     parent = start_parent_run(
-        client, exp_id, exp_dir.name,
+        client,
+        exp_id,
+        exp_dir.name,
         {**_base_tags(spec, commit), TAG_EXPERIMENT_DIR: str(exp_dir)},
     )
     client.log_dict(parent, spec.model_dump(mode="json"), "spec.json")
     state = _State(
-        spec=spec.model_dump(mode="json"), spec_file=str(Path(spec_file).resolve()), quick=quick,
-        experiment_dir=str(exp_dir), storage=str(storage), tracking_uri=tracking_uri,
-        mlflow_experiment=spec.name, mlflow_experiment_id=exp_id, parent_run_id=parent,
-        git_commit=commit, created=stamp,
+        spec=spec.model_dump(mode="json"),
+        spec_file=str(Path(spec_file).resolve()),
+        quick=quick,
+        experiment_dir=str(exp_dir),
+        storage=str(storage),
+        tracking_uri=tracking_uri,
+        mlflow_experiment=spec.name,
+        mlflow_experiment_id=exp_id,
+        parent_run_id=parent,
+        git_commit=commit,
+        created=stamp,
     )
     atomic_write_json(exp_dir / RUN_STATE_FILE, dataclasses.asdict(state))
     return _run(state, spec, address=address, progress=progress, restore=False)
@@ -178,19 +203,25 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
     tune_state = _tune_trial_states(state.tune_dir)
     trial_dirs = state.tune_dir.iterdir() if state.tune_dir.is_dir() else iter(())
     for trial_dir in sorted(p for p in trial_dirs if (p / "result.json").exists()):
-        rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+        rows = [
+            json.loads(line)
+            for line in (trial_dir / "result.json").read_text().splitlines()
+            if line.strip()
+        ]
         if not rows:
             continue
         last = rows[-1]
         tid = last.get("trial_id", trial_dir.name)
-        trials.append({
-            "trial_id": tid,
-            "seed": last.get("config", {}).get("seed"),
-            "status": tune_state.get(tid, "UNKNOWN"),
-            "iterations": last.get(ITERATION, 0),
-            spec.metric.name: last.get(spec.metric.name),
-            "run_id": runs.get(tid),
-        })
+        trials.append(
+            {
+                "trial_id": tid,
+                "seed": last.get("config", {}).get("seed"),
+                "status": tune_state.get(tid, "UNKNOWN"),
+                "iterations": last.get(ITERATION, 0),
+                spec.metric.name: last.get(spec.metric.name),
+                "run_id": runs.get(tid),
+            }
+        )
     values = [t[spec.metric.name] for t in trials if isinstance(t[spec.metric.name], (int, float))]
     best = None
     if values:
@@ -209,7 +240,9 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
 
 
 # -- running ----------------------------------------------------------------------------
-def _run(state: _State, spec: AnySpec, *, address: str | None, progress: bool | None, restore: bool) -> dict[str, Any]:
+def _run(
+    state: _State, spec: AnySpec, *, address: str | None, progress: bool | None, restore: bool
+) -> dict[str, Any]:
     _init_ray(address)
     tuner = _tuner(state, spec, progress=progress, restore=restore)
     with _stdout_to_stderr(), _sigterm_stops_gracefully():  # stdout stays for --json
@@ -248,7 +281,9 @@ def _sigterm_stops_gracefully() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda sig, frame: os.kill(os.getpid(), signal.SIGUSR1))
+    previous = signal.signal(
+        signal.SIGTERM, lambda sig, frame: os.kill(os.getpid(), signal.SIGUSR1)
+    )
     try:
         yield
     finally:
@@ -273,7 +308,9 @@ def _init_ray(address: str | None) -> None:
         # TUNELAB_METRICS_EXPORT_PORT: serve Ray's and tunelab's metrics to Prometheus (dashboards/README.md)
         port = os.environ.get("TUNELAB_METRICS_EXPORT_PORT")
         extra: dict[str, Any] = {"_metrics_export_port": int(port)} if port else {}
-        ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=False, **extra)
+        ray.init(
+            num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=False, **extra
+        )
 
 
 def _trial_setup(state: _State, spec: AnySpec) -> TrialSetup:
@@ -298,7 +335,9 @@ def _trainable(state: _State, spec: AnySpec) -> Any:
     resources: dict[str, float] = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     if spec.resources.memory_gb:
         resources["memory"] = spec.resources.memory_gb * 1024**3
-    return tune.with_resources(tune.with_parameters(run_trial, setup=_trial_setup(state, spec)), resources)
+    return tune.with_resources(
+        tune.with_parameters(run_trial, setup=_trial_setup(state, spec)), resources
+    )
 
 
 def _scheduler(state: _State, spec: AnySpec) -> Any:
@@ -309,23 +348,41 @@ def _scheduler(state: _State, spec: AnySpec) -> Any:
         cull, milestone = spec.cull, spec.cull.milestone(spec.budget)
         if cull.scheduler == "sync":
             return SyncCullScheduler(
-                metric=metric, mode=mode, milestone=milestone, keep=cull.keep, expected=len(spec.seeds),
-                tie_break=cull.tie_break, state_path=str(state.exp_dir / CULL_STATE_FILE),
+                metric=metric,
+                mode=mode,
+                milestone=milestone,
+                keep=cull.keep,
+                expected=len(spec.seeds),
+                tie_break=cull.tie_break,
+                state_path=str(state.exp_dir / CULL_STATE_FILE),
             )
         eta = max(2, round(len(spec.seeds) / cull.keep))
         if cull.scheduler == "asha":
             return ASHAScheduler(
-                time_attr=ITERATION, metric=metric, mode=mode, max_t=spec.budget,
-                grace_period=milestone, reduction_factor=eta, brackets=1,
+                time_attr=ITERATION,
+                metric=metric,
+                mode=mode,
+                max_t=spec.budget,
+                grace_period=milestone,
+                reduction_factor=eta,
+                brackets=1,
             )
         return OptunaPrunerScheduler(
-            metric=metric, mode=mode, pruner=cull.pruner, max_t=spec.budget, min_t=milestone,
+            metric=metric,
+            mode=mode,
+            pruner=cull.pruner,
+            max_t=spec.budget,
+            min_t=milestone,
             reduction_factor=eta,
         )
     if isinstance(spec, SweepSpec) and spec.scheduler.type == "asha":
         return ASHAScheduler(
-            time_attr=ITERATION, metric=metric, mode=mode, max_t=spec.budget,
-            grace_period=spec.scheduler.grace_period, reduction_factor=spec.scheduler.reduction_factor,
+            time_attr=ITERATION,
+            metric=metric,
+            mode=mode,
+            max_t=spec.budget,
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
         )
     return FIFOScheduler()
 
@@ -348,9 +405,14 @@ def _tuner(state: _State, spec: AnySpec, *, progress: bool | None, restore: bool
     trainable = _trainable(state, spec)
     if restore:
         if not (state.tune_dir / "tuner.pkl").exists():
-            raise ExperimentError(f"{state.exp_dir} has no Tune state yet (it never started); run it again")
+            raise ExperimentError(
+                f"{state.exp_dir} has no Tune state yet (it never started); run it again"
+            )
         return tune.Tuner.restore(
-            str(state.tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True,
+            str(state.tune_dir),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
         )
     search_alg: Any = None
     num_samples = 1
@@ -368,15 +430,19 @@ def _tuner(state: _State, spec: AnySpec, *, progress: bool | None, restore: bool
         if spec.search_alg == "optuna_tpe":
             from ray.tune.search.optuna import OptunaSearch
 
-            search_alg = OptunaSearch(metric=spec.metric.name, mode=spec.metric.mode, seed=spec.seeds[0])
+            search_alg = OptunaSearch(
+                metric=spec.metric.name, mode=spec.metric.mode, seed=spec.seeds[0]
+            )
     scheduler = _scheduler(state, spec)
     total = None if num_samples < 0 else len(spec.seeds) * num_samples
     from tunelab.metrics import TrialStateMetrics  # Prometheus gauges of trial states
 
     callbacks = [
         MlflowTrialCallback(
-            tracking_uri=state.tracking_uri, experiment_id=state.mlflow_experiment_id,
-            parent_run_id=state.parent_run_id, runs_file=str(state.exp_dir / RUNS_FILE),
+            tracking_uri=state.tracking_uri,
+            experiment_id=state.mlflow_experiment_id,
+            parent_run_id=state.parent_run_id,
+            runs_file=str(state.exp_dir / RUNS_FILE),
             base_tags=_child_tags(spec, state.git_commit),
             trial_tags=trial_tags,
             artifacts_root=str(state.exp_dir / ARTIFACTS_DIR),
@@ -388,8 +454,12 @@ def _tuner(state: _State, spec: AnySpec, *, progress: bool | None, restore: bool
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            scheduler=scheduler, search_alg=search_alg, num_samples=num_samples, reuse_actors=True,
-            max_concurrent_trials=spec.max_concurrent, trial_dirname_creator=_trial_dirname,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            num_samples=num_samples,
+            reuse_actors=True,
+            max_concurrent_trials=spec.max_concurrent,
+            trial_dirname_creator=_trial_dirname,
             trial_name_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -415,7 +485,13 @@ def _child_tags(spec: AnySpec, commit: str) -> dict[str, str]:
 def _progress_callback(spec: AnySpec, total: int | None, enabled: bool | None) -> Any:
     from tunelab._progress import ProgressCallback
 
-    return ProgressCallback(metric=spec.metric.name, mode=spec.metric.mode, budget=spec.budget, total=total, enabled=enabled)
+    return ProgressCallback(
+        metric=spec.metric.name,
+        mode=spec.metric.mode,
+        budget=spec.budget,
+        total=total,
+        enabled=enabled,
+    )
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -424,9 +500,8 @@ def _trial_dirname(trial: Any) -> str:
 
 # -- post-processing --------------------------------------------------------------------
 def _finalize(state: _State, spec: AnySpec, grid: Any) -> dict[str, Any]:
-    from mlflow import MlflowClient
-
     import pandas as pd
+    from mlflow import MlflowClient
 
     client = MlflowClient(state.tracking_uri)
     runs = _read_json(state.exp_dir / RUNS_FILE, {})
@@ -441,20 +516,22 @@ def _finalize(state: _State, spec: AnySpec, grid: Any) -> dict[str, Any]:
             status = "finished"
         else:
             status = "culled"
-        rows.append({
-            "trial_id": tid,
-            "run_id": runs.get(tid),
-            "seed": result.config.get("seed"),
-            "arm": result.config.get("arm"),
-            "round": result.config.get("round"),
-            "stage": result.config.get("stage"),
-            "config": result.config.get("config", {}),
-            "iterations": iterations,
-            "status": status,
-            "checkpoint": _last_checkpoint(result),
-            "metrics": {k: v for k, v in m.items() if "/" in k and isinstance(v, (int, float))},
-            "error": None if result.error is None else str(result.error).splitlines()[0][:500],
-        })
+        rows.append(
+            {
+                "trial_id": tid,
+                "run_id": runs.get(tid),
+                "seed": result.config.get("seed"),
+                "arm": result.config.get("arm"),
+                "round": result.config.get("round"),
+                "stage": result.config.get("stage"),
+                "config": result.config.get("config", {}),
+                "iterations": iterations,
+                "status": status,
+                "checkpoint": _last_checkpoint(result),
+                "metrics": {k: v for k, v in m.items() if "/" in k and isinstance(v, (int, float))},
+                "error": None if result.error is None else str(result.error).splitlines()[0][:500],
+            }
+        )
     rows.sort(key=lambda r: (r["seed"] if isinstance(r["seed"], int) else 0, r["trial_id"]))
     for r in rows:
         if r["run_id"] is None:
@@ -462,15 +539,30 @@ def _finalize(state: _State, spec: AnySpec, grid: Any) -> dict[str, Any]:
         if r["status"] == "culled" and spec.kind != "lever_ab":
             set_tags(client, r["run_id"], {TAG_CULLED_AT: r["iterations"]})
         end_runs(client, [r["run_id"]], "FAILED" if r["status"] == "error" else "FINISHED")
-    table = pd.DataFrame([
-        {"trial_id": r["trial_id"], "run_id": r["run_id"], "seed": r["seed"],
-         **({"arm": r["arm"], "round": r["round"], "stage": r["stage"]} if spec.kind == "lever_ab" else {}),
-         "status": r["status"],
-         "iterations": r["iterations"], "culled_at": r["iterations"] if r["status"] == "culled" else None,
-         **{f"config.{k}": v for k, v in r["config"].items() if isinstance(v, (int, float, str, bool))},
-         **r["metrics"]}
-        for r in rows
-    ])
+    table = pd.DataFrame(
+        [
+            {
+                "trial_id": r["trial_id"],
+                "run_id": r["run_id"],
+                "seed": r["seed"],
+                **(
+                    {"arm": r["arm"], "round": r["round"], "stage": r["stage"]}
+                    if spec.kind == "lever_ab"
+                    else {}
+                ),
+                "status": r["status"],
+                "iterations": r["iterations"],
+                "culled_at": r["iterations"] if r["status"] == "culled" else None,
+                **{
+                    f"config.{k}": v
+                    for k, v in r["config"].items()
+                    if isinstance(v, (int, float, str, bool))
+                },
+                **r["metrics"],
+            }
+            for r in rows
+        ]
+    )
     _write_table(table, state.exp_dir / "results")
     summary: dict[str, Any] = {
         "experiment_dir": str(state.exp_dir),
@@ -482,8 +574,21 @@ def _finalize(state: _State, spec: AnySpec, grid: Any) -> dict[str, Any]:
         "kind": spec.kind,
         "metric": spec.metric.model_dump(),
         "trials": [
-            {k: r[k] for k in ("trial_id", "run_id", "seed", "arm", "round", "iterations", "status", "metrics", "error")
-             if spec.kind == "lever_ab" or k not in ("arm", "round")}
+            {
+                k: r[k]
+                for k in (
+                    "trial_id",
+                    "run_id",
+                    "seed",
+                    "arm",
+                    "round",
+                    "iterations",
+                    "status",
+                    "metrics",
+                    "error",
+                )
+                if spec.kind == "lever_ab" or k not in ("arm", "round")
+            }
             for r in rows
         ],
         "failed": sum(r["status"] == "error" for r in rows),
@@ -491,12 +596,20 @@ def _finalize(state: _State, spec: AnySpec, grid: Any) -> dict[str, Any]:
     }
     if isinstance(spec, SeedCullSpec):
         _write_table(table, state.exp_dir / "seed_table")
-        summary["cull"] = {"at": spec.cull.milestone(spec.budget), "keep": spec.cull.keep, "scheduler": spec.cull.scheduler}
+        summary["cull"] = {
+            "at": spec.cull.milestone(spec.budget),
+            "keep": spec.cull.keep,
+            "scheduler": spec.cull.scheduler,
+        }
         summary["selected"] = _select(state, spec, rows, client)
     elif isinstance(spec, LeverABSpec):
         from tunelab._lever import finalize_levers
 
-        summary.update(finalize_levers(state.exp_dir / LEVER_STATE_FILE, spec, rows, client, state.parent_run_id))
+        summary.update(
+            finalize_levers(
+                state.exp_dir / LEVER_STATE_FILE, spec, rows, client, state.parent_run_id
+            )
+        )
     else:
         summary["best"] = _best(spec, rows)
     parent_tags = {"tunelab.n_trials": len(rows), "tunelab.n_failed": summary["failed"]}
@@ -504,11 +617,17 @@ def _finalize(state: _State, spec: AnySpec, grid: Any) -> dict[str, Any]:
     atomic_write_json(state.exp_dir / "summary.json", summary)
     client.log_artifact(state.parent_run_id, str(state.exp_dir / "results.csv"))
     client.log_artifact(state.parent_run_id, str(state.exp_dir / "summary.json"))
-    end_runs(client, [state.parent_run_id], "FAILED" if summary["failed"] > spec.failure.tolerate else "FINISHED")
+    end_runs(
+        client,
+        [state.parent_run_id],
+        "FAILED" if summary["failed"] > spec.failure.tolerate else "FINISHED",
+    )
     return summary
 
 
-def _select(state: _State, spec: SeedCullSpec, rows: list[dict[str, Any]], client: Any) -> dict[str, Any] | None:
+def _select(
+    state: _State, spec: SeedCullSpec, rows: list[dict[str, Any]], client: Any
+) -> dict[str, Any] | None:
     finished = [r for r in rows if r["status"] == "finished"]
     if not finished:
         return None
@@ -524,21 +643,36 @@ def _select(state: _State, spec: SeedCullSpec, rows: list[dict[str, Any]], clien
     exported: dict[str, Any] = {}
     if best["checkpoint"]:
         exp, _ = restore_experiment(
-            spec.family, best["config"], int(best["seed"]), Path(state.storage) / "data", Path(best["checkpoint"])
+            spec.family,
+            best["config"],
+            int(best["seed"]),
+            Path(state.storage) / "data",
+            Path(best["checkpoint"]),
         )
         exported = exp.export(selected_dir)
     from tunelab._family import get_family
 
     hyper = dataclasses.asdict(get_family(spec.family).make_config(best["config"]))
-    trial_manifest = _read_json(state.exp_dir / ARTIFACTS_DIR / best["trial_id"] / "manifest.json", {})
+    trial_manifest = _read_json(
+        state.exp_dir / ARTIFACTS_DIR / best["trial_id"] / "manifest.json", {}
+    )
     manifest = {
         "spec": spec.name,
         "family": spec.family,
         "selected_seed": best["seed"],
         "trial_id": best["trial_id"],
         "run_id": best["run_id"],
-        "selection": {"metric": spec.select.metric, "mode": spec.select.mode, "value": value, "tie_break": tie},
-        "cull": {"at": spec.cull.milestone(spec.budget), "keep": spec.cull.keep, "scheduler": spec.cull.scheduler},
+        "selection": {
+            "metric": spec.select.metric,
+            "mode": spec.select.mode,
+            "value": value,
+            "tie_break": tie,
+        },
+        "cull": {
+            "at": spec.cull.milestone(spec.budget),
+            "keep": spec.cull.keep,
+            "scheduler": spec.cull.scheduler,
+        },
         "val": {k: v for k, v in best["metrics"].items() if k.startswith("val/")},
         "test": _scores(exported, "test") or _scores(trial_manifest, "test"),
         "export": exported,
@@ -555,30 +689,59 @@ def _select(state: _State, spec: SeedCullSpec, rows: list[dict[str, Any]], clien
     for r in rows:
         if r["run_id"] and r is not best:
             set_tags(client, r["run_id"], {TAG_SELECTED: "false"})
-    set_tags(client, state.parent_run_id, {
-        TAG_SELECTED_SEED: best["seed"], TAG_SELECTED_RUN: best["run_id"], TAG_SELECTED_VALUE: value,
-    })
+    set_tags(
+        client,
+        state.parent_run_id,
+        {
+            TAG_SELECTED_SEED: best["seed"],
+            TAG_SELECTED_RUN: best["run_id"],
+            TAG_SELECTED_VALUE: value,
+        },
+    )
     client.log_artifact(state.parent_run_id, str(path))
     client.log_artifact(state.parent_run_id, str(state.exp_dir / "seed_table.csv"))
     if selected_dir.is_dir():
         client.log_artifacts(state.parent_run_id, str(selected_dir), "selected")
-    return {"seed": best["seed"], "trial_id": best["trial_id"], "run_id": best["run_id"],
-            "metric": spec.select.metric, "value": value, "manifest": str(path), "checkpoint": best["checkpoint"]}
+    return {
+        "seed": best["seed"],
+        "trial_id": best["trial_id"],
+        "run_id": best["run_id"],
+        "metric": spec.select.metric,
+        "value": value,
+        "manifest": str(path),
+        "checkpoint": best["checkpoint"],
+    }
 
 
 def _best(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ok = [r for r in rows if r["status"] != "error" and not math.isnan(_f(r["metrics"].get(spec.metric.name)))]
+    ok = [
+        r
+        for r in rows
+        if r["status"] != "error" and not math.isnan(_f(r["metrics"].get(spec.metric.name)))
+    ]
     if not ok:
         return None
-    best = min(ok, key=lambda r: rank_key([_f(r["metrics"].get(spec.metric.name))], spec.metric.mode))
-    return {"trial_id": best["trial_id"], "run_id": best["run_id"], "seed": best["seed"],
-            "config": best["config"], "value": best["metrics"].get(spec.metric.name)}
+    best = min(
+        ok, key=lambda r: rank_key([_f(r["metrics"].get(spec.metric.name))], spec.metric.mode)
+    )
+    return {
+        "trial_id": best["trial_id"],
+        "run_id": best["run_id"],
+        "seed": best["seed"],
+        "config": best["config"],
+        "value": best["metrics"].get(spec.metric.name),
+    }
 
 
 # -- helpers ----------------------------------------------------------------------------
 def _base_tags(spec: AnySpec, commit: str) -> dict[str, str]:
-    return {TAG_KIND: spec.kind, TAG_SPEC: spec.name, TAG_SPEC_HASH: spec_hash(spec),
-            TAG_FAMILY: spec.family, TAG_GIT_COMMIT: commit}
+    return {
+        TAG_KIND: spec.kind,
+        TAG_SPEC: spec.name,
+        TAG_SPEC_HASH: spec_hash(spec),
+        TAG_FAMILY: spec.family,
+        TAG_GIT_COMMIT: commit,
+    }
 
 
 def _scores(manifest: dict[str, Any], split: str) -> dict[str, Any]:
@@ -592,7 +755,9 @@ def _scores(manifest: dict[str, Any], split: str) -> dict[str, Any]:
 def _last_checkpoint(result: Any) -> str | None:
     if result.checkpoint is not None:
         return str(result.checkpoint.path)
-    found = sorted_checkpoints(Path(result.path)) if result.path and Path(result.path).is_dir() else []
+    found = (
+        sorted_checkpoints(Path(result.path)) if result.path and Path(result.path).is_dir() else []
+    )
     return str(found[-1]) if found else None
 
 
@@ -607,7 +772,9 @@ def _write_table(table: Any, stem: Path) -> None:
 def _read_state(experiment_dir: str | Path) -> _State:
     path = Path(experiment_dir).resolve() / RUN_STATE_FILE
     if not path.exists():
-        raise ExperimentError(f"{Path(experiment_dir)} is not a tunelab experiment folder (no {RUN_STATE_FILE})")
+        raise ExperimentError(
+            f"{Path(experiment_dir)} is not a tunelab experiment folder (no {RUN_STATE_FILE})"
+        )
     return _State(**json.loads(path.read_text()))
 
 

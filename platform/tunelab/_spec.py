@@ -455,7 +455,9 @@ def _apply_set(raw: dict[str, Any], item: str, source: str | Path) -> dict[str, 
     """Apply one ``--set dotted.key=value`` (value parsed as YAML) to a raw spec."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise SpecError(source, "--set", f"expected KEY=VALUE (e.g. budget=2 or config.hidden=16), got {item!r}")
+        raise SpecError(
+            source, "--set", f"expected KEY=VALUE (e.g. budget=2 or config.hidden=16), got {item!r}"
+        )
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

@@ -149,7 +149,11 @@ class MlflowTrialCallback(Callback):
 
     # -- lifecycle -----------------------------------------------------------
     def setup(
-        self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
+        self,
+        stop: Any = None,
+        num_samples: int | None = None,
+        total_num_samples: int | None = None,
+        **info: Any,
     ) -> None:
         from mlflow import MlflowClient
 

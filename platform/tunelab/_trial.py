@@ -20,12 +20,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunelab._checkpoint import STATE_FILE, atomic_write_json, load_state, save_state, seed_everything
+from tunelab._checkpoint import (
+    STATE_FILE,
+    atomic_write_json,
+    load_state,
+    save_state,
+    seed_everything,
+)
 from tunelab._family import Experiment, get_family
 from tunelab._names import ITERATION, M_CKPT_BYTES, M_CKPT_TIME, M_ITER_TIME
 from tunelab.metrics import TrialRecorder, family_label
 
-__all__ = ["TrialSetup", "run_trial", "build_experiment", "restore_experiment"]
+__all__ = ["TrialSetup", "build_experiment", "restore_experiment", "run_trial"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +59,9 @@ class TrialSetup:
     threads: int = 1
 
 
-def build_experiment(family_name: str, config: dict[str, Any], seed: int, data_root: Path) -> Experiment:
+def build_experiment(
+    family_name: str, config: dict[str, Any], seed: int, data_root: Path
+) -> Experiment:
     """Seed everything and build a family's experiment from a plain config dict."""
     family = get_family(family_name)
     cfg = family.make_config(config)
@@ -87,11 +95,15 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            exp, start = restore_experiment(setup.family, config["config"], seed, data_root, Path(d))
+            exp, start = restore_experiment(
+                setup.family, config["config"], seed, data_root, Path(d)
+            )
     else:
         exp = build_experiment(setup.family, config["config"], seed, data_root)
     trial_id = tune.get_context().get_trial_id()
-    recorder = TrialRecorder(setup.spec, family_label(setup.family))  # Prometheus metrics (tunelab.metrics)
+    recorder = TrialRecorder(
+        setup.spec, family_label(setup.family)
+    )  # Prometheus metrics (tunelab.metrics)
     for it in range(start + 1, setup.budget + 1):
         t0 = time.perf_counter()
         metrics = {k: _finite_or_nan(v) for k, v in exp.train_iteration().items()}
@@ -101,8 +113,13 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         if it == setup.budget and setup.artifacts_root:
             out = Path(setup.artifacts_root) / trial_id
             manifest = exp.export(out)
-            where = {"hostname": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-            atomic_write_json(out / "manifest.json", {"seed": seed, "iteration": it, **where, **manifest})
+            where = {
+                "hostname": socket.gethostname(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            }
+            atomic_write_json(
+                out / "manifest.json", {"seed": seed, "iteration": it, **where, **manifest}
+            )
         if it % setup.checkpoint_every == 0 or it in setup.milestones or it == setup.budget:
             with tempfile.TemporaryDirectory(prefix="tunelab-ckpt-") as d:
                 t1 = time.perf_counter()

@@ -295,13 +295,18 @@ def _read_verdicts(path: Path) -> list[dict[str, Any]] | None:
 def _read_curves(exp_dir: Path, trial_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     curves = {}
     for tid in trial_ids:
-        for path in (exp_dir / "tune" / f"trial_{tid}" / TRIAL_RESULT, exp_dir / f"trial_{tid}" / TRIAL_RESULT):
+        for path in (
+            exp_dir / "tune" / f"trial_{tid}" / TRIAL_RESULT,
+            exp_dir / f"trial_{tid}" / TRIAL_RESULT,
+        ):
             if path.is_file():
                 curves[tid] = _json_lines(path)
                 break
     missing = set(trial_ids) - curves.keys()
     if missing:  # Tune's own trial folder names: match on the trial_id key inside
-        for path in sorted([*exp_dir.glob(f"*/{TRIAL_RESULT}"), *exp_dir.glob(f"tune/*/{TRIAL_RESULT}")]):
+        for path in sorted(
+            [*exp_dir.glob(f"*/{TRIAL_RESULT}"), *exp_dir.glob(f"tune/*/{TRIAL_RESULT}")]
+        ):
             rows = _json_lines(path)
             tid = next((str(r["trial_id"]) for r in rows if "trial_id" in r), "")
             if tid in missing:

@@ -121,7 +121,13 @@ CASES = [
     ),
     ("sweep-num-samples-zero", VALID_SWEEP, "num_samples", 0, "num_samples"),
     ("sweep-search-alg-unknown", VALID_SWEEP, "search_alg", "bayes", "search_alg"),
-    ("sweep-asha-grace-beyond-budget", VALID_SWEEP, "scheduler", {"type": "asha", "grace_period": 5}, "scheduler.grace_period"),
+    (
+        "sweep-asha-grace-beyond-budget",
+        VALID_SWEEP,
+        "scheduler",
+        {"type": "asha", "grace_period": 5},
+        "scheduler.grace_period",
+    ),
 ]
 
 
@@ -201,12 +207,15 @@ def test_shipped_specs_are_valid(shipped: Path) -> None:
 def test_set_overrides_apply_after_quick(tmp_path: Path) -> None:
     spec_file = tmp_path / "ok.yaml"
     spec_file.write_text(VALID)
-    spec = load_spec(spec_file, quick=True, overrides=["budget=3", "config.hidden=2", "seeds=[5, 6, 7]"])
+    spec = load_spec(
+        spec_file, quick=True, overrides=["budget=3", "config.hidden=2", "seeds=[5, 6, 7]"]
+    )
     assert (spec.budget, spec.config["hidden"], spec.seeds) == (3, 2, [5, 6, 7])
 
 
 @pytest.mark.parametrize(
-    ("item", "key"), [("budget=-1", "budget"), ("config.hiddn=3", "config.hiddn"), ("nokey", "--set")]
+    ("item", "key"),
+    [("budget=-1", "budget"), ("config.hiddn=3", "config.hiddn"), ("nokey", "--set")],
 )
 def test_bad_set_override_names_the_key(tmp_path: Path, item: str, key: str) -> None:
     spec_file = tmp_path / "ok.yaml"
