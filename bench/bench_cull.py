@@ -24,7 +24,6 @@ import multiprocessing as mp
 import os
 import random
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,71 +79,6 @@ def record(name: str, n_seeds: int, budget: int | None, out: Path) -> None:
     print(f"recorded {n_seeds} seeds x {budget} iterations -> {out}")
 
 
-# -- replay through the real schedulers ---------------------------------------------------
-@dataclass(eq=False)
-class _Trial:
-    trial_id: str
-    curve: list[dict[str, float]]
-    status: str = "PENDING"
-    it: int = 0
-    is_saving: bool = False
-    config: dict[str, Any] = field(default_factory=dict)
-
-
-class _Controller:
-    def __init__(self, trials: list[_Trial]) -> None:
-        self.trials = trials
-
-    def get_trials(self) -> list[_Trial]:
-        return self.trials
-
-    def stop_trial(self, trial: _Trial) -> None:
-        trial.status = "TERMINATED"
-
-
-def replay(
-    scheduler: Any, curves: list[list[dict[str, float]]], budget: int, workers: int = 2
-) -> tuple[int, int]:
-    """Run recorded curves through ``scheduler``; returns (picked index, iterations trained)."""
-    from ray.tune.schedulers import TrialScheduler
-
-    trials = [_Trial(f"t{i}", c) for i, c in enumerate(curves)]
-    ctl = _Controller(trials)
-    for t in trials:
-        scheduler.on_trial_add(ctl, t)
-    trained = 0
-    while True:
-        running = [t for t in trials if t.status == "RUNNING"]
-        while len(running) < workers:
-            nxt = scheduler.choose_trial_to_run(ctl)
-            if nxt is None:
-                break
-            nxt.status = "RUNNING"
-            running.append(nxt)
-        if not running:
-            break
-        t = min(running, key=lambda x: x.it)  # workers advance in lockstep
-        t.it += 1
-        trained += 1
-        result = {
-            **t.curve[t.it - 1],
-            "iteration": t.it,
-            "training_iteration": t.it,
-            "trial_id": t.trial_id,
-        }
-        decision = scheduler.on_trial_result(ctl, t, result)
-        if t.it >= budget or decision == TrialScheduler.STOP:
-            t.status = "TERMINATED"
-            scheduler.on_trial_complete(ctl, t, result)
-        elif decision == TrialScheduler.PAUSE:
-            t.status = "PAUSED"
-    finished = [i for i, t in enumerate(trials) if t.it >= budget]
-    return (max(finished, key=lambda i: curves[i][-1][_METRIC]) if finished else -1), trained
-
-
-_METRIC = "val/autonomy"
-
-
 def make_scheduler(
     kind: str, metric: str, tie: str, n: int, keep: int, milestone: int, budget: int
 ) -> Any:
@@ -177,11 +111,12 @@ def make_scheduler(
     )
 
 
+from tunelab._schedulers import replay_curves  # noqa: E402
+
+
 def evaluate(
     data: dict[str, Any], metric: str, tie: str, n: int, keep: int, at: float, reps: int
 ) -> None:
-    global _METRIC
-    _METRIC = metric
     curves, budget = data["curves"], data["budget"]
     milestone = max(1, math.ceil(at * budget))
     rng = random.Random(0)
@@ -194,9 +129,12 @@ def evaluate(
         hits, used = 0, 0.0
         for draw in draws:
             sub = [curves[i] for i in draw]
-            pick, trained = replay(
+            out = replay_curves(
                 make_scheduler(kind, metric, tie, n, keep, milestone, budget), sub, budget
             )
+            trained = sum(out.iterations)
+            finished = [i for i, it in enumerate(out.iterations) if it >= budget]
+            pick = max(finished, key=lambda i: sub[i][-1][metric]) if finished else -1
             best = max(c[-1][metric] for c in sub)
             value = sub[pick][-1][metric] if pick >= 0 else -math.inf
             hits += value >= best - 0.01 * abs(best)

@@ -16,6 +16,7 @@ iterations: the same units as the spec's budget).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,7 +31,14 @@ from tunelab._checkpoint import atomic_write_json
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
 
-__all__ = ["ITERATION", "OptunaPrunerScheduler", "SyncCullScheduler", "rank_key"]
+__all__ = [
+    "ITERATION",
+    "OptunaPrunerScheduler",
+    "ReplayOutcome",
+    "SyncCullScheduler",
+    "rank_key",
+    "replay_curves",
+]
 
 ITERATION = "iteration"
 logger = logging.getLogger(__name__)
@@ -319,3 +327,77 @@ def _make_pruner(pruner: Any, min_t: int, max_t: int, eta: int) -> Any:
     raise ValueError(
         f"The value of `pruner` is {pruner!r}, but must be one of successive_halving, hyperband, wilcoxon."
     )
+
+
+@dataclasses.dataclass
+class ReplayOutcome:
+    """What a scheduler did to recorded curves: iterations each trial trained, its final status."""
+
+    iterations: list[int]
+    status: list[str]
+
+
+def replay_curves(
+    scheduler: TrialScheduler,
+    curves: list[list[dict[str, float]]],
+    budget: int,
+    *,
+    workers: int = 2,
+) -> ReplayOutcome:
+    """Drive a Tune scheduler with recorded learning curves, offline (no Ray).
+
+    ``curves[i][t]`` is trial ``i``'s result at iteration ``t + 1``. Up to
+    ``workers`` trials run at once and advance in lockstep; the scheduler's
+    CONTINUE / PAUSE / STOP and its ``choose_trial_to_run`` decide everything
+    else, exactly as in Tune's controller loop. Used to test culls and to
+    measure their efficiency on recorded seeds (bench/bench_cull.py).
+    """
+    trials = [_ReplayTrial(f"t{i:04d}", c) for i, c in enumerate(curves)]
+    ctl = _ReplayController(trials)
+    for t in trials:
+        scheduler.on_trial_add(ctl, t)  # type: ignore[arg-type]
+    while True:
+        running = [t for t in trials if t.status == Trial.RUNNING]
+        while len(running) < workers:
+            nxt = scheduler.choose_trial_to_run(ctl)  # type: ignore[arg-type]
+            if nxt is None:
+                break
+            nxt.status = Trial.RUNNING
+            running.append(nxt)  # type: ignore[arg-type]
+        if not running:
+            break
+        t = min(running, key=lambda x: x.it)
+        t.it += 1
+        result = {
+            **t.curve[t.it - 1],
+            ITERATION: t.it,
+            "training_iteration": t.it,
+            "trial_id": t.trial_id,
+        }
+        decision = scheduler.on_trial_result(ctl, t, result)  # type: ignore[arg-type]
+        if t.it >= budget or decision == TrialScheduler.STOP:
+            t.status = Trial.TERMINATED
+            scheduler.on_trial_complete(ctl, t, result)  # type: ignore[arg-type]
+        elif decision == TrialScheduler.PAUSE:
+            t.status = Trial.PAUSED
+    return ReplayOutcome([t.it for t in trials], [t.status for t in trials])
+
+
+@dataclasses.dataclass(eq=False)
+class _ReplayTrial:
+    trial_id: str
+    curve: list[dict[str, float]]
+    status: str = Trial.PENDING
+    it: int = 0
+    is_saving: bool = False
+
+
+class _ReplayController:
+    def __init__(self, trials: list[_ReplayTrial]) -> None:
+        self.trials = trials
+
+    def get_trials(self) -> list[_ReplayTrial]:
+        return self.trials
+
+    def stop_trial(self, trial: _ReplayTrial) -> None:
+        trial.status = Trial.TERMINATED

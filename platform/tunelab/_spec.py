@@ -420,6 +420,7 @@ def load_spec(path: str | Path, *, quick: bool = False, overrides: Sequence[str]
         raise SpecError(path, "", f"cannot read the spec file ({err.strerror or err})") from None
     try:
         raw = yaml.safe_load(text)
+        _reject_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -463,6 +464,23 @@ def _apply_set(raw: dict[str, Any], item: str, source: str | Path) -> dict[str, 
     except yaml.YAMLError:
         value = text
     return apply_overrides(raw, {key.strip(): value})
+
+
+def _reject_duplicate_keys(node: yaml.Node | None, source: str | Path, prefix: str = "") -> None:
+    """YAML keeps the last of two equal keys silently; a spec must not (two levers named alike)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            path = f"{prefix}{key}"
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise SpecError(source, path, f"duplicate key (again at line {line}); each key may appear once")
+            seen.add(key)
+            _reject_duplicate_keys(value_node, source, path + ".")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicate_keys(item, source, f"{prefix}{i}.")
 
 
 def spec_hash(spec: AnySpec) -> str:

@@ -146,6 +146,76 @@ def test_malformed_spec_exits_2_naming_the_key(
     assert not (tmp_path / "res").exists() or not any((tmp_path / "res").iterdir())
 
 
+VALID_LEVER = f"""
+kind: lever_ab
+name: toy-levers
+family: "{TOY}"
+control: {{hidden: 8}}
+levers:
+  wide: {{hidden: 16}}
+  fast: {{lr: 0.03}}
+seeds: [1, 2, 3, 4]
+budget: 3
+metric: {{name: val/mse, mode: min}}
+guardrails: [{{name: train/loss, mode: min, margin: 0.1}}]
+decision: {{min_effect: 0.01, alpha: 0.05, looks: [2, 4], correction: holm}}
+"""
+
+LEVER_CASES = [
+    ("lever-unknown-override", "levers", {"wide": {"hiddn": 16}}, "levers.wide.hiddn"),
+    ("lever-bad-override-type", "levers", {"wide": {"hidden": "big"}}, "levers.wide"),
+    ("lever-empty-overrides", "levers", {"wide": {}}, "levers.wide"),
+    ("lever-named-control", "levers", {"control": {"hidden": 4}}, "levers.control"),
+    ("levers-empty", "levers", {}, "levers"),
+    ("seeds-empty", "seeds", [], "seeds"),
+    ("seeds-duplicate", "seeds", [1, 1, 2], "seeds"),
+    ("min-effect-zero", "decision.min_effect", 0, "decision.min_effect"),
+    ("min-effect-negative", "decision.min_effect", -0.1, "decision.min_effect"),
+    ("alpha-above-one", "decision.alpha", 1.5, "decision.alpha"),
+    ("looks-not-increasing", "decision.looks", [4, 2], "decision.looks"),
+    ("looks-beyond-seeds", "decision.looks", [2, 8], "decision.looks"),
+    ("correction-unknown", "decision.correction", "bonferroni", "decision.correction"),
+    (
+        "guardrail-not-reported",
+        "guardrails",
+        [{"name": "val/x", "mode": "min"}],
+        "guardrails.0.name",
+    ),
+    (
+        "guardrail-negative-margin",
+        "guardrails",
+        [{"name": "train/loss", "mode": "min", "margin": -1}],
+        "guardrails.0.margin",
+    ),
+    ("confirm-seed-overlaps", "decision.confirm_seeds", [1], "decision.confirm_seeds"),
+    ("rounds-without-confirmation", "rounds", 2, "decision.confirm_seeds"),
+    ("config-instead-of-control", "config", {"hidden": 4}, "config"),
+    ("control-unknown-key", "control", {"widthh": 3}, "control.widthh"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expect_key"), [c[1:] for c in LEVER_CASES], ids=[c[0] for c in LEVER_CASES]
+)
+def test_malformed_lever_spec_exits_2_naming_the_key(
+    tmp_path: Path, path: str, value: object, expect_key: str
+) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(_mutate(VALID_LEVER, path, value))
+    result = CliRunner().invoke(app, ["sweep", str(spec), "--storage", str(tmp_path / "res")])
+    assert result.exit_code == 2, result.output
+    assert f"{spec}: {expect_key}:" in result.output
+
+
+def test_duplicate_lever_names_are_rejected(tmp_path: Path) -> None:
+    # YAML would silently keep the second `wide`; a spec must say so
+    spec = tmp_path / "dup.yaml"
+    spec.write_text(VALID_LEVER.replace("  fast: {lr: 0.03}", "  wide: {lr: 0.03}"))
+    result = CliRunner().invoke(app, ["sweep", str(spec)])
+    assert result.exit_code == 2
+    assert f"{spec}: levers.wide: duplicate key" in result.output
+
+
 def test_bad_yaml_syntax_names_the_line(tmp_path: Path) -> None:
     spec = tmp_path / "broken.yaml"
     spec.write_text("kind: seed_cull\nname: [unclosed\nbudget: 3\n")
