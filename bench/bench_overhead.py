@@ -34,11 +34,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from trainables.ouroboros import QUICK_CONFIG as OUROBOROS_QUICK  # noqa: E402
 from tunelab._trial import build_experiment  # noqa: E402
 
 FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     # name: (family, base config, config key scaled to hit the target iteration time)
-    "ouroboros": ("ouroboros", {}, "steps_per_iter"),
+    # the quick size with a light validation, so that ~200 ms iterations are reachable
+    "ouroboros": ("ouroboros", {**OUROBOROS_QUICK, "n_eval_windows": 2}, "steps_per_iter"),
     "toy": ("tests.tunelab.toy_family:FAMILY", {"hidden": 32}, "steps_per_iter"),
 }
 
@@ -95,7 +97,7 @@ def platform_run(family: str, config: dict[str, Any], iters: int, storage: Path)
     exp_dir = Path(summary["experiment_dir"])
     rows = [
         json.loads(line)
-        for line in (exp_dir / f"trial_{trial['trial_id']}" / "result.json")
+        for line in (exp_dir / "tune" / f"trial_{trial['trial_id']}" / "result.json")
         .read_text()
         .splitlines()
     ]

@@ -100,9 +100,12 @@ def save_state(
     iteration: int,
     best: float | None = None,
     extra: dict[str, Any] | None = None,
+    durable: bool = True,
 ) -> Path:
     """Write a complete training state (family state + global RNGs) atomically.
 
+    ``durable=False`` skips the fsync: for a staging folder that Tune copies
+    into the experiment's storage (the copy is the one that must survive).
     Returns the path of the state file.
     """
     import torch
@@ -121,12 +124,17 @@ def save_state(
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, directory / STATE_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    atomic_write_json(directory / META_FILE, {"iteration": iteration, "best": best})
+    meta = (json.dumps({"iteration": iteration, "best": best}) + "\n").encode()
+    if durable:
+        atomic_write_bytes(directory / META_FILE, meta)
+    else:
+        (directory / META_FILE).write_bytes(meta)
     return directory / STATE_FILE
 
 

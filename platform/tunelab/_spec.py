@@ -475,7 +475,9 @@ def _reject_duplicate_keys(node: yaml.Node | None, source: str | Path, prefix: s
             path = f"{prefix}{key}"
             if key in seen:
                 line = key_node.start_mark.line + 1
-                raise SpecError(source, path, f"duplicate key (again at line {line}); each key may appear once")
+                raise SpecError(
+                    source, path, f"duplicate key (again at line {line}); each key may appear once"
+                )
             seen.add(key)
             _reject_duplicate_keys(value_node, source, path + ".")
     elif isinstance(node, yaml.SequenceNode):

@@ -123,7 +123,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         if it % setup.checkpoint_every == 0 or it in setup.milestones or it == setup.budget:
             with tempfile.TemporaryDirectory(prefix="tunelab-ckpt-") as d:
                 t1 = time.perf_counter()
-                save_state(Path(d), exp.state_dict(), iteration=it)
+                save_state(Path(d), exp.state_dict(), iteration=it, durable=False)
                 metrics[M_CKPT_TIME] = time.perf_counter() - t1
                 metrics[M_CKPT_BYTES] = float((Path(d) / STATE_FILE).stat().st_size)
                 recorder.checkpoint(metrics[M_CKPT_TIME], metrics[M_CKPT_BYTES])
