@@ -124,6 +124,12 @@ def evaluate(
     print(
         f"{len(curves)} recorded seeds x {budget} iterations; draws of {n} seeds, keep {keep}, cull at {milestone}"
     )
+    from scipy.stats import spearmanr
+
+    at_cull = [c[milestone - 1][metric] for c in curves]
+    final = [c[-1][metric] for c in curves]
+    rho = spearmanr(at_cull, final)[0]
+    print(f"rank correlation of {metric} at the cull ({milestone}) with the final value: {rho:.2f}")
     print(f"{'scheduler':>9} | P(pick within 1% of full-budget best) | compute vs train-all")
     for kind in ("sync", "asha", "optuna"):
         hits, used = 0, 0.0
