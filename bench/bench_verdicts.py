@@ -236,5 +236,18 @@ def main() -> int:
     return 0
 
 
+def main_results(path: str, metric: str, mode: str) -> int:
+    """``python bench/bench_verdicts.py RESULTS.csv METRIC MODE``: the same figures on real runs."""
+    for r in paired_vs_unpaired_on_results(path, metric=metric, mode=mode):
+        print(
+            f"{r['lever']:>12}: n={r['n_pairs']} rho={r['rho']:.2f} sd_seed={r['sd_seed']:.4f} "
+            f"sd_diff={r['sd_diff']:.4f} p paired={r['p_paired']:.2g} welch={r['p_welch']:.2g} "
+            f"CI width welch/paired={r['ci_width_ratio_welch_over_paired']:.2f} "
+            f"seeds for 80% power: paired {r['seeds_paired']} vs unpaired {r['seeds_unpaired_per_arm']} per arm "
+            f"({r['seeds_unpaired_per_arm'] / r['seeds_paired']:.1f}x)"
+        )
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_results(*sys.argv[1:4]) if len(sys.argv) == 4 else main())
