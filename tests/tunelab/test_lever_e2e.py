@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import TOY, cli_json, run_cli, write_spec
-from tests.tunelab.test_report import CHROMIUM, card, chip, parse
+from tests.tunelab.test_report import CHROMIUM, card, chip, chromium_dom, parse
 
 pytestmark = pytest.mark.slow
 
@@ -80,52 +80,6 @@ def test_lever_ab_verdicts_tags_and_stack_on_win(tmp_path: Path) -> None:
     proc = run_cli("report", "toy-levers", "--storage", str(tmp_path / "res"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     if CHROMIUM.exists():
-        dom = parse(_chromium_dom(out, tmp_path))
+        dom = parse(chromium_dom(out, tmp_path))
         for v in summary["verdicts"]:
             assert chip(card(dom, v["lever"], v["round"])).text() == v["verdict"]
-
-
-def _chromium_dom(html: Path, tmp: Path) -> str:
-    import subprocess
-
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
-    proc = subprocess.run(
-        [str(CHROMIUM), *flags, f"--user-data-dir={tmp / 'profile'}", "--dump-dom", html.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return proc.stdout
-
-
-def test_sequential_looks_stop_decided_levers(tmp_path: Path) -> None:
-    spec = (
-        SPEC.replace("correction: none, confirm_seeds: [100]", "correction: none, looks: [3, 6]")
-        .replace("seeds: [1, 2, 3, 4, 5]", "seeds: [1, 2, 3, 4, 5, 6]")
-        .replace("rounds: 2", "rounds: 1")
-        .replace("  broken: {fail_at: 2}\n", "")
-    )
-    summary = cli_json(
-        "sweep", str(write_spec(tmp_path / "looks.yaml", spec)), "--storage", str(tmp_path / "res")
-    )
-    v = {x["lever"]: x for x in summary["verdicts"]}
-    seeds_run = {
-        lever: sorted(t["seed"] for t in summary["trials"] if t["arm"] == lever)
-        for lever in ("fast", "wide")
-    }
-    # each lever ran exactly the seeds up to the look where it was decided
-    for lever in ("fast", "wide"):
-        assert seeds_run[lever] == list(range(1, v[lever]["n_seeds"] + 1))
-        assert v[lever]["look_no"] in (1, 2)
-    if v["fast"]["verdict"] == "win" and v["fast"]["look_no"] == 1:
-        assert seeds_run["fast"] == [1, 2, 3]

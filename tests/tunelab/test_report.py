@@ -630,6 +630,28 @@ def test_find_experiment_unknown_name_lists_known_names(tmp_path: Path) -> None:
         find_experiment(NAME, tmp_path)
 
 
+def chromium_dom(html: Path, tmp: Path) -> str:
+    """The DOM headless Debian Chromium builds from ``html`` (no network, fresh profile)."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
+    proc = subprocess.run(
+        [str(CHROMIUM), *flags, f"--user-data-dir={tmp / 'profile'}", "--dump-dom", html.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return proc.stdout
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium")
 def test_chromium_renders_every_lever_card(
@@ -637,27 +659,7 @@ def test_chromium_renders_every_lever_card(
 ) -> None:
     # The DOM Chromium builds (no network) holds every card, its chip and its plot.
     out = write_report(experiment, tmp_path / "report.html")
-    proc = subprocess.run(
-        [
-            str(CHROMIUM),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--dump-dom",
-            out.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    dom = parse(proc.stdout)
+    dom = parse(chromium_dom(out, tmp_path))
     assert {n.attrs["data-lever"] for n in dom.find_all("section", cls="lever-card")} == set(LEVERS)
     for lever, v in verdicts.items():
         c = chip(card(dom, lever))
