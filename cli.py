@@ -12,8 +12,10 @@ failure budget; 130 interrupted (Ctrl-C / SIGTERM) with the state saved for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,6 +33,22 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def _err(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
+
+
+@contextlib.contextmanager
+def _exit_codes() -> Iterator[None]:
+    """Map tunelab's errors to exit codes: 2 invalid input (nothing started), 130 interrupted."""
+    from tunelab import ExperimentError, SpecError
+    from tunelab._runner import ExperimentInterrupted
+
+    try:
+        yield
+    except (SpecError, ExperimentError) as err:
+        _err(str(err))
+        raise typer.Exit(EXIT_INVALID) from None
+    except ExperimentInterrupted as err:
+        _err(str(err))
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def _finish(summary: dict[str, Any], as_json: bool) -> None:
@@ -109,10 +127,9 @@ def sweep(
     ] = None,
 ) -> None:
     """Validate a spec and run it: seed cull, sweep or lever A/B."""
-    from tunelab import SpecError, run_experiment
-    from tunelab._runner import ExperimentInterrupted
+    from tunelab import run_experiment
 
-    try:
+    with _exit_codes():
         summary = run_experiment(
             spec,
             quick=quick,
@@ -121,12 +138,6 @@ def sweep(
             address=address,
             overrides=set_ or (),
         )
-    except SpecError as err:
-        _err(str(err))
-        raise typer.Exit(EXIT_INVALID) from None
-    except ExperimentInterrupted as err:
-        _err(str(err))
-        raise typer.Exit(EXIT_INTERRUPTED) from None
     _finish(summary, as_json)
 
 
@@ -141,17 +152,10 @@ def resume(
     ] = False,
 ) -> None:
     """Continue an interrupted experiment (Ctrl-C, crash, SIGKILL) to the same final state."""
-    from tunelab import ExperimentError, resume_experiment
-    from tunelab._runner import ExperimentInterrupted
+    from tunelab import resume_experiment
 
-    try:
+    with _exit_codes():
         summary = resume_experiment(experiment_dir, address=address)
-    except ExperimentError as err:
-        _err(str(err))
-        raise typer.Exit(EXIT_INVALID) from None
-    except ExperimentInterrupted as err:
-        _err(str(err))
-        raise typer.Exit(EXIT_INTERRUPTED) from None
     _finish(summary, as_json)
 
 
@@ -166,14 +170,10 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Trials, their states, iterations and the best metric."""
-    from tunelab import ExperimentError, experiment_status, latest_experiment
+    from tunelab import experiment_status, latest_experiment
 
-    try:
-        folder = experiment_dir or latest_experiment(storage)
-        info = experiment_status(folder)
-    except ExperimentError as err:
-        _err(str(err))
-        raise typer.Exit(EXIT_INVALID) from None
+    with _exit_codes():
+        info = experiment_status(experiment_dir or latest_experiment(storage))
     if as_json:
         typer.echo(json.dumps(info, default=str))
         return

@@ -27,6 +27,7 @@ __all__ = [
     "capture_rng_state",
     "data_lock",
     "load_state",
+    "read_json",
     "restore_rng_state",
     "save_state",
     "seed_everything",
@@ -91,6 +92,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """The JSON in ``path``, or ``default`` when the file does not exist (yet)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else default
 
 
 def save_state(

@@ -26,7 +26,8 @@ import numpy as np
 from ray.tune.search import Searcher
 
 from tunelab import verdicts as vd
-from tunelab._checkpoint import atomic_write_json
+from tunelab._checkpoint import atomic_write_json, read_json
+from tunelab._names import as_float
 from tunelab._spec import LeverABSpec, apply_overrides
 from tunelab.metrics import record_verdicts
 
@@ -80,7 +81,7 @@ class PairedLeverSearcher(Searcher):
 
     def __init__(self, spec: LeverABSpec, *, state_file: str) -> None:
         super().__init__(metric=spec.metric.name, mode=spec.metric.mode)
-        self.spec_dump = spec.model_dump(mode="json")
+        self.spec = spec
         self.state_file = state_file
         self.st: dict[str, Any] = {
             "round": 1,
@@ -133,16 +134,12 @@ class PairedLeverSearcher(Searcher):
             return
         rnd, arm, seed, _ = entry
         names = [
-            self.spec_dump["metric"]["name"],
-            *(g["name"] for g in self.spec_dump["guardrails"]),
+            self.spec.metric.name,
+            *(g.name for g in self.spec.guardrails),
         ]
-        ok = (
-            not error
-            and result is not None
-            and result.get("iteration", 0) >= self.spec_dump["budget"]
-        )
+        ok = not error and result is not None and result.get("iteration", 0) >= self.spec.budget
         self.st["results"][_key(rnd, arm, seed)] = (
-            {n: _float(result.get(n)) for n in names} if ok and result is not None else None
+            {n: as_float(result.get(n)) for n in names} if ok and result is not None else None
         )
         self._mirror()
 
@@ -160,22 +157,18 @@ class PairedLeverSearcher(Searcher):
         return self.st
 
     # -- stages --------------------------------------------------------------------------
-    @property
-    def _spec(self) -> LeverABSpec:
-        return LeverABSpec.model_validate(self.spec_dump)
-
     def _looks(self) -> list[int]:
-        looks = self.spec_dump["decision"]["looks"]
-        return list(looks) if looks else [len(self.spec_dump["seeds"])]
+        looks = self.spec.decision.looks
+        return list(looks) if looks else [len(self.spec.seeds)]
 
     def _arm_config(self, arm: str, rnd: int) -> dict[str, Any]:
         control = self.st["controls"][rnd]
         if arm == CONTROL:
             return copy.deepcopy(control)
-        return apply_overrides(control, self.spec_dump["levers"][arm])
+        return apply_overrides(control, self.spec.levers[arm])
 
     def _start_look(self, k: int) -> None:
-        looks, seeds, rnd = self._looks(), self.spec_dump["seeds"], self.st["round"]
+        looks, seeds, rnd = self._looks(), self.spec.seeds, self.st["round"]
         lo = looks[k - 1] if k > 0 else 0
         self.st["stage"] = ["look", k]
         for seed in seeds[lo : looks[k]]:
@@ -195,9 +188,9 @@ class PairedLeverSearcher(Searcher):
         self._mirror()
 
     def _decide_look(self, k: int) -> None:
-        spec, rnd = self._spec, self.st["round"]
+        spec, rnd = self.spec, self.st["round"]
         n = self._looks()[k]
-        seeds = self.spec_dump["seeds"][:n]
+        seeds = self.spec.seeds[:n]
         last = k == len(self._looks()) - 1
         still = []
         for lever in self.st["active"]:
@@ -231,7 +224,7 @@ class PairedLeverSearcher(Searcher):
         )
 
     def _end_looks(self) -> None:
-        spec, rnd = self._spec, self.st["round"]
+        spec, rnd = self.spec, self.st["round"]
         records = {k: v for k, v in self.st["verdicts"].items() if k.startswith(f"{rnd}|")}
         if spec.decision.correction != "none" and len(records) > 1:
             self._correct(spec, rnd, records)
@@ -264,7 +257,7 @@ class PairedLeverSearcher(Searcher):
         verdicts = []
         for key, rec in records.items():
             lever = key.split("|", 1)[1]
-            seeds = self.spec_dump["seeds"][: rec["n_seeds"]]
+            seeds = self.spec.seeds[: rec["n_seeds"]]
             look_index = rec["look_no"] - 1 if spec.decision.looks else None
             verdicts.append(self._analyze(spec, rnd, lever, seeds, look_index))
         method = {"holm": "holm", "bh": "bh"}[spec.decision.correction]
@@ -275,7 +268,7 @@ class PairedLeverSearcher(Searcher):
             )
 
     def _end_confirm(self) -> None:
-        spec, rnd = self._spec, self.st["round"]
+        spec, rnd = self.spec, self.st["round"]
         sign = 1.0 if spec.metric.mode == "max" else -1.0
         confirmed = []
         for lever in self.st.pop("confirming", []):
@@ -296,7 +289,7 @@ class PairedLeverSearcher(Searcher):
         self._next_round_or_finish(confirmed)
 
     def _next_round_or_finish(self, confirmed: list[str]) -> None:
-        spec, rnd = self._spec, self.st["round"]
+        spec, rnd = self.spec, self.st["round"]
         if not confirmed or rnd >= spec.rounds:
             self.st["finished"] = True
             return
@@ -332,13 +325,6 @@ def _col(rows: list[dict[str, float] | None], name: str) -> np.ndarray:
     return np.array([math.nan if r is None else r.get(name, math.nan) for r in rows], dtype=float)
 
 
-def _float(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _verdict_record(v: vd.LeverVerdict, rnd: int, look_no: int, n_seeds: int) -> dict[str, Any]:
     rec = vd.verdict_to_dict(v)
     rec["round"] = rnd
@@ -352,12 +338,11 @@ def finalize_levers(
     state_file: Path, spec: LeverABSpec, rows: list[dict[str, Any]], client: Any, parent_run_id: str
 ) -> dict[str, Any]:
     """Tag runs with their verdicts and outcomes; write ``verdicts.json``; return the summary part."""
-    import json
 
     from tunelab._names import TAG_OUTCOME
     from tunelab._tracking import set_tags
 
-    st = json.loads(Path(state_file).read_text())
+    st = read_json(Path(state_file))
     records = sorted(st["verdicts"].values(), key=lambda r: (r["round"], r["lever"]))
     by_round_lever = {(r["round"], r["lever"]): r for r in records}
     final_round = st["round"]

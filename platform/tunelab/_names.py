@@ -32,3 +32,11 @@ RUN_STATE_FILE = "tunelab.json"
 RUNS_FILE = "tunelab_runs.json"
 CULL_STATE_FILE = "tunelab_cull.json"
 ARTIFACTS_DIR = "trial_artifacts"
+
+
+def as_float(value: object) -> float:
+    """A reported value as a float; NaN for anything that is not a number."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")

@@ -7,14 +7,13 @@ import sys
 import time
 from typing import Any
 
-from ray.tune import Callback
-
 from tunelab._names import ITERATION
+from tunelab._tracking import DriverCallback
 
 __all__ = ["ProgressCallback", "trial_counts"]
 
 
-class ProgressCallback(Callback):
+class ProgressCallback(DriverCallback):
     """Show trials running / paused / culled / finished, the best metric so far and elapsed time.
 
     Args:
@@ -43,13 +42,6 @@ class ProgressCallback(Callback):
         self._best = math.nan
         self._t0 = time.monotonic()
         self._last = 0.0
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_runtime()
 
     def setup(
         self,

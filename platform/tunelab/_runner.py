@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tunelab._checkpoint import atomic_write_json, sorted_checkpoints
+from tunelab._checkpoint import atomic_write_json, read_json, sorted_checkpoints
 from tunelab._names import (
     ARTIFACTS_DIR,
     CULL_STATE_FILE,
@@ -50,8 +50,8 @@ from tunelab._names import (
     TAG_SELECTED_VALUE,
     TAG_SPEC,
     TAG_SPEC_HASH,
+    as_float,
 )
-from tunelab._schedulers import ITERATION as _SCHED_TIME
 from tunelab._schedulers import OptunaPrunerScheduler, SyncCullScheduler, rank_key
 from tunelab._spec import (
     AnySpec,
@@ -82,7 +82,6 @@ __all__ = [
     "run_experiment",
 ]
 
-assert _SCHED_TIME == ITERATION
 LEVER_STATE_FILE = "tunelab_lever.json"
 TUNE_DIR = "tune"
 
@@ -198,7 +197,7 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
     """Trials, their states, iterations and metric, read from the folder (no Ray needed)."""
     state = _read_state(experiment_dir)
     spec = state.parsed_spec()
-    runs = _read_json(state.exp_dir / RUNS_FILE, {})
+    runs = read_json(state.exp_dir / RUNS_FILE, {})
     trials = []
     tune_state = _tune_trial_states(state.tune_dir)
     trial_dirs = state.tune_dir.iterdir() if state.tune_dir.is_dir() else iter(())
@@ -226,7 +225,7 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
     best = None
     if values:
         best = max(values) if spec.metric.mode == "max" else min(values)
-    summary = _read_json(state.exp_dir / "summary.json", None)
+    summary = read_json(state.exp_dir / "summary.json", None)
     return {
         "experiment_dir": str(state.exp_dir),
         "spec": spec.name,
@@ -504,7 +503,7 @@ def _finalize(state: _State, spec: AnySpec, grid: Any) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     client = MlflowClient(state.tracking_uri)
-    runs = _read_json(state.exp_dir / RUNS_FILE, {})
+    runs = read_json(state.exp_dir / RUNS_FILE, {})
     rows = []
     for result in grid:
         m = dict(result.metrics or {})
@@ -634,7 +633,10 @@ def _select(
     tie = spec.cull.tie_break
 
     def score(r: dict[str, Any]) -> list[float]:
-        return [_f(r["metrics"].get(spec.select.metric)), _f(r["metrics"].get(tie)) if tie else 0.0]
+        return [
+            as_float(r["metrics"].get(spec.select.metric)),
+            as_float(r["metrics"].get(tie)) if tie else 0.0,
+        ]
 
     best = min(finished, key=lambda r: (rank_key(score(r), spec.select.mode), r["seed"]))
     value = best["metrics"].get(spec.select.metric)
@@ -653,7 +655,7 @@ def _select(
     from tunelab._family import get_family
 
     hyper = dataclasses.asdict(get_family(spec.family).make_config(best["config"]))
-    trial_manifest = _read_json(
+    trial_manifest = read_json(
         state.exp_dir / ARTIFACTS_DIR / best["trial_id"] / "manifest.json", {}
     )
     manifest = {
@@ -717,12 +719,12 @@ def _best(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     ok = [
         r
         for r in rows
-        if r["status"] != "error" and not math.isnan(_f(r["metrics"].get(spec.metric.name)))
+        if r["status"] != "error" and not math.isnan(as_float(r["metrics"].get(spec.metric.name)))
     ]
     if not ok:
         return None
     best = min(
-        ok, key=lambda r: rank_key([_f(r["metrics"].get(spec.metric.name))], spec.metric.mode)
+        ok, key=lambda r: rank_key([as_float(r["metrics"].get(spec.metric.name))], spec.metric.mode)
     )
     return {
         "trial_id": best["trial_id"],
@@ -778,10 +780,6 @@ def _read_state(experiment_dir: str | Path) -> _State:
     return _State(**json.loads(path.read_text()))
 
 
-def _read_json(path: Path, default: Any) -> Any:
-    return json.loads(path.read_text()) if path.exists() else default
-
-
 def _tune_trial_states(exp_dir: Path) -> dict[str, str]:
     states: dict[str, str] = {}
     found = sorted(exp_dir.glob("experiment_state-*.json"))
@@ -796,13 +794,6 @@ def _tune_trial_states(exp_dir: Path) -> dict[str, str]:
         except (TypeError, ValueError, AttributeError):
             continue
     return states
-
-
-def _f(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ iterations: the same units as the spec's budget).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -26,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from tunelab._checkpoint import atomic_write_json
+from tunelab._checkpoint import atomic_write_json, read_json
+from tunelab._names import ITERATION, as_float
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
@@ -40,7 +40,6 @@ __all__ = [
     "replay_curves",
 ]
 
-ITERATION = "iteration"
 logger = logging.getLogger(__name__)
 
 
@@ -109,8 +108,8 @@ class SyncCullScheduler(FIFOScheduler):
             )
         if trial.trial_id not in self._arrived:
             self._arrived[trial.trial_id] = [
-                _as_float(result.get(self._metric)),
-                _as_float(result.get(self.tie_break)) if self.tie_break else 0.0,
+                as_float(result.get(self._metric)),
+                as_float(result.get(self.tie_break)) if self.tie_break else 0.0,
             ]
             self._save()
         self._maybe_decide(tune_controller, current=trial)
@@ -191,9 +190,9 @@ class SyncCullScheduler(FIFOScheduler):
             )
 
     def _load(self) -> None:
-        if self.state_path and Path(self.state_path).exists():
-            state = json.loads(Path(self.state_path).read_text())
-            self._arrived = {k: v for k, v in state["arrived"].items()}
+        state = read_json(Path(self.state_path)) if self.state_path else None
+        if state is not None:
+            self._arrived = dict(state["arrived"])
             self._survivors = state["survivors"]
 
 
@@ -201,13 +200,6 @@ def rank_key(score: list[float], mode: str) -> tuple[float, float]:
     """Sort key putting the best (score, tie) first and NaN last."""
     sign = -1.0 if mode == "max" else 1.0
     return tuple(math.inf if math.isnan(v) else sign * v for v in score)  # type: ignore[return-value]
-
-
-def _as_float(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 class OptunaPrunerScheduler(FIFOScheduler):
@@ -272,7 +264,7 @@ class OptunaPrunerScheduler(FIFOScheduler):
             self.on_trial_add(tune_controller, trial)
         otrial = self._trials[trial.trial_id]
         step = int(result.get(self.time_attr, 0))
-        value = _as_float(result.get(self._metric))
+        value = as_float(result.get(self._metric))
         if math.isnan(value):
             return TrialScheduler.CONTINUE
         if step in otrial.storage.get_trial(otrial._trial_id).intermediate_values:
@@ -287,7 +279,7 @@ class OptunaPrunerScheduler(FIFOScheduler):
     def on_trial_complete(
         self, tune_controller: TuneController, trial: Trial, result: dict
     ) -> None:
-        self._finish(trial, pruned=False, value=_as_float((result or {}).get(self._metric)))
+        self._finish(trial, pruned=False, value=as_float((result or {}).get(self._metric)))
 
     def on_trial_error(self, tune_controller: TuneController, trial: Trial) -> None:
         self._finish(trial, pruned=False, failed=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from tunelab._checkpoint import atomic_write_json
+from tunelab._checkpoint import atomic_write_json, read_json
 from tunelab._names import (
     ITERATION,
     TAG_FAMILY,
@@ -33,6 +33,7 @@ from tunelab._names import (
 )
 
 __all__ = [
+    "DriverCallback",
     "MlflowTrialCallback",
     "default_tracking_uri",
     "ensure_experiment",
@@ -101,7 +102,27 @@ def git_commit(cwd: Path | None = None) -> str:
     return out.stdout.strip() or "unknown"
 
 
-class MlflowTrialCallback(Callback):
+class DriverCallback(Callback):
+    """A Tune callback whose ``_private`` attributes are runtime state.
+
+    ``Tuner`` pickles its callbacks into the experiment (``tuner.pkl``) and
+    ``Tuner.restore`` unpickles them: only the public configuration travels;
+    the runtime state (clients, threads, timers) is rebuilt by
+    :meth:`_init_runtime` in the restored driver.
+    """
+
+    def _init_runtime(self) -> None:
+        """Create the runtime state; called at construction and after unpickling."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+
+class MlflowTrialCallback(DriverCallback):
     """Mirror Tune trials into nested MLflow runs under a parent run.
 
     Args:
@@ -140,13 +161,6 @@ class MlflowTrialCallback(Callback):
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_runtime()
-
     # -- lifecycle -----------------------------------------------------------
     def setup(
         self,
@@ -158,10 +172,7 @@ class MlflowTrialCallback(Callback):
         from mlflow import MlflowClient
 
         self._client = MlflowClient(self.tracking_uri)
-        if Path(self.runs_file).exists():
-            import json
-
-            self._runs = json.loads(Path(self.runs_file).read_text())
+        self._runs = read_json(Path(self.runs_file), {})
         self._thread = threading.Thread(target=self._sender, name="tunelab-mlflow", daemon=True)
         self._thread.start()
 

@@ -12,7 +12,6 @@ stopping the trial at the budget cannot lose them).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import socket
 import tempfile
@@ -28,7 +27,7 @@ from tunelab._checkpoint import (
     seed_everything,
 )
 from tunelab._family import Experiment, get_family
-from tunelab._names import ITERATION, M_CKPT_BYTES, M_CKPT_TIME, M_ITER_TIME
+from tunelab._names import ITERATION, M_CKPT_BYTES, M_CKPT_TIME, M_ITER_TIME, as_float
 from tunelab.metrics import TrialRecorder, family_label
 
 __all__ = ["TrialSetup", "build_experiment", "restore_experiment", "run_trial"]
@@ -106,7 +105,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     )  # Prometheus metrics (tunelab.metrics)
     for it in range(start + 1, setup.budget + 1):
         t0 = time.perf_counter()
-        metrics = {k: _finite_or_nan(v) for k, v in exp.train_iteration().items()}
+        metrics = {k: as_float(v) for k, v in exp.train_iteration().items()}
         metrics[M_ITER_TIME] = time.perf_counter() - t0
         metrics[ITERATION] = it
         recorder.iteration(metrics[M_ITER_TIME], metrics)
@@ -130,11 +129,3 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(metrics)
-
-
-def _finite_or_nan(v: Any) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    return f

@@ -46,12 +46,11 @@ import functools
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ray.tune import Callback
+from tunelab._tracking import DriverCallback
 
 __all__ = [
     "CHECKPOINT_BYTES",
@@ -70,7 +69,6 @@ __all__ = [
     "TrialStateMetrics",
     "prometheus_series",
     "record_verdicts",
-    "spec_of_experiment",
 ]
 
 logger = logging.getLogger(__name__)
@@ -189,18 +187,6 @@ class TrialRecorder:
     def __init__(self, spec: str, family: str) -> None:
         self.tags = {TAG_SPEC: spec, TAG_FAMILY: family}
 
-    @classmethod
-    def for_trial(cls, family: str) -> TrialRecorder:
-        """The recorder of the running Tune trial (spec from the experiment name)."""
-        spec = ""
-        try:
-            from ray import tune
-
-            spec = spec_of_experiment(tune.get_context().get_experiment_name() or "")
-        except Exception:  # a trial must never fail for its metrics
-            pass
-        return cls(spec, family_label(family))
-
     def iteration(self, seconds: float, metrics: Mapping[str, Any]) -> None:
         """One iteration of ``seconds`` whose ``metrics`` are about to be reported."""
         m = _metrics()
@@ -240,7 +226,7 @@ def record_verdicts(spec: str, family: str, labels: Sequence[str]) -> None:
         _disable(err)
 
 
-class TrialStateMetrics(Callback):
+class TrialStateMetrics(DriverCallback):
     """Driver-side Tune callback: sets :data:`TRIALS` per state (at most once a second).
 
     Args:
@@ -251,13 +237,9 @@ class TrialStateMetrics(Callback):
 
     def __init__(self, *, spec: str, family: str, budget: int, interval_s: float = 1.0) -> None:
         self.spec, self.family, self.budget, self.interval_s = spec, family, budget, interval_s
-        self._last = -math.inf
+        self._init_runtime()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+    def _init_runtime(self) -> None:
         self._last = -math.inf
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
@@ -287,14 +269,6 @@ class TrialStateMetrics(Callback):
 
 
 # -- helpers -----------------------------------------------------------------------------
-_EXPERIMENT_STAMP = re.compile(r"-\d{8}-\d{6}-\d{6}$")
-
-
-def spec_of_experiment(experiment_name: str) -> str:
-    """The spec name of an experiment folder name ``<spec>-<YYYYmmdd-HHMMSS-ffffff>``."""
-    return _EXPERIMENT_STAMP.sub("", experiment_name)
-
-
 @functools.lru_cache(maxsize=64)
 def family_label(family: str) -> str:
     """The registered family name for a spec's ``family`` (which may be ``module:ATTR``)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -116,13 +115,6 @@ def test_verdicts_are_counted_per_label(monkeypatch: pytest.MonkeyPatch) -> None
     assert made is not None
     labels = [tags["label"] for _, tags in made[tm.VERDICTS].calls]
     assert labels == ["win", "null"]
-
-
-def test_spec_name_is_the_experiment_folder_without_its_stamp() -> None:
-    # _runner names experiment folders f"{spec.name}-{stamp}" with this stamp format
-    stamp = dt.datetime(2026, 11, 21, 9, 5, 3, 12).strftime("%Y%m%d-%H%M%S-%f")
-    assert tm.spec_of_experiment(f"flow-levers-r1-{stamp}") == "flow-levers-r1"
-    assert tm.spec_of_experiment("no-stamp") == "no-stamp"
 
 
 def test_family_label_resolves_module_paths() -> None:
