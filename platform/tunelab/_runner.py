@@ -199,7 +199,11 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
     spec = state.parsed_spec()
     runs = read_json(state.exp_dir / RUNS_FILE, {})
     trials = []
-    tune_state = _tune_trial_states(state.tune_dir)
+    summary = read_json(state.exp_dir / "summary.json", None)
+    if summary is not None:  # finished: tunelab's own verdict per trial (finished / culled / error)
+        tune_state = {t["trial_id"]: t["status"] for t in summary["trials"]}
+    else:  # running or interrupted: Tune's last snapshot (RUNNING, PAUSED, PENDING, ...)
+        tune_state = _tune_trial_states(state.tune_dir)
     trial_dirs = state.tune_dir.iterdir() if state.tune_dir.is_dir() else iter(())
     for trial_dir in sorted(p for p in trial_dirs if (p / "result.json").exists()):
         rows = [
@@ -225,7 +229,6 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
     best = None
     if values:
         best = max(values) if spec.metric.mode == "max" else min(values)
-    summary = read_json(state.exp_dir / "summary.json", None)
     return {
         "experiment_dir": str(state.exp_dir),
         "spec": spec.name,

@@ -97,6 +97,12 @@ def test_sync_cull_keeps_exactly_k_and_tags_everything(tmp_path: Path) -> None:
     # status reads the folder back
     status = json.loads(run_cli("status", str(exp_dir), "--json").stdout)
     assert status["finished"] and len(status["trials"]) == 4
+    assert sorted(t["status"] for t in status["trials"]) == [
+        "culled",
+        "culled",
+        "finished",
+        "finished",
+    ]
 
 
 @pytest.mark.parametrize("scheduler", ["asha", "optuna"])
