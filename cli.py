@@ -21,14 +21,14 @@ from typing import Annotated, Any
 
 import typer
 
+from tunelab.errors import EXIT_FAILED, EXIT_INVALID
+
 app = typer.Typer(
     help="tunelab: seed culls, paired-seed lever A/B verdicts and sweeps on Ray Tune + MLflow.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _err(message: str) -> None:
@@ -37,18 +37,14 @@ def _err(message: str) -> None:
 
 @contextlib.contextmanager
 def _exit_codes() -> Iterator[None]:
-    """Map tunelab's errors to exit codes: 2 invalid input (nothing started), 130 interrupted."""
-    from tunelab import ExperimentError, SpecError
-    from tunelab._runner import ExperimentInterrupted
+    """Map tunelab's errors to exit codes, in one place: each error carries its ``exit_code``."""
+    from tunelab import TunelabError
 
     try:
         yield
-    except (SpecError, ExperimentError) as err:
+    except TunelabError as err:
         _err(str(err))
-        raise typer.Exit(EXIT_INVALID) from None
-    except ExperimentInterrupted as err:
-        _err(str(err))
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(err.exit_code) from None
 
 
 def _finish(summary: dict[str, Any], as_json: bool) -> None:
@@ -226,7 +222,7 @@ def verdict(
     ] = False,
 ) -> None:
     """Paired-seed verdicts on any results table (from tunelab or elsewhere)."""
-    from tunelab._paired_table import TableError, verdict_table
+    from tunelab.paired_table import TableError, verdict_table
 
     try:
         if not metric:
@@ -251,7 +247,7 @@ def verdict(
         )
     except (TableError, ValueError) as err:
         _err(str(err))
-        raise typer.Exit(EXIT_INVALID) from None
+        raise typer.Exit(TableError.exit_code) from None
     if as_json:
         typer.echo(json.dumps(rows, default=str))
         return
@@ -259,12 +255,18 @@ def verdict(
     from rich.table import Table
 
     table = Table(title=f"{metric} ({mode}), keep bar {min_effect}, alpha {alpha}")
-    for col in ("lever", "verdict", "effect", "95% CI", "p", "n", "dz", "rho", "guardrails"):
+    # The CI's level is 1 - alpha, or the look's threshold with planned looks (may differ by lever).
+    levels = {r["confidence"] for r in rows}
+    one_level = len(levels) == 1 and None not in levels
+    ci_header = f"{_pct(next(iter(levels)))} CI" if one_level else "CI (level)"
+    for col in ("lever", "verdict", "effect", ci_header, "p", "n", "dz", "rho", "guardrails"):
         table.add_column(col)
     for r in rows:
         guards = " ".join(f"{k}={g['status']}" for k, g in r["guardrails"].items())
         verdict_text = r["verdict"] + (" (meaningful)" if r["meaningful"] else "")
         ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        if not one_level:
+            ci += f" ({_pct(r['confidence'])})"
         table.add_row(
             r["lever"],
             verdict_text,
@@ -292,13 +294,10 @@ def report(
     ),
 ) -> None:
     """Write a self-contained HTML report of a lever A/B experiment."""
-    from tunelab.report import ReportError, find_experiment, write_report
+    from tunelab.report import find_experiment, write_report
 
-    try:
+    with _exit_codes():
         path = write_report(find_experiment(name_or_dir, storage), out)
-    except ReportError as err:
-        _err(str(err))
-        raise typer.Exit(EXIT_INVALID) from None
     typer.echo(f"report: {path}")
 
 
@@ -327,6 +326,11 @@ def cluster_check(
 
 def _fmt(x: Any) -> str:
     return "-" if x is None else f"{x:.4g}"
+
+
+def _pct(level: float | None) -> str:
+    """A confidence level as a percentage: 0.95 -> '95%', 0.9946 -> '99.46%'."""
+    return "-" if level is None else f"{100 * level:.4g}%"
 
 
 def main() -> None:  # pragma: no cover

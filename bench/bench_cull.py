@@ -52,7 +52,7 @@ def _record_one(args: tuple[str, dict[str, Any], int, int, str]) -> list[dict[st
     import torch
 
     torch.set_num_threads(1)
-    from tunelab._trial import build_experiment
+    from tunelab import build_experiment
 
     exp = build_experiment(family, config, seed, Path(data_root))
     return [exp.train_iteration() for _ in range(budget)]
@@ -82,36 +82,22 @@ def record(name: str, n_seeds: int, budget: int | None, out: Path) -> None:
 def make_scheduler(
     kind: str, metric: str, tie: str, n: int, keep: int, milestone: int, budget: int
 ) -> Any:
-    from ray.tune.schedulers import ASHAScheduler
+    """The cull scheduler ``kind`` exactly as a seed cull spec builds it (tunelab's registry)."""
+    from tunelab.schedulers import CullPlan, make_cull_scheduler
 
-    from tunelab._schedulers import OptunaPrunerScheduler, SyncCullScheduler
-
-    eta = max(2, round(n / keep))
-    if kind == "sync":
-        return SyncCullScheduler(
-            metric=metric, mode="max", milestone=milestone, keep=keep, expected=n, tie_break=tie
-        )
-    if kind == "asha":
-        return ASHAScheduler(
-            time_attr="iteration",
-            metric=metric,
-            mode="max",
-            max_t=budget,
-            grace_period=milestone,
-            reduction_factor=eta,
-            brackets=1,
-        )
-    return OptunaPrunerScheduler(
+    plan = CullPlan(
         metric=metric,
         mode="max",
-        pruner="successive_halving",
-        max_t=budget,
-        min_t=milestone,
-        reduction_factor=eta,
+        milestone=milestone,
+        keep=keep,
+        n_trials=n,
+        budget=budget,
+        tie_break=tie,
     )
+    return make_cull_scheduler(kind, plan)
 
 
-from tunelab._schedulers import replay_curves  # noqa: E402
+from tunelab.schedulers import CULL_SCHEDULERS, replay_curves  # noqa: E402
 
 
 def evaluate(
@@ -131,7 +117,7 @@ def evaluate(
     rho = spearmanr(at_cull, final)[0]
     print(f"rank correlation of {metric} at the cull ({milestone}) with the final value: {rho:.2f}")
     print(f"{'scheduler':>9} | P(pick within 1% of full-budget best) | compute vs train-all")
-    for kind in ("sync", "asha", "optuna"):
+    for kind in sorted(CULL_SCHEDULERS):
         hits, used = 0, 0.0
         for draw in draws:
             sub = [curves[i] for i in draw]

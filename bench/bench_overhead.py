@@ -35,7 +35,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from trainables.ouroboros import QUICK_CONFIG as OUROBOROS_QUICK  # noqa: E402
-from tunelab._trial import build_experiment  # noqa: E402
+from tunelab import build_experiment  # noqa: E402
 
 FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     # name: (family, base config, config key scaled to hit the target iteration time)

@@ -30,7 +30,7 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.power import TTestIndPower, TTestPower
 
-from tunelab._paired_table import PairedTable, load_paired_table
+from tunelab.paired_table import PairedTable, load_paired_table
 from tunelab.verdicts import paired_t_decisions
 
 REPS = 20_000

@@ -1,9 +1,23 @@
 """tunelab: seed culls, paired-seed lever A/B verdicts and sweeps on Ray Tune + MLflow.
 
-The public surface: the family contract (:class:`Family`, :class:`Experiment`),
-the checkpoint helpers families use, specs (:func:`load_spec`) and the
-experiment entry points (:func:`run_experiment`, :func:`resume_experiment`,
-:func:`experiment_status`), which import Ray lazily on first use.
+The public surface:
+
+- running: :func:`run_experiment`, :func:`resume_experiment`,
+  :func:`experiment_status`, :func:`latest_experiment` (Ray is imported
+  lazily, on first use);
+- specs: :func:`load_spec`, :func:`parse_spec`;
+- families: the contract (:class:`Family`, :class:`Experiment`),
+  :func:`get_family`, :func:`family_names`, :func:`build_experiment`, and the
+  checkpoint helpers families use;
+- errors: :class:`TunelabError` and its subclasses, each with the
+  ``exit_code`` the command line ends with.
+
+Modules with their own public API: :mod:`tunelab.names` (tags, statuses),
+:mod:`tunelab.layout` (the experiment folder), :mod:`tunelab.outcome`
+(trial outcomes), :mod:`tunelab.kinds` (experiment kinds),
+:mod:`tunelab.schedulers` (cull schedulers), :mod:`tunelab.tracking`
+(the tracking seam), :mod:`tunelab.verdicts`, :mod:`tunelab.paired_table`,
+:mod:`tunelab.report`, :mod:`tunelab.metrics`, :mod:`tunelab.slurm`.
 """
 
 from typing import TYPE_CHECKING
@@ -20,33 +34,44 @@ from tunelab._checkpoint import (
     sorted_checkpoints,
 )
 from tunelab._family import Experiment, Family, family_names, get_family
-from tunelab._spec import SpecError, load_spec, parse_spec
+from tunelab._spec import load_spec, parse_spec
+from tunelab.errors import (
+    ExperimentError,
+    ExperimentInterrupted,
+    ReportError,
+    SpecError,
+    TableError,
+    TunelabError,
+)
 
 if TYPE_CHECKING:
-    from tunelab._runner import (
-        ExperimentError,
-        experiment_status,
-        latest_experiment,
-        resume_experiment,
-        run_experiment,
-    )
+    from tunelab._driver import init_ray, resume_experiment, run_experiment
+    from tunelab._status import experiment_status, latest_experiment
+    from tunelab._trial import build_experiment, restore_experiment
 
 __all__ = [
     "Experiment",
     "ExperimentError",
+    "ExperimentInterrupted",
     "Family",
+    "ReportError",
     "SpecError",
+    "TableError",
+    "TunelabError",
     "atomic_write_bytes",
     "atomic_write_json",
+    "build_experiment",
     "capture_rng_state",
     "data_lock",
     "experiment_status",
     "family_names",
     "get_family",
+    "init_ray",
     "latest_experiment",
     "load_spec",
     "load_state",
     "parse_spec",
+    "restore_experiment",
     "restore_rng_state",
     "resume_experiment",
     "run_experiment",
@@ -55,12 +80,14 @@ __all__ = [
     "sorted_checkpoints",
 ]
 
-_LAZY = {  # heavy (Ray) imports, loaded on first use
-    "ExperimentError": "tunelab._runner",
-    "experiment_status": "tunelab._runner",
-    "latest_experiment": "tunelab._runner",
-    "resume_experiment": "tunelab._runner",
-    "run_experiment": "tunelab._runner",
+_LAZY = {  # heavy (Ray, torch) imports, loaded on first use
+    "build_experiment": "tunelab._trial",
+    "restore_experiment": "tunelab._trial",
+    "experiment_status": "tunelab._status",
+    "latest_experiment": "tunelab._status",
+    "init_ray": "tunelab._driver",
+    "resume_experiment": "tunelab._driver",
+    "run_experiment": "tunelab._driver",
 }
 
 

@@ -6,29 +6,32 @@ anything starts: unknown keys, wrong types, unknown families, config keys the
 family does not have, impossible culls. A bad spec raises :class:`SpecError`
 whose message names the file, the key path and what was expected.
 
+The keys every kind shares are :class:`BaseSpec`; each kind's own model
+(``SeedCullSpec``, ``SweepSpec``, ``LeverABSpec``) lives in its module in
+:mod:`tunelab.kinds` and is found through the kind registry by the spec's
+``kind``.
+
 Example (``search_spaces/seed_cull.yaml``)::
 
     kind: seed_cull
     name: ouroboros-seed-cull
     family: ouroboros
-    config: {hidden: 32, lr: 3.0e-3}
+    config: {hidden: 32, lr: 3.0e-3, h_schedule: pow2}
     seeds: 4
     budget: 12
     metric: {name: val/autonomy, mode: max}
     cull: {at: 0.5, keep: 2, scheduler: sync, tie_break: val/bounded_frac}
     select: {metric: val/autonomy, mode: max}
-    quick: {budget: 6, config: {hidden: 16}}
+    quick: {budget: 6, seeds: 3, config: {hidden: 16}, cull: {keep: 1}}
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
-import itertools
 import json
-import math
-import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -37,53 +40,43 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tunelab._family import Family, get_family
+from tunelab.errors import SpecError
 
 __all__ = [
     "AnySpec",
-    "CullSpec",
-    "DecisionSpec",
+    "BaseSpec",
+    "CheckpointSpec",
+    "ConfigUse",
     "Domain",
-    "GuardrailSpec",
-    "LeverABSpec",
+    "FailureSpec",
     "MetricSpec",
     "ResourcesSpec",
-    "SeedCullSpec",
-    "SelectSpec",
-    "Spec",
     "SpecError",
-    "SweepSpec",
+    "Strict",
     "apply_overrides",
     "load_spec",
     "parse_spec",
+    "seed_list",
     "spec_hash",
 ]
 
 Mode = Literal["max", "min"]
 
 
-class SpecError(ValueError):
-    """An invalid spec. ``str(err)`` is the one-paragraph message users see."""
+class Strict(BaseModel):
+    """A frozen pydantic model whose unknown keys are errors (every spec block)."""
 
-    def __init__(self, file: str | Path, key: str, message: str) -> None:
-        self.file = str(file)
-        self.key = key
-        self.message = message
-        where = f"{self.file}: {key}: " if key else f"{self.file}: "
-        super().__init__(where + message)
-
-
-class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class MetricSpec(_Strict):
+class MetricSpec(Strict):
     """The metric trials are judged on. ``name`` is a family metric (``val/autonomy``)."""
 
     name: str
     mode: Mode
 
 
-class ResourcesSpec(_Strict):
+class ResourcesSpec(Strict):
     """Resources per trial, as Ray understands them."""
 
     cpu: Annotated[float, Field(gt=0)] = 1.0
@@ -91,7 +84,7 @@ class ResourcesSpec(_Strict):
     memory_gb: Annotated[float, Field(ge=0)] | None = None
 
 
-class CheckpointSpec(_Strict):
+class CheckpointSpec(Strict):
     """How often trials checkpoint (iterations) and how many checkpoints are kept.
 
     ``keep: null`` keeps all; ``keep: N`` keeps the last N by iteration number.
@@ -101,14 +94,14 @@ class CheckpointSpec(_Strict):
     keep: Annotated[int, Field(ge=1)] | None = None
 
 
-class FailureSpec(_Strict):
+class FailureSpec(Strict):
     """Retries per trial (from its last checkpoint) and failed trials tolerated."""
 
     retries: Annotated[int, Field(ge=0)] = 2
     tolerate: Annotated[int, Field(ge=0)] = 0
 
 
-class Domain(_Strict):
+class Domain(Strict):
     """A search domain: exactly one of choice, grid, uniform, loguniform, randint."""
 
     choice: list[Any] | None = None
@@ -160,45 +153,27 @@ class Domain(_Strict):
         return tune.randint(v[0], v[1])
 
 
-class CullSpec(_Strict):
-    """When to cull and how many seeds survive.
+@dataclasses.dataclass(frozen=True)
+class ConfigUse:
+    """A family config a spec would run, for validation.
 
-    ``at`` is a fraction of the budget (0 < at < 1) or an iteration (an
-    integer >= 1, below the budget). ``scheduler``: ``sync`` waits for every
-    seed at the milestone, then keeps the top ``keep`` (ties broken by
-    ``tie_break``); ``asha`` is Tune's asynchronous successive halving;
-    ``optuna`` lets an Optuna pruner decide (``pruner``).
+    Args:
+        key: The spec key path errors name (``control``, ``levers.lds``).
+        values: The config mapping.
+        keys: ``(key path, config key)`` pairs that must be family config keys.
+        append_loc: Append the failing config field to ``key`` in errors.
     """
 
-    at: Annotated[float, Field(gt=0)]
-    keep: Annotated[int, Field(ge=1)]
-    scheduler: Literal["sync", "asha", "optuna"] = "sync"
-    tie_break: str | None = None
-    pruner: Literal["successive_halving", "hyperband", "wilcoxon"] = "successive_halving"
-
-    def milestone(self, budget: int) -> int:
-        """The cull iteration for a budget."""
-        if self.at < 1:
-            return max(1, math.ceil(self.at * budget))
-        return int(self.at)
+    key: str
+    values: dict[str, Any]
+    keys: tuple[tuple[str, str], ...] = ()
+    append_loc: bool = True
 
 
-class SelectSpec(_Strict):
-    """How the surviving seed is selected at the end."""
+class BaseSpec(Strict):
+    """Keys every kind shares (see README, "Specs")."""
 
-    metric: str
-    mode: Mode
-
-
-class SchedulerSpec(_Strict):
-    """Early stopping for sweeps: ``fifo`` (none) or Tune's ASHA on ``metric``."""
-
-    type: Literal["fifo", "asha"] = "fifo"
-    grace_period: Annotated[int, Field(ge=1)] = 1
-    reduction_factor: Annotated[float, Field(gt=1)] = 3.0
-
-
-class _BaseSpec(_Strict):
+    kind: str
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
     family: str
     description: str = ""
@@ -209,6 +184,9 @@ class _BaseSpec(_Strict):
     checkpoint: CheckpointSpec = CheckpointSpec()
     failure: FailureSpec = FailureSpec()
     max_concurrent: Annotated[int, Field(ge=1)] | None = None
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
+
+    _coerce_seeds = field_validator("seeds", mode="before")(lambda v: seed_list(v))
 
     @field_validator("family")
     @classmethod
@@ -220,8 +198,17 @@ class _BaseSpec(_Strict):
             raise ValueError(f"cannot load family {v!r}: {msg}") from None
         return v
 
+    def family_configs(self) -> Iterator[ConfigUse]:
+        """Every family config this spec would run (validated against the family)."""
+        yield ConfigUse("config", dict(self.config))
 
-def _seed_list(v: Any) -> Any:
+    def metric_refs(self) -> list[tuple[str, str]]:
+        """``(key path, metric name)`` of every metric the spec names (the family must report them)."""
+        return [("metric.name", self.metric.name)]
+
+
+def seed_list(v: Any) -> Any:
+    """``seeds: N`` means seeds ``0..N-1``; a list stays a list (a ``mode="before"`` validator)."""
     if isinstance(v, int) and not isinstance(v, bool):
         if v < 1:
             raise ValueError(f"a seed count must be >= 1, got {v}")
@@ -229,146 +216,8 @@ def _seed_list(v: Any) -> Any:
     return v
 
 
-class SeedCullSpec(_BaseSpec):
-    """Train N seeds, cull at a milestone, select the best survivor."""
-
-    kind: Literal["seed_cull"]
-    seeds: list[Annotated[int, Field(ge=0)]]
-    cull: CullSpec
-    select: SelectSpec
-
-    _coerce_seeds = field_validator("seeds", mode="before")(_seed_list)
-
-    @model_validator(mode="after")
-    def _check_cull(self) -> SeedCullSpec:
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("seeds: seeds must be distinct")
-        if self.cull.keep >= len(self.seeds):
-            raise ValueError(
-                f"cull.keep: must be smaller than the number of seeds ({len(self.seeds)}), "
-                f"got {self.cull.keep}; lower keep or add seeds"
-            )
-        if self.cull.at >= 1 and (self.cull.at != int(self.cull.at) or self.cull.at >= self.budget):
-            raise ValueError(
-                f"cull.at: an iteration must be an integer below the budget ({self.budget}), "
-                f"got {self.cull.at}; or give a fraction 0 < at < 1"
-            )
-        return self
-
-
-class SweepSpec(_BaseSpec):
-    """Search a space of family configs (Tune search algorithms and schedulers)."""
-
-    kind: Literal["sweep"]
-    search: dict[str, Domain]
-    num_samples: Annotated[int, Field(ge=1)] = 1
-    search_alg: Literal["random", "optuna_tpe"] = "random"
-    scheduler: SchedulerSpec = SchedulerSpec()
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
-
-    _coerce_seeds = field_validator("seeds", mode="before")(_seed_list)
-
-    @model_validator(mode="after")
-    def _check_search(self) -> SweepSpec:
-        if not self.search:
-            raise ValueError(
-                "search: needs at least one key, e.g. {lr: {loguniform: [1e-4, 1e-2]}}"
-            )
-        if self.scheduler.type == "asha" and self.scheduler.grace_period > self.budget:
-            raise ValueError(
-                f"scheduler.grace_period: must be at most the budget ({self.budget}), "
-                f"got {self.scheduler.grace_period}; lower it or raise the budget"
-            )
-        if self.search_alg == "optuna_tpe" and any(d.kind == "grid" for d in self.search.values()):
-            raise ValueError("search: grid domains cannot be used with search_alg optuna_tpe")
-        return self
-
-
-class GuardrailSpec(_Strict):
-    """A metric that must not regress by more than ``margin`` (non-inferiority)."""
-
-    name: str
-    mode: Mode
-    margin: Annotated[float, Field(ge=0)] = 0.0
-
-
-class DecisionSpec(_Strict):
-    """The pre-registered decision rule (shared/VERDICTS.md).
-
-    ``min_effect``: the smallest effect of interest (the keep bar), raw units;
-    ``looks``: seeds analysed at each planned look, e.g. [5, 10, 20];
-    ``correction``: across the levers of a round (``holm`` confirmatory, ``bh``
-    screening); ``confirm_seeds``: seeds a meaningful win must also win on
-    before it is stacked into the next round's control.
-    """
-
-    min_effect: Annotated[float, Field(gt=0)]
-    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
-    looks: list[Annotated[int, Field(ge=2)]] | None = None
-    correction: Literal["holm", "bh", "none"] = "holm"
-    confirm_seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
-
-    @field_validator("looks")
-    @classmethod
-    def _increasing(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or any(b <= a for a, b in itertools.pairwise(v))):
-            raise ValueError(
-                f"looks must be a non-empty, strictly increasing list of seed counts, got {v}"
-            )
-        return v
-
-
-class LeverABSpec(_BaseSpec):
-    """Control vs levers on the same seeds; a verdict per lever."""
-
-    kind: Literal["lever_ab"]
-    control: dict[str, Any] = Field(default_factory=dict)
-    levers: dict[str, dict[str, Any]]
-    seeds: list[Annotated[int, Field(ge=0)]]
-    guardrails: list[GuardrailSpec] = Field(default_factory=list)
-    decision: DecisionSpec
-    rounds: Annotated[int, Field(ge=1)] = 1
-
-    @model_validator(mode="after")
-    def _check_levers(self) -> LeverABSpec:
-        if self.config:
-            raise ValueError(
-                "config: a lever_ab spec names its base config under `control:`; move it there"
-            )
-        if not self.seeds:
-            raise ValueError(
-                "seeds: needs at least one seed; paired verdicts need several (e.g. [1, 2, 3, 4, 5])"
-            )
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("seeds: seeds must be distinct")
-        if not self.levers:
-            raise ValueError("levers: needs at least one lever, e.g. {lds: {lds_alpha: 0.5}}")
-        for name, overrides in self.levers.items():
-            if name == "control" or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-                raise ValueError(
-                    f"levers.{name}: a lever name is letters, digits, _ . - and not 'control'"
-                )
-            if not overrides:
-                raise ValueError(f"levers.{name}: a lever needs at least one config override")
-        looks = self.decision.looks
-        if looks and looks[-1] > len(self.seeds):
-            raise ValueError(
-                f"decision.looks: the last look ({looks[-1]}) needs more seeds than the {len(self.seeds)} listed"
-            )
-        if set(self.decision.confirm_seeds) & set(self.seeds):
-            raise ValueError(
-                "decision.confirm_seeds: confirmation seeds must differ from the seeds"
-            )
-        if self.rounds > 1 and not self.decision.confirm_seeds:
-            raise ValueError(
-                "decision.confirm_seeds: stacking wins over rounds needs confirmation seeds "
-                "(a single-seed win is never stacked)"
-            )
-        return self
-
-    def lever_config(self, name: str) -> dict[str, Any]:
-        """The control config with lever ``name``'s overrides applied."""
-        return apply_overrides(self.control, self.levers[name])
+#: Any kind's spec (each kind's model subclasses :class:`BaseSpec`).
+AnySpec = BaseSpec
 
 
 def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -383,11 +232,6 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return out
 
 
-AnySpec = SeedCullSpec | SweepSpec | LeverABSpec
-Spec = Annotated[AnySpec, Field(discriminator="kind")]
-_SPEC_ADAPTER: pydantic.TypeAdapter[SeedCullSpec | SweepSpec | LeverABSpec] = pydantic.TypeAdapter(
-    Spec
-)
 _QUICK_KEYS = {
     "budget",
     "seeds",
@@ -401,7 +245,6 @@ _QUICK_KEYS = {
     "levers",
     "rounds",
 }
-_KINDS = ("seed_cull", "sweep", "lever_ab")
 
 
 def load_spec(path: str | Path, *, quick: bool = False, overrides: Sequence[str] = ()) -> AnySpec:
@@ -514,18 +357,17 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> AnySpec:
+    from tunelab.kinds import kind_names, spec_class
+
     kind = raw.get("kind")
-    if kind not in _KINDS:
+    if kind not in kind_names():
         got = "missing" if kind is None else f"got {kind!r}"
-        raise SpecError(source, prefix + "kind", f"must be one of {list(_KINDS)} ({got})")
+        raise SpecError(source, prefix + "kind", f"must be one of {kind_names()} ({got})")
     try:
-        spec = _SPEC_ADAPTER.validate_python(raw)
+        spec = spec_class(kind).model_validate(raw)
     except pydantic.ValidationError as err:
         first = err.errors()[0]
-        loc = [str(p) for p in first["loc"]]
-        if loc and loc[0] == kind:  # the discriminator's tag is not part of the key path
-            loc = loc[1:]
-        key = ".".join(loc)
+        key = ".".join(str(p) for p in first["loc"])
         msg = first["msg"]
         if first["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
@@ -542,46 +384,17 @@ def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> AnySpe
 def _check_family_config(spec: AnySpec, source: str | Path, prefix: str) -> None:
     family = get_family(spec.family)
     fields = _config_fields(family)
-    if isinstance(spec, LeverABSpec):
-        _make_config(family, spec.control, source, prefix + "control")
-        for name, overrides in spec.levers.items():
-            for key in overrides:
-                if key.split(".")[0] not in fields:
-                    raise SpecError(
-                        source,
-                        f"{prefix}levers.{name}.{key}",
-                        f"family {family.name!r} has no config key {key!r}; known keys: {sorted(fields)}",
-                    )
-            _make_config(
-                family, spec.lever_config(name), source, f"{prefix}levers.{name}", append_loc=False
-            )
-    else:
-        _make_config(family, spec.config, source, prefix + "config")
-    if isinstance(spec, SweepSpec):
-        for key, domain in spec.search.items():
-            if key not in fields:
+    for use in spec.family_configs():
+        for path, key in use.keys:
+            if key.split(".")[0] not in fields:
                 raise SpecError(
                     source,
-                    f"{prefix}search.{key}",
+                    prefix + path,
                     f"family {family.name!r} has no config key {key!r}; known keys: {sorted(fields)}",
                 )
-            for value in domain.sample_values():
-                _make_config(
-                    family,
-                    {**spec.config, key: value},
-                    source,
-                    f"{prefix}search.{key}",
-                    append_loc=False,
-                )
+        _make_config(family, use.values, source, prefix + use.key, append_loc=use.append_loc)
     metrics = set(family.metrics)
-    names = [("metric.name", spec.metric.name)]
-    if isinstance(spec, LeverABSpec):
-        names += [(f"guardrails.{i}.name", g.name) for i, g in enumerate(spec.guardrails)]
-    if isinstance(spec, SeedCullSpec):
-        names.append(("select.metric", spec.select.metric))
-        if spec.cull.tie_break:
-            names.append(("cull.tie_break", spec.cull.tie_break))
-    for key, name in names:
+    for key, name in spec.metric_refs():
         if name not in metrics:
             raise SpecError(
                 source,

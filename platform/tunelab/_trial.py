@@ -27,8 +27,8 @@ from tunelab._checkpoint import (
     seed_everything,
 )
 from tunelab._family import Experiment, get_family
-from tunelab._names import ITERATION, M_CKPT_BYTES, M_CKPT_TIME, M_ITER_TIME, as_float
 from tunelab.metrics import TrialRecorder, family_label
+from tunelab.names import ITERATION, M_CKPT_BYTES, M_CKPT_TIME, M_ITER_TIME, as_float
 
 __all__ = ["TrialSetup", "build_experiment", "restore_experiment", "run_trial"]
 

@@ -50,7 +50,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tunelab._tracking import DriverCallback
+from tunelab._callback import DriverCallback
+from tunelab.names import LIVE_STATES
 
 __all__ = [
     "CHECKPOINT_BYTES",
@@ -82,10 +83,10 @@ CHECKPOINT_BYTES = "tunelab_checkpoint_bytes"
 NAN_SKIPPED = "tunelab_nan_skipped_steps"
 VERDICTS = "tunelab_verdicts"
 
-#: Tag keys.
-TAG_SPEC, TAG_FAMILY, TAG_STATE, TAG_LABEL = "spec", "family", "state", "label"
+#: Prometheus label keys (Ray calls them tags).
+LABEL_SPEC, LABEL_FAMILY, LABEL_STATE, LABEL_VERDICT = "spec", "family", "state", "label"
 #: Values of the ``state`` tag of :data:`TRIALS`.
-TRIAL_STATES = ("running", "paused", "pending", "culled", "finished", "error")
+TRIAL_STATES = LIVE_STATES
 #: The family metric (every family reports it) counted by :data:`NAN_SKIPPED`.
 FAMILY_NAN_SKIPPED = "health/nan_skipped"
 #: Ray prefixes every custom metric with this in Prometheus.
@@ -124,13 +125,13 @@ class MetricDef:
         return f"MetricDef({self.name!r}, {self.kind!r})"
 
 
-_SF = (TAG_SPEC, TAG_FAMILY)
+_SF = (LABEL_SPEC, LABEL_FAMILY)
 #: Every tunelab metric, by Ray name.
 METRICS: dict[str, MetricDef] = {
     m.name: m
     for m in (
         MetricDef(
-            TRIALS, "gauge", "trials", (*_SF, TAG_STATE), "Trials of the experiment per state."
+            TRIALS, "gauge", "trials", (*_SF, LABEL_STATE), "Trials of the experiment per state."
         ),
         MetricDef(
             ITERATION_SECONDS,
@@ -160,7 +161,7 @@ METRICS: dict[str, MetricDef] = {
             "Optimizer steps skipped as non-finite (health/nan_skipped).",
         ),
         MetricDef(
-            VERDICTS, "counter", "levers", (*_SF, TAG_LABEL), "Lever A/B verdicts per label."
+            VERDICTS, "counter", "levers", (*_SF, LABEL_VERDICT), "Lever A/B verdicts per label."
         ),
     )
 }
@@ -185,7 +186,7 @@ class TrialRecorder:
     """
 
     def __init__(self, spec: str, family: str) -> None:
-        self.tags = {TAG_SPEC: spec, TAG_FAMILY: family}
+        self.tags = {LABEL_SPEC: spec, LABEL_FAMILY: family}
 
     def iteration(self, seconds: float, metrics: Mapping[str, Any]) -> None:
         """One iteration of ``seconds`` whose ``metrics`` are about to be reported."""
@@ -221,7 +222,7 @@ def record_verdicts(spec: str, family: str, labels: Sequence[str]) -> None:
     try:
         fam = family_label(family)
         for label in labels:
-            m[VERDICTS].inc(1.0, {TAG_SPEC: spec, TAG_FAMILY: fam, TAG_LABEL: str(label)})
+            m[VERDICTS].inc(1.0, {LABEL_SPEC: spec, LABEL_FAMILY: fam, LABEL_VERDICT: str(label)})
     except Exception as err:
         _disable(err)
 
@@ -255,14 +256,14 @@ class TrialStateMetrics(DriverCallback):
         if m is None:
             return
         try:
-            from tunelab._progress import trial_counts
+            from tunelab.progress import trial_counts
 
             counts = trial_counts(trials, self.budget)
             fam = family_label(self.family)
             for state in TRIAL_STATES:
                 m[TRIALS].set(
                     float(counts.get(state, 0)),
-                    {TAG_SPEC: self.spec, TAG_FAMILY: fam, TAG_STATE: state},
+                    {LABEL_SPEC: self.spec, LABEL_FAMILY: fam, LABEL_STATE: state},
                 )
         except Exception as err:
             _disable(err)

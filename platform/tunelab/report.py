@@ -28,8 +28,13 @@ Input, an experiment folder written by the lever A/B runner:
   metric columns (``val/spike_l1``, ``train/loss``, ...).
 - ``verdicts.json``: a list of :func:`tunelab.verdicts.verdict_to_dict` dicts,
   each with a ``round`` key.
-- ``trial_<trial_id>/result.json``: Tune's JSON-lines results, one object per
-  iteration with ``iteration`` and the metrics.
+- ``tune/trial_<trial_id>/result.json`` (or a Tune-named trial folder under
+  ``tune/`` whose rows carry that ``trial_id``): Tune's JSON-lines results, one
+  object per iteration with ``iteration`` and the metrics.
+
+Every path comes from :class:`tunelab.layout.ExperimentLayout`, and
+``result.json`` is read by :func:`tunelab.layout.read_result_lines` (a line cut
+short by a crash is skipped).
 
 Any of the last three may be missing (an experiment still running): the report
 says so where the section would be.
@@ -66,7 +71,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tunelab._names import ITERATION, RUN_STATE_FILE
+from tunelab.errors import ReportError
+from tunelab.layout import RUN_STATE_FILE, ExperimentLayout, find_experiments, read_result_lines
+from tunelab.names import ARM_CONTROL, ITERATION, TrialStatus
 
 __all__ = [
     "REPORT_FILE",
@@ -79,12 +86,7 @@ __all__ = [
 
 #: Default file name of the report inside an experiment folder.
 REPORT_FILE = "report.html"
-RESULTS_CSV = "results.csv"
-RESULTS_PARQUET = "results.parquet"
-VERDICTS_FILE = "verdicts.json"
-TRIAL_RESULT = "result.json"
 
-CONTROL = "control"
 COL_TRIAL = "trial_id"
 COL_RUN = "run_id"
 COL_SEED = "seed"
@@ -92,7 +94,6 @@ COL_ARM = "arm"
 COL_ROUND = "round"
 COL_STATUS = "status"
 COL_ITERATIONS = "iterations"
-STATUS_FINISHED = "finished"
 _TEXT_COLS = (COL_TRIAL, COL_RUN, COL_ARM, COL_STATUS)
 _META_COLS = frozenset(
     {COL_TRIAL, COL_RUN, COL_SEED, COL_ARM, COL_ROUND, COL_STATUS, COL_ITERATIONS}
@@ -117,10 +118,6 @@ _GOOD, _BAD = "#2e7d32", "#c62828"
 _MAX_POINTS = 400  # per drawn curve; keeps a report of long runs small
 
 
-class ReportError(RuntimeError):
-    """An experiment folder (or name) the report cannot be made from."""
-
-
 # ----------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------
@@ -140,22 +137,21 @@ def find_experiment(name_or_dir: str, storage: Path) -> Path:
         ReportError: Neither an experiment folder nor a spec name found under
             ``storage``; the message lists the spec names that are there.
     """
-    as_dir = Path(name_or_dir)
-    if (as_dir / RUN_STATE_FILE).is_file():
-        return as_dir.resolve()
-    found: list[tuple[str, float, Path]] = []
+    as_dir = ExperimentLayout(Path(name_or_dir))
+    if as_dir.is_experiment():
+        return as_dir.root.resolve()
+    found: list[tuple[str, int, Path]] = []
     names: set[str] = set()
-    for state_file in Path(storage).glob(f"*/{RUN_STATE_FILE}"):
+    # find_experiments: oldest first by tunelab.json's mtime, so the index breaks ties.
+    for age, layout in enumerate(find_experiments(Path(storage))):
         try:
-            state = json.loads(state_file.read_text())
+            state = json.loads(layout.state_file.read_text())
             name = state["spec"]["name"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a folder being written, or not tunelab's
         names.add(str(name))
         if name == name_or_dir:
-            found.append(
-                (str(state.get("created", "")), state_file.stat().st_mtime, state_file.parent)
-            )
+            found.append((str(state.get("created", "")), age, layout.root))
     if not found:
         known = ", ".join(sorted(names)) or "none"
         raise ReportError(
@@ -231,14 +227,14 @@ class _Data:
 
 
 def _load(exp_dir: Path) -> _Data:
-    state_file = exp_dir / RUN_STATE_FILE
-    if not state_file.is_file():
+    layout = ExperimentLayout(exp_dir)
+    if not layout.is_experiment():
         raise ReportError(f"{exp_dir} is not a tunelab experiment folder (no {RUN_STATE_FILE}).")
-    state = json.loads(state_file.read_text())
+    state = json.loads(layout.state_file.read_text())
     spec = dict(state.get("spec") or {})
     metric_spec = spec.get("metric") or {}
-    results = _read_results(exp_dir)
-    verdicts = _read_verdicts(exp_dir / VERDICTS_FILE)
+    results = _read_results(layout)
+    verdicts = _read_verdicts(layout.verdicts_file)
     trial_ids = [t for t in results[COL_TRIAL].tolist() if t] if not results.empty else []
     return _Data(
         exp_dir=exp_dir,
@@ -246,7 +242,7 @@ def _load(exp_dir: Path) -> _Data:
         spec=spec,
         results=results,
         verdicts=verdicts,
-        curves=_read_curves(exp_dir, trial_ids),
+        curves=_read_curves(layout, trial_ids),
         metric=str(metric_spec.get("name", "")),
         mode=str(metric_spec.get("mode", "max")),
         guardrails=[dict(g) for g in spec.get("guardrails") or []],
@@ -254,8 +250,8 @@ def _load(exp_dir: Path) -> _Data:
     )
 
 
-def _read_results(exp_dir: Path) -> pd.DataFrame:
-    csv, parquet = exp_dir / RESULTS_CSV, exp_dir / RESULTS_PARQUET
+def _read_results(layout: ExperimentLayout) -> pd.DataFrame:
+    exp_dir, csv, parquet = layout.root, layout.results_csv, layout.results_parquet
     try:
         if csv.is_file():
             # Text columns stay text ("00001" is a trial id, "NA" could be a lever name).
@@ -292,38 +288,26 @@ def _read_verdicts(path: Path) -> list[dict[str, Any]] | None:
     return verdicts
 
 
-def _read_curves(exp_dir: Path, trial_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+def _read_curves(
+    layout: ExperimentLayout, trial_ids: Sequence[str]
+) -> dict[str, list[dict[str, Any]]]:
     curves = {}
+    read: set[Path] = set()
     for tid in trial_ids:
-        for path in (
-            exp_dir / "tune" / f"trial_{tid}" / TRIAL_RESULT,
-            exp_dir / f"trial_{tid}" / TRIAL_RESULT,
-        ):
-            if path.is_file():
-                curves[tid] = _json_lines(path)
-                break
+        path = layout.trial_result_file(tid)
+        if path.is_file():
+            curves[tid] = read_result_lines(path)
+            read.add(path)
     missing = set(trial_ids) - curves.keys()
     if missing:  # Tune's own trial folder names: match on the trial_id key inside
-        for path in sorted(
-            [*exp_dir.glob(f"*/{TRIAL_RESULT}"), *exp_dir.glob(f"tune/*/{TRIAL_RESULT}")]
-        ):
-            rows = _json_lines(path)
+        for path in layout.trial_result_files():
+            if path in read:
+                continue
+            rows = read_result_lines(path)
             tid = next((str(r["trial_id"]) for r in rows if "trial_id" in r), "")
             if tid in missing:
                 curves[tid] = rows
     return curves
-
-
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a crash
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def _arm_colours(
@@ -333,9 +317,9 @@ def _arm_colours(
     arms = list(levers) if isinstance(levers, Mapping) else []
     arms += results[COL_ARM].tolist() if not results.empty else []
     arms += [str(v.get("lever")) for v in verdicts or []]
-    order = [a for a in dict.fromkeys(arms) if a != CONTROL]
+    order = [a for a in dict.fromkeys(arms) if a != ARM_CONTROL]
     colours = {a: _ARM_PALETTE[i % len(_ARM_PALETTE)] for i, a in enumerate(order)}
-    return {CONTROL: _CONTROL_COLOUR, **colours}
+    return {ARM_CONTROL: _CONTROL_COLOUR, **colours}
 
 
 # ----------------------------------------------------------------------------
@@ -347,7 +331,7 @@ def _finished_values(df: pd.DataFrame, metric: str) -> dict[Any, float]:
     """``{seed: value}`` of the finished trials with a finite ``metric``."""
     if metric not in df or df.empty:
         return {}
-    ok = df[df[COL_STATUS].isin([STATUS_FINISHED, ""])]  # "": a table without statuses
+    ok = df[df[COL_STATUS].isin([TrialStatus.FINISHED.value, ""])]  # "": a table without statuses
     values = pd.to_numeric(ok[metric], errors="coerce")
     return {
         _plain(s): float(v) for s, v in zip(ok[COL_SEED], values, strict=True) if math.isfinite(v)
@@ -359,7 +343,7 @@ def _paired_diffs(data: _Data, lever: str, rnd: int) -> list[tuple[Any, float]]:
     df = data.results[data.results[COL_ROUND] == rnd] if not data.results.empty else data.results
     if df.empty:
         return []
-    control = _finished_values(df[df[COL_ARM] == CONTROL], data.metric)
+    control = _finished_values(df[df[COL_ARM] == ARM_CONTROL], data.metric)
     variant = _finished_values(df[df[COL_ARM] == lever], data.metric)
     sign = 1.0 if data.mode == "max" else -1.0
     return [(s, sign * (variant[s] - control[s])) for s in control if s in variant]
@@ -392,8 +376,8 @@ def _arms_of_round(data: _Data, rnd: int) -> list[str]:
     arms = df[df[COL_ROUND] == rnd][COL_ARM].tolist() if not df.empty else []
     arms += [str(v.get("lever")) for v in data.verdicts or [] if int(v.get(COL_ROUND, 1)) == rnd]
     arms = list(dict.fromkeys(arms))
-    return [CONTROL] * (CONTROL in arms) + sorted(
-        (a for a in arms if a != CONTROL), key=lambda a: list(data.colours).index(a)
+    return [ARM_CONTROL] * (ARM_CONTROL in arms) + sorted(
+        (a for a in arms if a != ARM_CONTROL), key=lambda a: list(data.colours).index(a)
     )
 
 
@@ -648,7 +632,7 @@ def _metric_table_html(data: _Data) -> str:
         best = {c: _best_arms({a: stats[a][c][0] for a in arms}, modes[c]) for c in columns}
         for a in arms:
             sub = df[df[COL_ARM] == a]
-            n_ok = int(sub[COL_STATUS].isin([STATUS_FINISHED, ""]).sum())
+            n_ok = int(sub[COL_STATUS].isin([TrialStatus.FINISHED.value, ""]).sum())
             cells = "".join(
                 f'<td class="metric{" best" if a in best[c] else ""}" data-arm="{_e(a)}" '
                 f'data-round="{rnd}" data-metric="{_e(c)}" title="n = {stats[a][c][2]}">'

@@ -34,7 +34,7 @@ Example:
     .. code::
 
         import numpy as np
-        from tunelab.verdicts import Decision, Guardrail, analyze_lever, tags_for
+        from tunelab.verdicts import Decision, Guardrail, analyze_lever, verdict_to_dict
 
         rng = np.random.default_rng(0)
         control = rng.normal(0.35, 0.014, size=10)
@@ -44,7 +44,7 @@ Example:
             control, variant, mode="min", decision=Decision(min_effect=0.005),
             guardrails={"latency": latency}, lever="delta_off",
         )
-        print(v.verdict, v.effect, v.ci_low, v.ci_high, tags_for(v))
+        print(v.verdict, v.effect, v.ci_low, v.ci_high, verdict_to_dict(v)["p_value"])
 """
 
 from __future__ import annotations
@@ -83,7 +83,6 @@ __all__ = [
     "obf_thresholds",
     "paired_t_decisions",
     "sequential_decision",
-    "tags_for",
     "verdict_to_dict",
 ]
 
@@ -103,24 +102,6 @@ G_INCONCLUSIVE = "inconclusive"
 MODES = ("max", "min")
 CORRECTIONS = ("holm", "bh", "none")
 _MULTIPLETESTS_METHOD = {"holm": "holm", "bh": "fdr_bh"}
-
-# MLflow tags (shared/DESIGN.md, "Tags"); one namespace.
-TAG_LEVER = "tunelab.lever"
-TAG_VERDICT = "tunelab.verdict"
-TAG_EFFECT = "tunelab.effect"
-TAG_CI_LOW = "tunelab.ci_low"
-TAG_CI_HIGH = "tunelab.ci_high"
-TAG_P_VALUE = "tunelab.p_value"
-TAG_N_PAIRS = "tunelab.n_pairs"
-TAG_OUTCOME = "tunelab.outcome"
-TAG_GUARDRAIL_PREFIX = "guardrail."
-_OUTCOME_OF = {
-    WIN: "win",
-    NEGATIVE: "negative",
-    NULL: "null",
-    INCONCLUSIVE: "inconclusive",
-    CRASHED: "crashed-early",
-}
 
 # Sensitivity resampling: fixed seed so that a verdict is reproducible.
 _RESAMPLING_SEED = 0
@@ -641,30 +622,6 @@ def verdict_to_dict(v: LeverVerdict) -> dict[str, Any]:
     return out
 
 
-def tags_for(v: LeverVerdict) -> dict[str, str]:
-    """MLflow tags of a verdict (shared/DESIGN.md, "Tags").
-
-    ``tunelab.lever``, ``tunelab.verdict``, ``tunelab.effect``,
-    ``tunelab.ci_low``, ``tunelab.ci_high``, ``tunelab.p_value``,
-    ``tunelab.n_pairs``, ``tunelab.outcome`` (``win`` | ``negative`` |
-    ``null`` | ``inconclusive`` | ``crashed-early``) and
-    ``guardrail.<name>`` = ``pass`` | ``fail`` | ``inconclusive``.
-    """
-    tags = {
-        TAG_LEVER: v.lever,
-        TAG_VERDICT: v.verdict,
-        TAG_EFFECT: _fmt(v.effect),
-        TAG_CI_LOW: _fmt(v.ci_low),
-        TAG_CI_HIGH: _fmt(v.ci_high),
-        TAG_P_VALUE: _fmt(v.p_value),
-        TAG_N_PAIRS: str(int(v.n_pairs)),
-        TAG_OUTCOME: _OUTCOME_OF[v.verdict],
-    }
-    for name, r in v.guardrails.items():
-        tags[TAG_GUARDRAIL_PREFIX + name] = r.status
-    return tags
-
-
 # ----------------------------------------------------------------------------
 # Private helpers: argument checks
 # ----------------------------------------------------------------------------
@@ -837,13 +794,6 @@ def _stop_at_look(d: npt.NDArray[np.float64], decision: Decision, look_index: in
     b = _decide(d[None, :n], (n,), (thr,))
     p_rep = _repeated_p(float(b.p_value[0]), plan, look_index)
     return _stop_from_batch(b, look_index + 1, look_index == len(plan) - 1, p_rep, 1.0 - thr)
-
-
-def _t_interval(d: npt.NDArray[np.float64], level: float) -> tuple[float, float]:
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ci = stats.ttest_1samp(d, 0.0).confidence_interval(level)
-    return float(ci.low), float(ci.high)
 
 
 def _label(*, significant: bool, sign: int, guardrails_pass: bool, equivalent: bool) -> str:
@@ -1020,10 +970,6 @@ def _num(x: float | None) -> float | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
-
-
-def _fmt(x: float) -> str:
-    return f"{float(x):.6g}"
 
 
 def _plain(s: Any) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tunelab import metrics as tm
-from tunelab._progress import trial_counts
+from tunelab.progress import trial_counts
 
 
 @pytest.fixture(autouse=True)

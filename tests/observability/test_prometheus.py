@@ -310,13 +310,13 @@ def test_trial_state_gauge_saw_running_and_finished(
 
 
 def test_local_ray_serves_metrics_on_the_env_port(tmp_path: Path) -> None:
-    # TUNELAB_METRICS_EXPORT_PORT reaches ray.init of the CLI's local Ray (tunelab._runner._init_ray)
+    # TUNELAB_METRICS_EXPORT_PORT reaches ray.init of the CLI's local Ray (tunelab.init_ray)
     port = _free_port()
     script = (
         "import sys, time, urllib.request\n"
-        "from tunelab._runner import _init_ray\n"
+        "from tunelab import init_ray\n"
         "from tunelab.metrics import TrialRecorder\n"
-        "_init_ray(None)\n"
+        "init_ray(None)\n"
         "TrialRecorder('probe', 'toy').iteration(0.5, {})\n"
         "deadline = time.monotonic() + 60\n"
         "while time.monotonic() < deadline:\n"

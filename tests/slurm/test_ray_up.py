@@ -220,11 +220,11 @@ class Sweep:
     tracking_uri: str
 
     def manifests(self) -> list[dict[str, Any]]:
-        from tunelab._names import ARTIFACTS_DIR
+        from tunelab.layout import ExperimentLayout
 
-        folder = Path(self.summary["experiment_dir"]) / ARTIFACTS_DIR
+        layout = ExperimentLayout(Path(self.summary["experiment_dir"]))
         return [
-            json.loads((folder / t["trial_id"] / "manifest.json").read_text())
+            json.loads((layout.trial_artifacts(t["trial_id"]) / "manifest.json").read_text())
             for t in self.summary["trials"]
         ]
 

@@ -1,4 +1,4 @@
-"""Tests for tunelab._paired_table: loading, alignment by seed, malformed tables
+"""Tests for tunelab.paired_table: loading, alignment by seed, malformed tables
 named down to the row, and the verdict table the `platform verdict` CLI prints."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from statsmodels.stats.multitest import multipletests
 
-from tunelab._paired_table import (
+from tunelab.paired_table import (
     TableError,
     load_paired_table,
     parse_guardrail,

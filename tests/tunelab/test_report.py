@@ -1,10 +1,10 @@
 """Tests for tunelab.report: the self-contained HTML report of a lever A/B experiment.
 
 The report is built from a synthetic experiment folder with the lever A/B
-runner's layout (tunelab.json, results.csv, verdicts.json from the real
-verdict engine, trial_<id>/result.json learning curves), parsed with the
-stdlib HTML parser and, under the ``browser`` mark, rendered by headless
-Debian Chromium.
+runner's layout, every path taken from :class:`tunelab.layout.ExperimentLayout`
+(tunelab.json, results.csv, verdicts.json from the real verdict engine,
+tune/trial_<id>/result.json learning curves), parsed with the stdlib HTML
+parser and, under the ``browser`` mark, rendered by headless Debian Chromium.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tunelab.layout import ExperimentLayout
 from tunelab.report import ReportError, find_experiment, render_report, write_report
 from tunelab.verdicts import Decision, Guardrail, adjust_family, analyze_lever, verdict_to_dict
 
@@ -76,7 +77,8 @@ def make_experiment(
     seed: int = 0,
 ) -> Path:
     """An experiment folder as the lever A/B runner writes it, with synthetic numbers."""
-    exp_dir = root / f"{name}-{created}"
+    layout = ExperimentLayout(root / f"{name}-{created}")
+    exp_dir = layout.root
     exp_dir.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     decision = Decision(min_effect=MIN_EFFECT, alpha=0.05, looks=(3, 6), correction="holm")
@@ -130,7 +132,7 @@ def make_experiment(
                 row.update({m: math.nan if failed else v for m, v in final.items()})
                 rows.append(row)
                 _write_curve(
-                    exp_dir / f"trial_{trial_id}",
+                    layout.trial_result_file(trial_id),
                     trial_id,
                     s,
                     final,
@@ -162,8 +164,8 @@ def make_experiment(
                 )
             )
         verdicts += [{**verdict_to_dict(v), "round": rnd} for v in adjust_family(raw, "holm")]
-    pd.DataFrame(rows).to_csv(exp_dir / "results.csv", index=False)
-    (exp_dir / "verdicts.json").write_text(json.dumps(verdicts, indent=1))
+    pd.DataFrame(rows).to_csv(layout.results_csv, index=False)
+    layout.verdicts_file.write_text(json.dumps(verdicts, indent=1))
     state = {
         "spec": spec,
         "spec_file": "/specs/flow.yaml",
@@ -177,7 +179,7 @@ def make_experiment(
         "git_commit": "0123456789abcdef",
         "created": created,
     }
-    (exp_dir / "tunelab.json").write_text(json.dumps(state))
+    layout.state_file.write_text(json.dumps(state))
     return exp_dir
 
 
@@ -192,7 +194,7 @@ def _final_metrics(spike: float, flat: float) -> dict[str, float]:
 
 
 def _write_curve(
-    trial_dir: Path,
+    result_file: Path,
     trial_id: str,
     seed: int,
     final: dict[str, float],
@@ -200,7 +202,7 @@ def _write_curve(
     rng: np.random.Generator,
 ) -> None:
     """Tune's JSON-lines result.json: exponential approach to the final values."""
-    trial_dir.mkdir()
+    result_file.parent.mkdir(parents=True)
     lines = []
     for it in range(1, last + 1):
         decay = math.exp(-it / 3) - math.exp(-BUDGET / 3)  # 0 at the last iteration
@@ -210,7 +212,7 @@ def _write_curve(
             row[m] = v + sign * 0.3 * decay + (rng.normal(0, 0.002) if it < BUDGET else 0.0)
         row["config"] = {"seed": seed}
         lines.append(json.dumps(row))
-    (trial_dir / "result.json").write_text("\n".join(lines) + "\n")
+    result_file.write_text("\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------
@@ -335,12 +337,14 @@ def dom(report: str) -> Node:
 
 @pytest.fixture(scope="module")
 def verdicts(experiment: Path) -> dict[str, dict[str, Any]]:
-    return {v["lever"]: v for v in json.loads((experiment / "verdicts.json").read_text())}
+    return {
+        v["lever"]: v for v in json.loads(ExperimentLayout(experiment).verdicts_file.read_text())
+    }
 
 
 @pytest.fixture(scope="module")
 def results(experiment: Path) -> pd.DataFrame:
-    return pd.read_csv(experiment / "results.csv")
+    return pd.read_csv(ExperimentLayout(experiment).results_csv)
 
 
 # ----------------------------------------------------------------------------
@@ -433,7 +437,7 @@ def test_dots_are_paired_differences_signed_better_positive(tmp_path: Path, mode
     # One dot per finished pair: control - lever for "min", lever - control for "max".
     exp = make_experiment(tmp_path, mode=mode)
     dom = parse(render_report(exp))
-    df = pd.read_csv(exp / "results.csv")
+    df = pd.read_csv(ExperimentLayout(exp).results_csv)
     df = df[df.status == "finished"]
     control = df[df.arm == "control"].set_index("seed")[M_SPIKE]
     sign = 1.0 if mode == "max" else -1.0
@@ -491,7 +495,7 @@ def test_primary_column_follows_the_spec_mode(tmp_path: Path) -> None:
     exp = make_experiment(tmp_path, mode="max")
     best = parse(render_report(exp)).find_all("td", cls="best", data_metric=M_SPIKE)
     assert [n.attrs["data-arm"] for n in best] == [
-        _expected_best(pd.read_csv(exp / "results.csv"), M_SPIKE, "max")
+        _expected_best(pd.read_csv(ExperimentLayout(exp).results_csv), M_SPIKE, "max")
     ]
 
 
@@ -529,10 +533,32 @@ def test_curves_draw_every_seed_thinly(dom: Node, results: pd.DataFrame) -> None
 def test_curves_found_in_tune_named_trial_folders(tmp_path: Path) -> None:
     # Tune's own folder names (<trainable>_<trial_id>_<params>) are matched on trial_id.
     exp = make_experiment(tmp_path)
-    for i, d in enumerate(sorted(exp.glob("trial_*"))):
-        d.rename(exp / f"run_trial_{d.name[len('trial_') :]}_{i}_seed=x_2025-01-01")
+    tune_dir = ExperimentLayout(exp).tune_dir
+    for i, d in enumerate(sorted(tune_dir.glob("trial_*"))):
+        d.rename(tune_dir / f"run_trial_{d.name[len('trial_') :]}_{i}_seed=x_2025-01-01")
     lines = parse(render_report(exp)).find_all("polyline", cls="mean", data_metric=M_SPIKE)
     assert len(lines) == 1 + len(LEVERS)
+
+
+def test_curve_survives_a_truncated_last_line(tmp_path: Path) -> None:
+    # A trial that crashed while Tune wrote its last result line: the complete lines draw.
+    exp = make_experiment(tmp_path)
+    layout = ExperimentLayout(exp)
+    df = pd.read_csv(layout.results_csv, dtype={"trial_id": str})
+    tid = df[(df.arm == "lds") & (df.seed == SEEDS[0])].trial_id.item()
+    path = layout.trial_result_file(tid)
+    lines = path.read_text().splitlines()
+    assert len(lines) == BUDGET
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    dom = parse(render_report(exp))
+    panel = next(
+        s for s in dom.find_all("svg", cls="curves") if s.find_all("polyline", data_metric=M_SPIKE)
+    )
+    seed = panel.find_all("polyline", cls="seed", data_arm="lds", data_seed=str(SEEDS[0]))
+    assert len(seed) == 1
+    assert len(seed[0].attrs["points"].split()) == BUDGET - 1
+    mean = dom.find_all("polyline", cls="mean", data_arm="lds", data_metric=M_SPIKE)
+    assert len(mean[0].attrs["points"].split()) == BUDGET  # the other seeds reach the budget
 
 
 def test_header_shows_the_decision_rule(dom: Node) -> None:
@@ -565,9 +591,9 @@ def test_two_rounds_get_their_own_cards_and_table_rows(tmp_path: Path) -> None:
 def test_running_experiment_without_verdicts_or_curves_still_renders(tmp_path: Path) -> None:
     # Mid-run: no verdicts.json and no result.json yet; the report says so.
     exp = make_experiment(tmp_path)
-    (exp / "verdicts.json").unlink()
-    for d in exp.glob("trial_*"):
-        shutil.rmtree(d)
+    layout = ExperimentLayout(exp)
+    layout.verdicts_file.unlink()
+    shutil.rmtree(layout.tune_dir)
     dom = parse(render_report(exp))
     assert not dom.find_all("section", cls="lever-card")
     notes = " ".join(n.text() for n in dom.find_all("p", cls="note"))
@@ -579,9 +605,10 @@ def test_running_experiment_without_verdicts_or_curves_still_renders(tmp_path: P
 def test_culled_trial_with_a_value_is_not_a_pair(tmp_path: Path) -> None:
     # Only finished trials count: a culled trial's (partial) value is neither a dot nor in the mean.
     exp = make_experiment(tmp_path)
-    df = pd.read_csv(exp / "results.csv")
+    csv = ExperimentLayout(exp).results_csv
+    df = pd.read_csv(csv)
     df.loc[(df.arm == "lds") & (df.seed == SEEDS[0]), "status"] = "culled"
-    df.to_csv(exp / "results.csv", index=False)
+    df.to_csv(csv, index=False)
     dom = parse(render_report(exp))
     assert str(SEEDS[0]) not in {
         d.attrs["data-seed"] for d in card(dom, "lds").find_all("circle", cls="pair")
@@ -594,8 +621,9 @@ def test_culled_trial_with_a_value_is_not_a_pair(tmp_path: Path) -> None:
 def test_minimal_results_table_without_round_or_status(tmp_path: Path) -> None:
     # A table of only seed, arm and metrics (one round, every trial finished) still pairs seeds.
     exp = make_experiment(tmp_path)
-    df = pd.read_csv(exp / "results.csv")
-    df[df.status == "finished"][["seed", "arm", *METRICS]].to_csv(exp / "results.csv", index=False)
+    csv = ExperimentLayout(exp).results_csv
+    df = pd.read_csv(csv)
+    df[df.status == "finished"][["seed", "arm", *METRICS]].to_csv(csv, index=False)
     dom = parse(render_report(exp))
     assert len(card(dom, "lds").find_all("circle", cls="pair")) == len(SEEDS)
     assert len(dom.find_all("td", cls="best", data_metric=M_SPIKE)) == 1

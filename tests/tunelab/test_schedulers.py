@@ -1,4 +1,4 @@
-"""Cull schedulers driven offline with recorded curves (tunelab._schedulers.replay_curves)."""
+"""Cull schedulers driven offline with recorded curves (tunelab.schedulers.replay_curves)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from ray.tune.schedulers import ASHAScheduler
 
-from tunelab._schedulers import OptunaPrunerScheduler, SyncCullScheduler, replay_curves
+from tunelab.schedulers import OptunaPrunerScheduler, SyncCullScheduler, replay_curves
 
 BUDGET = 8
 

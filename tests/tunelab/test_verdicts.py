@@ -12,6 +12,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import ttost_paired
 
+from tunelab.tracking import verdict_tags
 from tunelab.verdicts import (
     CRASHED,
     INCONCLUSIVE,
@@ -26,7 +27,6 @@ from tunelab.verdicts import (
     obf_thresholds,
     paired_t_decisions,
     sequential_decision,
-    tags_for,
     verdict_to_dict,
 )
 
@@ -223,7 +223,7 @@ def test_crashed_pairs_are_named(where: int, arm: str, value: float) -> None:
     assert v.verdict == CRASHED
     assert v.crashed_seeds == (100 + where,)
     assert v.n_pairs == 9
-    assert tags_for(v)["tunelab.outcome"] == "crashed-early"
+    assert verdict_tags(verdict_to_dict(v))["tunelab.outcome"] == "crashed-early"
     assert verdict_to_dict(v)["crashed_seeds"] == [100 + where]
 
 
@@ -456,18 +456,6 @@ def test_verdict_to_dict_is_json(looks: tuple[int, ...] | None) -> None:
     assert set(out["guardrails"]["val/bounded_frac"]) == {"status", "effect", "lower"}
     assert set(out["sensitivity"]) == {"bca_low", "bca_high", "permutation_p", "wilcoxon_p"}
     assert ("look" in out and "threshold" in out) == (looks is not None)
-
-
-def test_tags_for() -> None:
-    control, variant = _arms(20, 1.5, seed=13, rho=0.9)
-    g = _guard("val/bounded_frac", control, 0.0, "max", 0.5)
-    v = analyze_lever(control, variant, mode="max", decision=Decision(0.1), guardrails=g)
-    tags = tags_for(v)
-    assert tags["tunelab.verdict"] == tags["tunelab.outcome"] == WIN
-    assert tags["guardrail.val/bounded_frac"] == "pass"
-    assert float(tags["tunelab.ci_low"]) == pytest.approx(v.ci_low, rel=1e-5)
-    assert tags["tunelab.n_pairs"] == "20"
-    assert all(isinstance(x, str) for x in tags.values())
 
 
 @pytest.mark.parametrize(

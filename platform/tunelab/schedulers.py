@@ -12,6 +12,11 @@
 
 Both judge a trial on ``time_attr`` (the iteration tunelab reports, in
 iterations: the same units as the spec's budget).
+
+Cull schedulers are registered by name in :data:`CULL_SCHEDULERS` (``sync``,
+``asha``, ``optuna``); a spec's ``cull.scheduler`` must be one of them, and
+:func:`make_cull_scheduler` builds one from a :class:`CullPlan`. A new
+scheduler is a factory registered with :func:`register_cull_scheduler`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,21 +32,91 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from tunelab._checkpoint import atomic_write_json, read_json
-from tunelab._names import ITERATION, as_float
+from tunelab.names import ITERATION, as_float
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
 
 __all__ = [
-    "ITERATION",
+    "CULL_SCHEDULERS",
+    "CullPlan",
     "OptunaPrunerScheduler",
     "ReplayOutcome",
     "SyncCullScheduler",
+    "make_cull_scheduler",
     "rank_key",
+    "register_cull_scheduler",
     "replay_curves",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CullPlan:
+    """What a seed cull asks of its scheduler.
+
+    Args:
+        metric: The cull metric (e.g. ``val/autonomy``).
+        mode: ``max`` or ``min``.
+        milestone: The cull iteration (the first iteration a trial may be stopped at).
+        keep: Seeds meant to survive the cull.
+        n_trials: Seeds taking part.
+        budget: Iterations per trial.
+        tie_break: A second metric ranking trials tied on ``metric`` (sync only).
+        pruner: The Optuna pruner (``optuna`` only).
+        state_path: Where a scheduler may persist its decisions (JSON).
+    """
+
+    metric: str
+    mode: str
+    milestone: int
+    keep: int
+    n_trials: int
+    budget: int
+    tie_break: str | None = None
+    pruner: str = "successive_halving"
+    state_path: str | None = None
+
+    @property
+    def reduction_factor(self) -> int:
+        """Successive halving's eta that keeps about ``keep`` of ``n_trials``: ``max(2, round(n/keep))``."""
+        return max(2, round(self.n_trials / self.keep))
+
+
+#: Cull schedulers by name: ``name -> factory(plan) -> TrialScheduler``.
+CULL_SCHEDULERS: dict[str, Callable[[CullPlan], TrialScheduler]] = {}
+
+
+def register_cull_scheduler(
+    name: str,
+) -> Callable[[Callable[[CullPlan], TrialScheduler]], Callable[[CullPlan], TrialScheduler]]:
+    """Register a cull scheduler factory under ``name`` (a spec's ``cull.scheduler``)."""
+
+    def deco(
+        factory: Callable[[CullPlan], TrialScheduler],
+    ) -> Callable[[CullPlan], TrialScheduler]:
+        if name in CULL_SCHEDULERS:
+            raise ValueError(f"a cull scheduler named {name!r} is already registered")
+        CULL_SCHEDULERS[name] = factory
+        return factory
+
+    return deco
+
+
+def make_cull_scheduler(name: str, plan: CullPlan) -> TrialScheduler:
+    """Build the registered cull scheduler ``name`` for ``plan``.
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the names).
+    """
+    try:
+        factory = CULL_SCHEDULERS[name]
+    except KeyError:
+        raise ValueError(
+            f"The value of `scheduler` is {name!r}, but must be one of {sorted(CULL_SCHEDULERS)}."
+        ) from None
+    return factory(plan)
 
 
 class SyncCullScheduler(FIFOScheduler):
@@ -318,6 +394,46 @@ def _make_pruner(pruner: Any, min_t: int, max_t: int, eta: int) -> Any:
         return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=min_t)
     raise ValueError(
         f"The value of `pruner` is {pruner!r}, but must be one of successive_halving, hyperband, wilcoxon."
+    )
+
+
+@register_cull_scheduler("sync")
+def _sync(plan: CullPlan) -> TrialScheduler:
+    return SyncCullScheduler(
+        metric=plan.metric,
+        mode=plan.mode,
+        milestone=plan.milestone,
+        keep=plan.keep,
+        expected=plan.n_trials,
+        tie_break=plan.tie_break,
+        state_path=plan.state_path,
+    )
+
+
+@register_cull_scheduler("asha")
+def _asha(plan: CullPlan) -> TrialScheduler:
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr=ITERATION,
+        metric=plan.metric,
+        mode=plan.mode,
+        max_t=plan.budget,
+        grace_period=plan.milestone,
+        reduction_factor=plan.reduction_factor,
+        brackets=1,
+    )
+
+
+@register_cull_scheduler("optuna")
+def _optuna(plan: CullPlan) -> TrialScheduler:
+    return OptunaPrunerScheduler(
+        metric=plan.metric,
+        mode=plan.mode,
+        pruner=plan.pruner,
+        max_t=plan.budget,
+        min_t=plan.milestone,
+        reduction_factor=plan.reduction_factor,
     )
 
 

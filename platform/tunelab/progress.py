@@ -7,8 +7,9 @@ import sys
 import time
 from typing import Any
 
-from tunelab._names import ITERATION
-from tunelab._tracking import DriverCallback
+from tunelab._callback import DriverCallback
+from tunelab.names import DIVERGED, ITERATION, LIVE_STATES, TrialStatus, as_float
+from tunelab.outcome import trial_status
 
 __all__ = ["ProgressCallback", "trial_counts"]
 
@@ -93,23 +94,27 @@ class ProgressCallback(DriverCallback):
         text = " ".join(f"{k} {v}" for k, v in counts.items() if v or k in ("running", "finished"))
         best = "-" if math.isnan(self._best) else f"{self._best:.4g}"
         text += f" | best {self.metric} {best}"
-        done = counts["culled"] + counts["finished"] + counts["error"]
+        done = sum(v for k, v in counts.items() if TrialStatus(k).done)
         self._progress.update(
             self._task, completed=done, total=self.total or len(trials), counts=text
         )
 
 
 def trial_counts(trials: list, budget: int) -> dict[str, int]:
-    """Trials per state: running, paused, pending, culled, finished, error.
+    """Tune trials per status (:func:`tunelab.outcome.trial_status`).
 
-    A terminated trial that reached ``budget`` iterations is finished, one
-    that stopped below it was culled (also used by :mod:`tunelab.metrics`).
+    Every state of :data:`tunelab.names.LIVE_STATES` is present; ``diverged`` and
+    ``interrupted`` appear when some trial is in them. Also used by
+    :mod:`tunelab.metrics`.
     """
-    counts = {"running": 0, "paused": 0, "pending": 0, "culled": 0, "finished": 0, "error": 0}
+    counts = dict.fromkeys(LIVE_STATES, 0)
     for t in trials:
-        if t.status == "TERMINATED":
-            it = (t.last_result or {}).get(ITERATION, 0)
-            counts["finished" if it >= budget else "culled"] += 1
-        elif t.status.lower() in counts:
-            counts[t.status.lower()] += 1
+        last = t.last_result or {}
+        status: TrialStatus = trial_status(
+            t.status,
+            int(last.get(ITERATION, 0) or 0),
+            budget,
+            diverged=as_float(last.get(DIVERGED)) > 0,
+        )
+        counts[status.value] = counts.get(status.value, 0) + 1
     return counts

@@ -13,7 +13,7 @@ Example:
 
     .. code::
 
-        from tunelab._paired_table import verdict_table
+        from tunelab.paired_table import verdict_table
 
         rows = verdict_table(
             "results.csv", metric="val/spike_l1", mode="min", min_effect=0.010,
@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from tunelab.errors import TableError
 from tunelab.verdicts import (
     MODES,
     Decision,
@@ -56,10 +57,6 @@ COL_SEED = "seed"
 COL_ARM = "arm"
 _SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _MAX_ROWS_NAMED = 20
-
-
-class TableError(ValueError):
-    """A results table (or a guardrail argument) that cannot be analysed."""
 
 
 @dataclasses.dataclass(frozen=True)

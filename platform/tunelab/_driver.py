@@ -1,0 +1,445 @@
+"""The driver: spec -> Ray Tune experiment -> tracked runs -> results and summary.
+
+:func:`run_experiment` starts a new experiment from a spec file and
+:func:`resume_experiment` continues one from its folder (after Ctrl-C, a
+crash or a SIGKILL of the driver); both end in the same post-processing, so a
+resumed experiment reaches the same final state as an uninterrupted one.
+
+The driver knows no experiment kind: it asks the spec's
+:class:`~tunelab.kinds.ExperimentKind` for the milestones, scheduler, search
+algorithm, param space, per-trial tags and the post-processing. The folder's
+paths are :class:`~tunelab.layout.ExperimentLayout`'s; trial outcomes are
+decided by :mod:`tunelab.outcome`; tracking goes through a
+:class:`~tunelab.tracking.Tracker`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tunelab._checkpoint import atomic_write_json, read_json, sorted_checkpoints
+from tunelab._spec import AnySpec, load_spec, parse_spec, spec_hash
+from tunelab._trial import TrialSetup, run_trial
+from tunelab.errors import ExperimentError, ExperimentInterrupted
+from tunelab.kinds import ExperimentKind, FinalizeContext, get_kind
+from tunelab.layout import ExperimentLayout, RunState
+from tunelab.names import (
+    TAG_CULLED_AT,
+    TAG_EXPERIMENT_DIR,
+    TAG_FAMILY,
+    TAG_GIT_COMMIT,
+    TAG_KIND,
+    TAG_N_FAILED,
+    TAG_N_TRIALS,
+    TAG_ROLE,
+    TAG_SPEC,
+    TAG_SPEC_HASH,
+    TrialStatus,
+)
+from tunelab.outcome import TrialOutcome, outcome_from_result
+from tunelab.tracking import (
+    MlflowTracker,
+    Tracker,
+    TrackingCallback,
+    default_tracking_uri,
+    git_commit,
+)
+
+__all__ = ["init_ray", "read_state", "resume_experiment", "run_experiment", "write_table"]
+
+
+def run_experiment(
+    spec_file: str | Path,
+    *,
+    quick: bool = False,
+    storage: str | Path = "tunelab_results",
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    progress: bool | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Validate ``spec_file`` and run it to the end.
+
+    Args:
+        spec_file: The YAML spec.
+        quick: Apply the spec's ``quick:`` block.
+        storage: Folder for experiment folders and the embedded MLflow store.
+        tracking_uri: MLflow tracking URI (default ``$MLFLOW_TRACKING_URI`` or
+            sqlite under ``storage``).
+        address: Ray address (default ``$RAY_ADDRESS`` or a local Ray).
+        progress: Force the terminal progress display on or off.
+        overrides: ``dotted.key=value`` changes applied after ``quick``.
+
+    Returns:
+        The summary (also written to ``summary.json``): ``experiment_dir``,
+        ``tracking_uri``, ``mlflow_experiment``, ``mlflow_experiment_id``,
+        ``parent_run_id``, ``spec``, ``kind``, ``metric`` (``{name, mode}``),
+        ``trials`` (each ``trial_id``, ``run_id``, ``seed``, ``iterations``,
+        ``status``, ``metrics``, ``error``, and ``arm`` / ``round`` / ``stage``
+        for a lever A/B), ``failed``, ``failure_budget``, and per kind
+        ``cull`` + ``selected`` (seed cull), ``best`` (sweep) or
+        ``verdicts`` + ``rounds`` + ``stacked`` + ``final_control`` (lever A/B).
+
+    Raises:
+        SpecError: the spec is invalid (nothing has started).
+        ExperimentInterrupted: the driver was stopped (SIGINT / SIGTERM) with
+            trials unfinished; nothing was finalized; ``resume_experiment`` continues.
+    """
+    spec = load_spec(spec_file, quick=quick, overrides=overrides)
+    storage = Path(storage).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    tracking_uri = (
+        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
+    )
+    layout = ExperimentLayout.new(storage, spec.name)
+    layout.root.mkdir(parents=True)
+    tracker = MlflowTracker(tracking_uri)
+    artifact_root = storage / "mlartifacts" if tracking_uri.startswith("sqlite") else None
+    exp_id = tracker.ensure_experiment(spec.name, artifact_root)
+    commit = git_commit(Path(spec_file).resolve().parent)
+    parent = tracker.start_run(
+        exp_id,
+        layout.root.name,
+        {**_base_tags(spec, commit), TAG_EXPERIMENT_DIR: str(layout.root)},
+    )
+    tracker.log_dict(parent, spec.model_dump(mode="json"), "spec.json")
+    state = RunState(
+        spec=spec.model_dump(mode="json"),
+        spec_file=str(Path(spec_file).resolve()),
+        quick=quick,
+        experiment_dir=str(layout.root),
+        storage=str(storage),
+        tracking_uri=tracking_uri,
+        mlflow_experiment=spec.name,
+        mlflow_experiment_id=exp_id,
+        parent_run_id=parent,
+        git_commit=commit,
+        created=layout.root.name.removeprefix(f"{spec.name}-"),
+    )
+    atomic_write_json(layout.state_file, dataclasses.asdict(state))
+    return _run(state, spec, tracker, address=address, progress=progress, restore=False)
+
+
+def resume_experiment(
+    experiment_dir: str | Path, *, address: str | None = None, progress: bool | None = None
+) -> dict[str, Any]:
+    """Continue an interrupted experiment from its folder to the same final state.
+
+    Returns the same summary as :func:`run_experiment`.
+
+    Raises:
+        ExperimentError: the folder is not a tunelab experiment, or Tune never
+            saved its state there (it never started).
+        ExperimentInterrupted: stopped again before the end.
+    """
+    state = read_state(experiment_dir)
+    spec = parse_spec(state.spec, source=state.spec_file)
+    tracker = MlflowTracker(state.tracking_uri)
+    return _run(state, spec, tracker, address=address, progress=progress, restore=True)
+
+
+def read_state(experiment_dir: str | Path) -> RunState:
+    """The recorded state of an experiment folder.
+
+    Raises:
+        ExperimentError: the folder has no readable ``tunelab.json``.
+    """
+    layout = ExperimentLayout(Path(experiment_dir).resolve())
+    if not layout.is_experiment():
+        raise ExperimentError(
+            f"{Path(experiment_dir)} is not a tunelab experiment folder (no {layout.state_file.name})"
+        )
+    try:
+        return layout.read_state()
+    except (OSError, ValueError, TypeError) as err:
+        raise ExperimentError(f"{layout.state_file}: unreadable ({err})") from None
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local Ray with one CPU per core.
+
+    ``TUNELAB_METRICS_EXPORT_PORT`` serves Ray's and tunelab's metrics to
+    Prometheus from the local Ray (dashboards/README.md).
+    """
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        port = os.environ.get("TUNELAB_METRICS_EXPORT_PORT")
+        extra: dict[str, Any] = {"_metrics_export_port": int(port)} if port else {}
+        ray.init(
+            num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=False, **extra
+        )
+
+
+def write_table(table: Any, stem: Path) -> None:
+    """Write a DataFrame as ``stem.csv`` and ``stem.parquet``, each atomically."""
+    tmp_csv, tmp_pq = stem.with_suffix(".csv.tmp"), stem.with_suffix(".parquet.tmp")
+    table.to_csv(tmp_csv, index=False)
+    table.to_parquet(tmp_pq, index=False)
+    os.replace(tmp_csv, stem.with_suffix(".csv"))
+    os.replace(tmp_pq, stem.with_suffix(".parquet"))
+
+
+# -- running ----------------------------------------------------------------------------
+def _run(
+    state: RunState,
+    spec: AnySpec,
+    tracker: Tracker,
+    *,
+    address: str | None,
+    progress: bool | None,
+    restore: bool,
+) -> dict[str, Any]:
+    kind = get_kind(spec.kind)(spec, state.layout)
+    init_ray(address)
+    tuner = _tuner(state, spec, kind, tracker, progress=progress, restore=restore)
+    with _stdout_to_stderr(), _sigterm_stops_gracefully():  # stdout stays for --json
+        grid = tuner.fit()
+        unfinished = _unfinished_trials(grid)
+        if unfinished:
+            raise ExperimentInterrupted(state.layout.root, unfinished)
+        return _finalize(state, spec, kind, tracker, grid)
+
+
+@contextlib.contextmanager
+def _sigterm_stops_gracefully() -> Iterator[None]:
+    """Turn SIGTERM (SLURM preemption, ``scancel``) into Tune's graceful stop (SIGUSR1).
+
+    Tune then checkpoints the experiment state one last time and returns; trials
+    resume from their latest checkpoints with ``platform resume``.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(
+        signal.SIGTERM, lambda sig, frame: os.kill(os.getpid(), signal.SIGUSR1)
+    )
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _unfinished_trials(grid: Any) -> int:
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
+
+
+def _trainable(state: RunState, spec: AnySpec, kind: ExperimentKind) -> Any:
+    from ray import tune
+
+    layout = state.layout
+    setup = TrialSetup(
+        family=spec.family,
+        spec=spec.name,
+        budget=spec.budget,
+        checkpoint_every=spec.checkpoint.every,
+        milestones=kind.milestones(),
+        data_root=str(state.data_root),
+        artifacts_root=str(layout.artifacts_dir),
+        threads=max(1, int(spec.resources.cpu)),
+    )
+    resources: dict[str, float] = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    if spec.resources.memory_gb:
+        resources["memory"] = spec.resources.memory_gb * 1024**3
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
+
+
+def _tuner(
+    state: RunState,
+    spec: AnySpec,
+    kind: ExperimentKind,
+    tracker: Tracker,
+    *,
+    progress: bool | None,
+    restore: bool,
+) -> Any:
+    from ray import tune
+
+    from tunelab.metrics import TrialStateMetrics  # Prometheus gauges of trial states
+    from tunelab.progress import ProgressCallback
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    layout = state.layout
+    trainable = _trainable(state, spec, kind)
+    if restore:
+        if not layout.tuner_state_file.exists():
+            raise ExperimentError(
+                f"{layout.root} has no Tune state yet (it never started); run it again"
+            )
+        return tune.Tuner.restore(
+            str(layout.tune_dir),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+    child_tags = _base_tags(spec, state.git_commit)
+    if kind.role is not None:
+        child_tags[TAG_ROLE] = kind.role.value
+    callbacks: list[Any] = [
+        TrackingCallback(
+            tracker=tracker,
+            experiment_id=state.mlflow_experiment_id,
+            parent_run_id=state.parent_run_id,
+            runs_file=str(layout.runs_file),
+            base_tags=child_tags,
+            trial_tags=kind.trial_tags(),
+            artifacts_root=str(layout.artifacts_dir),
+        ),
+        ProgressCallback(
+            metric=spec.metric.name,
+            mode=spec.metric.mode,
+            budget=spec.budget,
+            total=kind.total_trials(),
+            enabled=progress,
+        ),
+        TrialStateMetrics(spec=spec.name, family=spec.family, budget=spec.budget),
+    ]
+    return tune.Tuner(
+        trainable,
+        param_space=kind.param_space(),
+        tune_config=tune.TuneConfig(
+            scheduler=kind.scheduler(),
+            search_alg=kind.search_alg(),
+            num_samples=kind.num_samples(),
+            reuse_actors=True,
+            max_concurrent_trials=spec.max_concurrent,
+            trial_dirname_creator=_trial_dirname,
+            trial_name_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=layout.tune_dir.name,
+            storage_path=str(layout.root),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            failure_config=tune.FailureConfig(max_failures=spec.failure.retries),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+
+
+def _trial_dirname(trial: Any) -> str:
+    return ExperimentLayout.trial_dirname(trial.trial_id)
+
+
+# -- post-processing --------------------------------------------------------------------
+def _finalize(
+    state: RunState, spec: AnySpec, kind: ExperimentKind, tracker: Tracker, grid: Any
+) -> dict[str, Any]:
+    layout = state.layout
+    runs = read_json(layout.runs_file, {})
+    outcomes = [
+        outcome_from_result(result, spec.budget, runs=runs, checkpoint=_last_checkpoint(result))
+        for result in grid
+    ]
+    outcomes.sort(key=lambda o: (o.seed if isinstance(o.seed, int) else 0, o.trial_id))
+    for o in outcomes:
+        if o.run_id is None:
+            continue
+        if o.status is TrialStatus.CULLED:
+            tracker.set_tags(o.run_id, {TAG_CULLED_AT: o.iterations})
+        tracker.end_run(o.run_id, "FAILED" if o.status is TrialStatus.ERROR else "FINISHED")
+    table = _results_table(outcomes, kind.placement)
+    write_table(table, layout.results_stem)
+    failed = sum(o.status is TrialStatus.ERROR for o in outcomes)
+    summary: dict[str, Any] = {
+        "experiment_dir": str(layout.root),
+        "tracking_uri": state.tracking_uri,
+        "mlflow_experiment": state.mlflow_experiment,
+        "mlflow_experiment_id": state.mlflow_experiment_id,
+        "parent_run_id": state.parent_run_id,
+        "spec": spec.name,
+        "kind": spec.kind,
+        "metric": spec.metric.model_dump(),
+        "trials": [_summary_trial(o, kind.placement) for o in outcomes],
+        "failed": failed,
+        "failure_budget": spec.failure.tolerate,
+    }
+    ctx = FinalizeContext(state=state, layout=layout, tracker=tracker, table=table)
+    summary.update(kind.finalize(ctx, outcomes))
+    parent = state.parent_run_id
+    tracker.set_tags(parent, {TAG_N_TRIALS: len(outcomes), TAG_N_FAILED: failed})
+    atomic_write_json(layout.summary_file, summary)
+    tracker.log_artifact(parent, layout.results_csv)
+    tracker.log_artifact(parent, layout.summary_file)
+    tracker.end_run(parent, "FAILED" if failed > spec.failure.tolerate else "FINISHED")
+    return summary
+
+
+def _summary_trial(o: TrialOutcome, placement: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "trial_id": o.trial_id,
+        "run_id": o.run_id,
+        "seed": o.seed,
+        **{k: getattr(o, k) for k in placement},
+        "iterations": o.iterations,
+        "status": o.status.value,
+        "metrics": o.metrics,
+        "error": o.error,
+    }
+
+
+def _results_table(outcomes: list[TrialOutcome], placement: tuple[str, ...]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {
+                "trial_id": o.trial_id,
+                "run_id": o.run_id,
+                "seed": o.seed,
+                **{k: getattr(o, k) for k in placement},
+                "status": o.status.value,
+                "iterations": o.iterations,
+                "culled_at": o.culled_at,
+                **{
+                    f"config.{k}": v
+                    for k, v in o.config.items()
+                    if isinstance(v, (int, float, str, bool))
+                },
+                **o.metrics,
+            }
+            for o in outcomes
+        ]
+    )
+
+
+def _base_tags(spec: AnySpec, commit: str) -> dict[str, str]:
+    return {
+        TAG_KIND: spec.kind,
+        TAG_SPEC: spec.name,
+        TAG_SPEC_HASH: spec_hash(spec),
+        TAG_FAMILY: spec.family,
+        TAG_GIT_COMMIT: commit,
+    }
+
+
+def _last_checkpoint(result: Any) -> str | None:
+    if result.checkpoint is not None:
+        return str(result.checkpoint.path)
+    found = (
+        sorted_checkpoints(Path(result.path)) if result.path and Path(result.path).is_dir() else []
+    )
+    return str(found[-1]) if found else None
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Keep stdout clean for ``--json``: anything Ray/Tune prints goes to stderr."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield

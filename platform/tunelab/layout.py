@@ -1,0 +1,241 @@
+"""The experiment folder: every path in it, its recorded state, and readers.
+
+An experiment folder ``<storage>/<spec name>-<timestamp>/`` holds Tune's
+experiment directory ``tune/`` (trial folders ``trial_<id>/`` with Tune's
+``result.json`` and checkpoints, Tune's own state) and, beside it and out of
+reach of Tune's driver sync (which re-uploads the copy it downloaded at restore,
+so files inside Tune's folder would go stale), tunelab's own files::
+
+    tunelab.json            the resolved spec and where its runs live (RunState)
+    tunelab_runs.json       trial id -> MLflow run id
+    tunelab_cull.json       sync cull arrivals and decision
+    tunelab_lever.json      the lever searcher's state
+    trial_artifacts/<id>/   what a trial exported at its budget (manifest, WAV...)
+    results.parquet / .csv  one row per trial (written when finalized)
+    summary.json            the final summary (its presence = finalized)
+    selected_model.json     seed cull: the selected seed's manifest
+    seed_table.parquet/.csv seed cull: the results table again, by seed
+    selected/               seed cull: artifacts regenerated from the selected checkpoint
+    verdicts.json           lever A/B: one verdict per lever and round
+
+Everything that reads or writes these goes through :class:`ExperimentLayout`;
+Tune's per-trial ``result.json`` is read by :func:`read_result_lines` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RUN_STATE_FILE",
+    "ExperimentLayout",
+    "RunState",
+    "find_experiments",
+    "read_result_lines",
+]
+
+RUN_STATE_FILE = "tunelab.json"
+TUNE_DIR = "tune"
+TRIAL_RESULT = "result.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentLayout:
+    """All paths of one experiment folder.
+
+    Args:
+        root: The experiment folder (absolute or relative; used as given).
+    """
+
+    root: Path
+
+    @classmethod
+    def new(cls, storage: Path, spec_name: str, stamp: str | None = None) -> ExperimentLayout:
+        """A fresh, not yet created folder ``<storage>/<spec_name>-<stamp>``."""
+        stamp = stamp or dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        return cls(Path(storage) / f"{spec_name}-{stamp}")
+
+    # -- tunelab's files ------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.root / RUN_STATE_FILE
+
+    @property
+    def runs_file(self) -> Path:
+        return self.root / "tunelab_runs.json"
+
+    @property
+    def cull_state_file(self) -> Path:
+        return self.root / "tunelab_cull.json"
+
+    @property
+    def lever_state_file(self) -> Path:
+        return self.root / "tunelab_lever.json"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.root / "trial_artifacts"
+
+    def trial_artifacts(self, trial_id: str) -> Path:
+        return self.artifacts_dir / trial_id
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def results_stem(self) -> Path:
+        """``results`` (``.csv`` and ``.parquet``)."""
+        return self.root / "results"
+
+    @property
+    def results_csv(self) -> Path:
+        return self.results_stem.with_suffix(".csv")
+
+    @property
+    def results_parquet(self) -> Path:
+        return self.results_stem.with_suffix(".parquet")
+
+    @property
+    def seed_table_stem(self) -> Path:
+        return self.root / "seed_table"
+
+    @property
+    def selected_manifest(self) -> Path:
+        return self.root / "selected_model.json"
+
+    @property
+    def selected_dir(self) -> Path:
+        return self.root / "selected"
+
+    @property
+    def verdicts_file(self) -> Path:
+        return self.root / "verdicts.json"
+
+    # -- Tune's folder -------------------------------------------------------------------
+    @property
+    def tune_dir(self) -> Path:
+        """Tune's experiment directory (``RunConfig(storage_path=root, name="tune")``)."""
+        return self.root / TUNE_DIR
+
+    @staticmethod
+    def trial_dirname(trial_id: str) -> str:
+        """Tune's trial folder name for ``trial_id`` (``trial_dirname_creator``)."""
+        return f"trial_{trial_id}"
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return self.tune_dir / self.trial_dirname(trial_id)
+
+    def trial_result_file(self, trial_id: str) -> Path:
+        return self.trial_dir(trial_id) / TRIAL_RESULT
+
+    def trial_result_files(self) -> Iterator[Path]:
+        """Every trial's ``result.json`` under ``tune/``, sorted by folder name."""
+        if self.tune_dir.is_dir():
+            yield from sorted(self.tune_dir.glob(f"*/{TRIAL_RESULT}"))
+
+    def trial_results(self) -> dict[str, list[dict[str, Any]]]:
+        """trial id -> its per-iteration results (see :func:`read_result_lines`)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for path in self.trial_result_files():
+            rows = read_result_lines(path)
+            if rows:
+                tid = str(rows[-1].get("trial_id") or path.parent.name.removeprefix("trial_"))
+                out[tid] = rows
+        return out
+
+    @property
+    def tuner_state_file(self) -> Path:
+        return self.tune_dir / "tuner.pkl"
+
+    def tune_trial_states(self) -> dict[str, str]:
+        """trial id -> Tune's last recorded status (RUNNING, PAUSED, ...), from its snapshot."""
+        states: dict[str, str] = {}
+        found = sorted(self.tune_dir.glob("experiment_state-*.json"))
+        if not found:
+            return states
+        try:
+            data = json.loads(found[-1].read_text())
+        except (OSError, ValueError):
+            return states
+        for entry in data.get("trial_data", []):
+            try:
+                meta = json.loads(entry[1]) if isinstance(entry, list) else {}
+                trial = json.loads(entry[0]) if isinstance(entry, list) else entry
+                states[trial.get("trial_id", "")] = meta.get("status") or trial.get(
+                    "status", "UNKNOWN"
+                )
+            except (TypeError, ValueError, AttributeError):
+                continue
+        return states
+
+    # -- state ---------------------------------------------------------------------------
+    def is_experiment(self) -> bool:
+        return self.state_file.is_file()
+
+    def is_finalized(self) -> bool:
+        return self.summary_file.is_file()
+
+    def read_state(self) -> RunState:
+        """The recorded :class:`RunState` (raises FileNotFoundError or ValueError)."""
+        return RunState(**json.loads(self.state_file.read_text()))
+
+
+@dataclasses.dataclass
+class RunState:
+    """What ``tunelab.json`` records about an experiment."""
+
+    spec: dict[str, Any]
+    spec_file: str
+    quick: bool
+    experiment_dir: str
+    storage: str
+    tracking_uri: str
+    mlflow_experiment: str
+    mlflow_experiment_id: str
+    parent_run_id: str
+    git_commit: str
+    created: str
+
+    @property
+    def layout(self) -> ExperimentLayout:
+        return ExperimentLayout(Path(self.experiment_dir))
+
+    @property
+    def data_root(self) -> Path:
+        """The storage's shared data folder (generated corpora, shared by experiments)."""
+        return Path(self.storage) / "data"
+
+
+def read_result_lines(path: Path) -> list[dict[str, Any]]:
+    """Tune's JSON-lines ``result.json``: one dict per reported iteration.
+
+    A line cut short by a crash (the last one, usually) or any line that is not
+    a JSON object is skipped; a missing file reads as no rows.
+    """
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def find_experiments(storage: Path) -> list[ExperimentLayout]:
+    """Experiment folders directly under ``storage``, oldest first (by ``tunelab.json`` mtime)."""
+    found = sorted(Path(storage).glob(f"*/{RUN_STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+    return [ExperimentLayout(p.parent) for p in found]

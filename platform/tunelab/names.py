@@ -1,0 +1,165 @@
+"""tunelab's vocabulary, defined once: MLflow tags, outcome labels, trial statuses,
+result keys and the file names of an experiment folder (shared/DESIGN.md, "Tags").
+
+Everything tunelab writes where a user filters or a tool reads (the MLflow UI
+search box, ``summary.json``, the results tables, dashboards) is named here and
+nowhere else. Family metric names (``val/autonomy``) are defined once at the top
+of each family module; Prometheus metric and label names in :mod:`tunelab.metrics`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "ARM_CONTROL",
+    "DIVERGED",
+    "ITERATION",
+    "LIVE_STATES",
+    "M_CKPT_BYTES",
+    "M_CKPT_TIME",
+    "M_ITER_TIME",
+    "OUTCOME_OF_VERDICT",
+    "Outcome",
+    "Role",
+    "TrialStatus",
+    "as_float",
+]
+
+# -- MLflow tags (one namespace) ---------------------------------------------------------
+TAG_KIND = "tunelab.kind"
+TAG_SPEC = "tunelab.spec"
+TAG_SPEC_HASH = "tunelab.spec_hash"
+TAG_FAMILY = "tunelab.family"
+TAG_SEED = "tunelab.seed"
+TAG_ROLE = "tunelab.role"
+TAG_LEVER = "tunelab.lever"
+TAG_ROUND = "tunelab.round"
+TAG_STAGE = "tunelab.stage"
+TAG_TRIAL_ID = "tunelab.trial_id"
+TAG_STATUS = "tunelab.status"
+TAG_GIT_COMMIT = "tunelab.git_commit"
+TAG_EXPERIMENT_DIR = "tunelab.experiment_dir"
+TAG_CULLED_AT = "tunelab.culled_at"
+TAG_SELECTED = "tunelab.selected"
+TAG_SELECTED_SEED = "tunelab.selected_seed"
+TAG_SELECTED_RUN = "tunelab.selected_run_id"
+TAG_SELECTED_VALUE = "tunelab.selected_value"
+TAG_N_TRIALS = "tunelab.n_trials"
+TAG_N_FAILED = "tunelab.n_failed"
+# verdicts (child run of a lever; the parent carries ``<tag>.<lever>``)
+TAG_VERDICT = "tunelab.verdict"
+TAG_MEANINGFUL = "tunelab.meaningful"
+TAG_EFFECT = "tunelab.effect"
+TAG_CI_LOW = "tunelab.ci_low"
+TAG_CI_HIGH = "tunelab.ci_high"
+TAG_P_VALUE = "tunelab.p_value"
+TAG_N_PAIRS = "tunelab.n_pairs"
+TAG_OUTCOME = "tunelab.outcome"
+TAG_ROUNDS = "tunelab.rounds"
+TAG_STACKED = "tunelab.stacked"
+#: ``guardrail.<name>`` = ``pass`` | ``fail`` | ``inconclusive``
+TAG_GUARDRAIL_PREFIX = "guardrail."
+#: MLflow's own tag linking a child run to its parent.
+TAG_MLFLOW_PARENT = "mlflow.parentRunId"
+
+
+class Role(str, enum.Enum):
+    """``tunelab.role`` of a trial's run."""
+
+    SEED = "seed"
+    VARIANT = "variant"
+    CONTROL = "control"
+
+
+#: The control arm of a lever A/B (``arm`` column, ``tunelab.lever`` of control runs).
+ARM_CONTROL = "control"
+
+
+class Outcome(str, enum.Enum):
+    """``tunelab.outcome`` of a lever A/B run: what the experiment decided about it."""
+
+    BASELINE = "baseline"
+    CONTROL = "control"
+    WIN = "win"
+    NEGATIVE = "negative"
+    NULL = "null"
+    INCONCLUSIVE = "inconclusive"
+    SUPERSEDED = "superseded"
+    CRASHED_EARLY = "crashed-early"
+
+
+#: Verdict label (:mod:`tunelab.verdicts`) -> run outcome.
+OUTCOME_OF_VERDICT = {
+    "win": Outcome.WIN,
+    "negative": Outcome.NEGATIVE,
+    "null": Outcome.NULL,
+    "inconclusive": Outcome.INCONCLUSIVE,
+    "crashed": Outcome.CRASHED_EARLY,
+}
+
+
+class TrialStatus(str, enum.Enum):
+    """What happened to a trial, decided once by :func:`tunelab.outcome.trial_status`.
+
+    ``finished``: reached the budget. ``culled``: a scheduler stopped it early.
+    ``error``: failed for the last time. ``interrupted``: the driver stopped
+    before it was done (never finalized). ``diverged``: it ended on a
+    non-finite value (``health/diverged`` reported by the trial).
+    Before a trial ends it is ``pending``, ``running`` or ``paused``.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    FINISHED = "finished"
+    CULLED = "culled"
+    ERROR = "error"
+    INTERRUPTED = "interrupted"
+    DIVERGED = "diverged"
+
+    @property
+    def done(self) -> bool:
+        """Whether the trial has ended for good."""
+        return self in _DONE
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The statuses a live experiment is counted in (progress, the Prometheus trial gauge).
+LIVE_STATES: tuple[str, ...] = tuple(
+    s.value
+    for s in (
+        TrialStatus.RUNNING,
+        TrialStatus.PAUSED,
+        TrialStatus.PENDING,
+        TrialStatus.CULLED,
+        TrialStatus.FINISHED,
+        TrialStatus.ERROR,
+    )
+)
+
+_DONE = frozenset(
+    {TrialStatus.FINISHED, TrialStatus.CULLED, TrialStatus.ERROR, TrialStatus.DIVERGED}
+)
+
+# -- result keys (what a trial reports every iteration besides the family's metrics) --
+#: The iteration number (1-based); schedulers use it as time.
+ITERATION = "iteration"
+#: Per-iteration wall time of the family's work, seconds.
+M_ITER_TIME = "sys/iter_time_s"
+#: Time spent writing the checkpoint of this iteration, seconds.
+M_CKPT_TIME = "sys/checkpoint_time_s"
+#: Size of the checkpoint of this iteration, bytes.
+M_CKPT_BYTES = "sys/checkpoint_bytes"
+#: Reported as 1.0 by a trial the health monitor ended (non-finite loss or weights).
+DIVERGED = "health/diverged"
+
+
+def as_float(value: object) -> float:
+    """A reported value as a float; NaN for anything that is not a number."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")

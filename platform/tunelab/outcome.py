@@ -1,0 +1,242 @@
+"""What happened to each trial, decided in one place.
+
+:func:`trial_status` is the only rule that turns what Tune knows about a trial
+(its status, the iterations it reached, whether it reported divergence, whether
+the driver was stopped) into a :class:`~tunelab.names.TrialStatus`.
+:class:`TrialOutcome` carries that status with the trial's identity and final
+metrics; the summary, ``platform status``, the progress display, the lever
+searcher and the report all use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tunelab.layout import ExperimentLayout
+from tunelab.names import DIVERGED, ITERATION, TrialStatus, as_float
+
+__all__ = [
+    "TrialOutcome",
+    "count_statuses",
+    "final_metrics",
+    "outcome_from_result",
+    "outcome_from_rows",
+    "outcome_from_trial",
+    "outcomes_from_folder",
+    "trial_status",
+]
+
+_LIVE = {
+    "PENDING": TrialStatus.PENDING,
+    "RUNNING": TrialStatus.RUNNING,
+    "PAUSED": TrialStatus.PAUSED,
+}
+
+
+def trial_status(
+    tune_status: str,
+    iterations: int,
+    budget: int,
+    *,
+    diverged: bool = False,
+    stopped: bool = False,
+) -> TrialStatus:
+    """The one rule for a trial's status.
+
+    Args:
+        tune_status: Tune's status (``PENDING``, ``RUNNING``, ``PAUSED``,
+            ``TERMINATED``, ``ERROR``).
+        iterations: The last iteration the trial reported (0 if none).
+        budget: The spec's iterations per trial.
+        diverged: The trial's last result reported ``health/diverged``.
+        stopped: The driver was stopped (signal) before the trial ended.
+
+    A terminated trial is ``finished`` at the budget and ``culled`` below it
+    (unless it diverged); an errored one is ``error``; a trial not yet ended is
+    ``interrupted`` once the driver was stopped, else pending / running / paused.
+    """
+    status = tune_status.upper()
+    if status == "ERROR":
+        return TrialStatus.ERROR
+    if status == "TERMINATED":
+        if diverged:
+            return TrialStatus.DIVERGED
+        return TrialStatus.FINISHED if iterations >= budget else TrialStatus.CULLED
+    if stopped:
+        return TrialStatus.INTERRUPTED
+    return _LIVE.get(status, TrialStatus.PENDING)
+
+
+def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The namespaced metrics (``group/name``) of a result, as floats."""
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+@dataclasses.dataclass
+class TrialOutcome:
+    """One trial, as the summary, ``status``, progress and reports see it.
+
+    Attributes:
+        trial_id: Tune's trial id.
+        seed: The trial's seed.
+        status: See :func:`trial_status`.
+        iterations: The last iteration it reported.
+        metrics: Its last reported namespaced metrics (NaN kept).
+        run_id: Its MLflow run (None if none was created).
+        arm, round, stage: Lever A/B placement (None for other kinds).
+        config: The family config it ran.
+        checkpoint: Its latest checkpoint folder, if any.
+        error: The first line of its error, if it failed.
+    """
+
+    trial_id: str
+    seed: int | None
+    status: TrialStatus
+    iterations: int
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    run_id: str | None = None
+    arm: str | None = None
+    round: int | None = None
+    stage: str | None = None
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    checkpoint: str | None = None
+    error: str | None = None
+
+    def value(self, metric: str | None) -> float:
+        """A final metric as a float (NaN when missing)."""
+        return as_float(self.metrics.get(metric)) if metric else math.nan
+
+    @property
+    def culled_at(self) -> int | None:
+        return self.iterations if self.status is TrialStatus.CULLED else None
+
+
+def _placement(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {"arm": config.get("arm"), "round": config.get("round"), "stage": config.get("stage")}
+
+
+def outcome_from_trial(trial: Any, budget: int, *, stopped: bool = False) -> TrialOutcome:
+    """The outcome of a live Tune ``Trial`` (driver side: callbacks, searchers)."""
+    last = dict(getattr(trial, "last_result", None) or {})
+    iterations = int(last.get(ITERATION, 0) or 0)
+    config = dict(getattr(trial, "config", None) or {})
+    return TrialOutcome(
+        trial_id=str(trial.trial_id),
+        seed=config.get("seed"),
+        status=trial_status(
+            str(trial.status), iterations, budget, diverged=_diverged(last), stopped=stopped
+        ),
+        iterations=iterations,
+        metrics=final_metrics(last),
+        config=dict(config.get("config") or {}),
+        **_placement(config),
+    )
+
+
+def outcome_from_result(
+    result: Any,
+    budget: int,
+    *,
+    runs: Mapping[str, str] | None = None,
+    checkpoint: str | None = None,
+) -> TrialOutcome:
+    """The outcome of a ``ray.tune.Result`` of a finished ``Tuner.fit`` (finalizing).
+
+    ``runs`` maps trial ids to run ids (``tunelab_runs.json``).
+    """
+    m = dict(result.metrics or {})
+    tid = str(m.get("trial_id") or Path(result.path).name.removeprefix("trial_"))
+    iterations = int(m.get(ITERATION, 0) or 0)
+    error = None if result.error is None else str(result.error).splitlines()[0][:500]
+    config = dict(result.config or {})
+    return TrialOutcome(
+        trial_id=tid,
+        seed=config.get("seed"),
+        status=trial_status(
+            "ERROR" if result.error is not None else "TERMINATED",
+            iterations,
+            budget,
+            diverged=_diverged(m),
+        ),
+        iterations=iterations,
+        metrics=final_metrics(m),
+        run_id=(runs or {}).get(tid),
+        config=dict(config.get("config") or {}),
+        checkpoint=checkpoint,
+        error=error,
+        **_placement(config),
+    )
+
+
+def outcome_from_rows(
+    trial_id: str,
+    rows: list[dict[str, Any]],
+    budget: int,
+    *,
+    tune_status: str,
+    run_id: str | None = None,
+    stopped: bool = False,
+) -> TrialOutcome:
+    """The outcome of a trial read back from its ``result.json`` rows (``status``, reports)."""
+    last = rows[-1] if rows else {}
+    iterations = int(last.get(ITERATION, 0) or 0)
+    config = dict(last.get("config") or {})
+    return TrialOutcome(
+        trial_id=trial_id,
+        seed=config.get("seed"),
+        status=trial_status(
+            tune_status, iterations, budget, diverged=_diverged(last), stopped=stopped
+        ),
+        iterations=iterations,
+        metrics=final_metrics(last),
+        run_id=run_id,
+        config=dict(config.get("config") or {}),
+        **_placement(config),
+    )
+
+
+def outcomes_from_folder(
+    layout: ExperimentLayout, budget: int, runs: Mapping[str, str] | None = None
+) -> list[TrialOutcome]:
+    """Every trial of an experiment folder that reported at least once, by folder name.
+
+    A finalized experiment keeps the statuses its summary recorded; otherwise
+    Tune's last snapshot decides which trials are still pending / running / paused.
+    """
+    runs = dict(runs or {})
+    recorded: dict[str, str] = {}
+    if layout.is_finalized():
+        import json
+
+        summary = json.loads(layout.summary_file.read_text())
+        recorded = {t["trial_id"]: t["status"] for t in summary.get("trials", [])}
+    tune_states = layout.tune_trial_states()
+    out = []
+    for tid, rows in layout.trial_results().items():
+        o = outcome_from_rows(
+            tid, rows, budget, tune_status=tune_states.get(tid, "PENDING"), run_id=runs.get(tid)
+        )
+        if tid in recorded:
+            o.status = TrialStatus(recorded[tid])
+        out.append(o)
+    return out
+
+
+def count_statuses(outcomes: Iterable[TrialOutcome]) -> dict[str, int]:
+    """Trials per status, every status listed (0 when none)."""
+    counts = {s.value: 0 for s in TrialStatus}
+    for o in outcomes:
+        counts[o.status.value] += 1
+    return counts
+
+
+def _diverged(result: Mapping[str, Any]) -> bool:
+    return bool(as_float(result.get(DIVERGED)) > 0)
