@@ -1,13 +1,8 @@
-"""Experiment families: one module each, registered here by name.
+"""Experiment families: one module each, defining ``FAMILY = tunelab.Family(...)``.
 
-Each module defines ``FAMILY = tunelab.Family(...)``; modules are imported
-lazily so that listing families costs nothing.
+The shipped families are registered as Python entry points in the group
+``tunelab.families`` in this repository's ``pyproject.toml``
+(``[project.entry-points."tunelab.families"]``), exactly the way a user's own
+package registers its families; see :mod:`tunelab._family`. Nothing is imported
+here, so listing families never imports a family module.
 """
-
-FAMILIES: dict[str, str] = {
-    "ouroboros": "trainables.ouroboros",
-    "flow_policy": "trainables.flow_policy",
-    "recursive_reasoner": "trainables.recursive_reasoner",
-}
-
-__all__ = ["FAMILIES"]

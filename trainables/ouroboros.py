@@ -24,8 +24,8 @@ a divergent rollout scores the sentinel -5.0.
 
 Run it (tunelab owns the loop)::
 
-    platform sweep search_spaces/ouroboros.yaml            # seed cull, 4 seeds
-    platform sweep search_spaces/ouroboros.yaml --quick    # CPU smoke size
+    platform sweep search_spaces/seed_cull.yaml            # seed cull, 4 seeds
+    platform sweep search_spaces/seed_cull.yaml --quick    # CPU smoke size
 
 Sizes, by config alone: :data:`QUICK_CONFIG` is the CPU smoke size (about 1-1.5
 CPU-seconds per iteration, 6 iterations); the defaults are a CPU-minutes size

@@ -33,7 +33,14 @@ from tunelab._checkpoint import (
     seed_everything,
     sorted_checkpoints,
 )
-from tunelab._family import Experiment, Family, family_names, get_family
+from tunelab._family import (
+    FAMILY_GROUP,
+    Experiment,
+    Family,
+    FamilyConflictError,
+    family_names,
+    get_family,
+)
 from tunelab._spec import load_spec, parse_spec
 from tunelab.errors import (
     ExperimentError,
@@ -50,10 +57,12 @@ if TYPE_CHECKING:
     from tunelab._trial import build_experiment, restore_experiment
 
 __all__ = [
+    "FAMILY_GROUP",
     "Experiment",
     "ExperimentError",
     "ExperimentInterrupted",
     "Family",
+    "FamilyConflictError",
     "ReportError",
     "SpecError",
     "TableError",

@@ -63,6 +63,7 @@ def run_experiment(
     address: str | None = None,
     progress: bool | None = None,
     overrides: Sequence[str] = (),
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Validate ``spec_file`` and run it to the end.
 
@@ -75,6 +76,8 @@ def run_experiment(
         address: Ray address (default ``$RAY_ADDRESS`` or a local Ray).
         progress: Force the terminal progress display on or off.
         overrides: ``dotted.key=value`` changes applied after ``quick``.
+        tracker: A tracking backend (default: :class:`~tunelab.tracking.MlflowTracker`
+            on ``tracking_uri``); its ``uri`` is recorded for resume.
 
     Returns:
         The summary (also written to ``summary.json``): ``experiment_dir``,
@@ -94,12 +97,14 @@ def run_experiment(
     spec = load_spec(spec_file, quick=quick, overrides=overrides)
     storage = Path(storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)
-    tracking_uri = (
-        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
-    )
+    if tracker is None:
+        tracking_uri = (
+            tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
+        )
+        tracker = MlflowTracker(tracking_uri)
+    tracking_uri = tracker.uri
     layout = ExperimentLayout.new(storage, spec.name)
     layout.root.mkdir(parents=True)
-    tracker = MlflowTracker(tracking_uri)
     artifact_root = storage / "mlartifacts" if tracking_uri.startswith("sqlite") else None
     exp_id = tracker.ensure_experiment(spec.name, artifact_root)
     commit = git_commit(Path(spec_file).resolve().parent)
@@ -127,11 +132,16 @@ def run_experiment(
 
 
 def resume_experiment(
-    experiment_dir: str | Path, *, address: str | None = None, progress: bool | None = None
+    experiment_dir: str | Path,
+    *,
+    address: str | None = None,
+    progress: bool | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Continue an interrupted experiment from its folder to the same final state.
 
-    Returns the same summary as :func:`run_experiment`.
+    ``tracker`` defaults to :class:`~tunelab.tracking.MlflowTracker` on the
+    recorded tracking URI. Returns the same summary as :func:`run_experiment`.
 
     Raises:
         ExperimentError: the folder is not a tunelab experiment, or Tune never
@@ -140,7 +150,7 @@ def resume_experiment(
     """
     state = read_state(experiment_dir)
     spec = parse_spec(state.spec, source=state.spec_file)
-    tracker = MlflowTracker(state.tracking_uri)
+    tracker = tracker or MlflowTracker(state.tracking_uri)
     return _run(state, spec, tracker, address=address, progress=progress, restore=True)
 
 

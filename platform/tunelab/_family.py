@@ -23,17 +23,49 @@ Rules a family follows so that runs are reproducible and resume is bit-exact:
   under ``data_root`` (shared by all trials; use :func:`tunelab.data_lock`).
 - Metric names are namespaced constants (``train/loss``, ``val/autonomy``,
   ``health/grad_norm``) defined once at the top of the family module.
+
+Registering a family. Families are found through Python entry points in the
+group ``tunelab.families`` (the standard plugin mechanism): the entry point's
+name is the name specs use and its value names the ``Family`` object. The
+shipped families are registered this way in tunelab's own ``pyproject.toml``,
+and a user's package registers its families exactly the same way::
+
+    # pyproject.toml of the package that holds my_lab/my_family.py
+    [project.entry-points."tunelab.families"]
+    my_family = "my_lab.my_family:FAMILY"
+
+then ``pip install -e .`` that package (entry points are read from installed
+metadata, so a new or renamed entry needs a reinstall) and write
+``family: my_family`` in a spec. ``platform`` lists the registered names
+without importing any family module; a family module is imported only when its
+name is looked up. The entry point's name must equal ``FAMILY.name``.
+
+A spec may instead name the object directly, ``family: "my_lab.my_family:FAMILY"``
+(no registration needed). Either way a family name is code: looking it up
+imports the module it names and runs its top-level code, so only run specs you
+would run as a script.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Experiment", "Family", "family_names", "get_family"]
+__all__ = [
+    "FAMILY_GROUP",
+    "Experiment",
+    "Family",
+    "FamilyConflictError",
+    "family_names",
+    "get_family",
+]
+
+#: The entry point group families are registered in.
+FAMILY_GROUP = "tunelab.families"
 
 
 @runtime_checkable
@@ -89,29 +121,87 @@ class Family:
         return self.config_cls(**dict(values))
 
 
-def family_names() -> list[str]:
-    """Names of the families registered in ``trainables``."""
-    import trainables
+class FamilyConflictError(ImportError):
+    """Two installed distributions register the same family name with different values.
 
-    return sorted(trainables.FAMILIES)
+    An :class:`ImportError` because the family cannot be loaded until one of the
+    registrations is removed (spec validation reports it like any other family
+    that fails to load).
+    """
+
+
+def _entry_points() -> dict[str, list[importlib.metadata.EntryPoint]]:
+    """The ``tunelab.families`` entry points by name (read fresh from installed metadata).
+
+    Equal registrations (same name and value, e.g. one distribution seen twice)
+    count once; nothing is imported.
+    """
+    by_name: dict[str, list[importlib.metadata.EntryPoint]] = {}
+    for ep in importlib.metadata.entry_points(group=FAMILY_GROUP):
+        seen = by_name.setdefault(ep.name, [])
+        if all(ep.value != other.value for other in seen):
+            seen.append(ep)
+    return by_name
+
+
+def _origin(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{ep.value!r} (distribution {dist.name!r})" if dist is not None else repr(ep.value)
+
+
+def family_names() -> list[str]:
+    """Names of the families registered under the ``tunelab.families`` entry point group.
+
+    Reads installed metadata only; no family module is imported.
+    """
+    return sorted(_entry_points())
 
 
 def get_family(name: str) -> Family:
     """Look up a family by registered name or by ``"package.module:ATTR"``.
 
+    A registered name loads that one entry point (importing only its module);
+    ``"package.module:ATTR"`` imports ``package.module`` and takes ``ATTR``. Both
+    import and run code: a family name in a spec is code, not data.
+
     Raises:
         KeyError: the name is not registered (the message lists the known ones).
+        FamilyConflictError: two installed distributions register ``name`` with
+            different values (the message names both).
+        TypeError: the object named is not a :class:`Family`, or a registered
+            family's ``Family.name`` differs from its entry point name.
+        ImportError, AttributeError: the module or attribute named does not exist.
     """
     if ":" in name:
         module_name, attr = name.split(":", 1)
         family = getattr(importlib.import_module(module_name), attr)
-    else:
-        import trainables
-
-        if name not in trainables.FAMILIES:
-            known = ", ".join(sorted(trainables.FAMILIES))
-            raise KeyError(f"unknown family {name!r}; known families: {known}")
-        family = importlib.import_module(trainables.FAMILIES[name]).FAMILY
+        if not isinstance(family, Family):
+            raise TypeError(f"{name!r} does not name a tunelab.Family")
+        return family
+    registered = _entry_points()
+    eps = registered.get(name)
+    if not eps:
+        known = ", ".join(sorted(registered)) or (
+            f"none (no installed distribution registers entry points in group "
+            f"{FAMILY_GROUP!r}; pip install -e the package that does)"
+        )
+        raise KeyError(f"unknown family {name!r}; known families: {known}")
+    if len(eps) > 1:
+        where = " and ".join(_origin(ep) for ep in eps)
+        raise FamilyConflictError(
+            f"family {name!r} is registered more than once in entry point group "
+            f"{FAMILY_GROUP!r}: {where}; uninstall one, or name the family as "
+            f"'package.module:ATTR' in the spec"
+        )
+    family = eps[0].load()
     if not isinstance(family, Family):
-        raise TypeError(f"{name!r} does not name a tunelab.Family")
+        raise TypeError(
+            f"{name!r} does not name a tunelab.Family "
+            f"(entry point {eps[0].value!r} in group {FAMILY_GROUP!r})"
+        )
+    if family.name != name:
+        raise TypeError(
+            f"entry point {name!r} = {eps[0].value!r} in group {FAMILY_GROUP!r} loads a "
+            f"Family named {family.name!r}; register it under {family.name!r}"
+        )
     return family
