@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-
 from typing import TYPE_CHECKING
 
 from tunelab.kinds._base import ExperimentKind, FinalizeContext
