@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tunelab.errors import EXIT_FAILED, EXIT_INVALID
+from tunelab.errors import EXIT_FAILED, EXIT_INVALID, EXIT_NO_SELECTION
 
 app = typer.Typer(
     help="tunelab: seed culls, paired-seed lever A/B verdicts and sweeps on Ray Tune + MLflow.",
@@ -49,7 +49,7 @@ def _exit_codes() -> Iterator[None]:
 
 def _finish(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(summary, default=str))
+        typer.echo(_strict_json(summary))
     else:
         _print_summary(summary)
     if summary.get("failed", 0) > summary.get("failure_budget", 0):
@@ -57,6 +57,16 @@ def _finish(summary: dict[str, Any], as_json: bool) -> None:
             f"{summary['failed']} trial(s) failed, more than the spec tolerates ({summary['failure_budget']})"
         )
         raise typer.Exit(EXIT_FAILED)
+    if summary.get("no_selection"):
+        _err(f"no seed selected: {summary['no_selection']}")
+        raise typer.Exit(EXIT_NO_SELECTION)
+
+
+def _strict_json(obj: Any) -> str:
+    """JSON without bare NaN / Infinity tokens (non-finite numbers become null)."""
+    from tunelab import strict_json
+
+    return json.dumps(strict_json(obj), default=str, allow_nan=False)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -66,6 +76,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for t in summary["trials"]:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
     out("trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    cull = summary.get("cull")
+    if cull:
+        out(
+            f"cull: {cull['scheduler']} at iteration {cull['at']} kept {cull.get('kept', '?')} "
+            f"of {len(summary['trials'])} seeds (keep {cull['keep']})"
+        )
     sel = summary.get("selected")
     if sel:
         out(
@@ -171,7 +187,7 @@ def status(
     with _exit_codes():
         info = experiment_status(experiment_dir or latest_experiment(storage))
     if as_json:
-        typer.echo(json.dumps(info, default=str))
+        typer.echo(_strict_json(info))
         return
     from rich.console import Console
     from rich.table import Table
@@ -249,7 +265,7 @@ def verdict(
         _err(str(err))
         raise typer.Exit(TableError.exit_code) from None
     if as_json:
-        typer.echo(json.dumps(rows, default=str))
+        typer.echo(_strict_json(rows))
         return
     from rich.console import Console
     from rich.table import Table

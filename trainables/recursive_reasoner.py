@@ -21,6 +21,17 @@ linear ramp min(1, t / ramp_steps) after an optional clean warmup, and replaced 
 probability p_clean. `multi_perturbed_ce` trains K trajectories per maze, the first one clean,
 and averages their CE; `single_perturbed_ce` trains one perturbed trajectory.
 
+Evaluation: three maze sets from separate generator streams, pairwise disjoint. Every
+iteration scores the validation mazes (``val/*``: what TPE, ASHA, lever verdicts and the
+best-checkpoint tracking see); the test mazes are scored only by ``export`` (at the trial's
+budget), as the manifest's ``test`` block (``test/*``), never as an iteration metric, so no
+spec can select on them.
+
+Randomness: the trial seed feeds two generators on separate streams, one for the data order
+(epoch permutations) and one for the trajectory noise. Arms of a lever A/B that draw different
+amounts of noise (sigma_mode none vs loguniform, K = 1 vs 4) therefore see the same batches in
+the same order for the same seed, which is what makes their comparison paired.
+
 Rollouts: `parallel_fixed` stacks the K trajectories into one batch (B -> B*K) and runs exactly
 halt_max_steps segments with no halting; `serial_act` runs the K trajectories one after the
 other as batches of B through ACT halting (gradients accumulated, one optimizer step per
@@ -91,6 +102,11 @@ M_VAL_PERTURBED = "val/perturbed_success"
 M_VAL_PERTURBED_10X = "val/perturbed_success_10x"
 M_VAL_BEST_ACC = "val/best_acc"
 M_VAL_FINAL_ACC = "val/final_acc"
+# Manifest fields of export() (the ``test`` block), NOT iteration metrics: nothing selects on them.
+M_TEST_CLEAN_ACC = "test/clean_acc"  # final model
+M_TEST_PERTURBED = "test/perturbed_success"  # final model, noise at the band max
+M_TEST_PERTURBED_10X = "test/perturbed_success_10x"  # final model, noise at 10x the band max
+M_TEST_BEST_ACC = "test/best_acc"  # clean, of the checkpoint with the best val/clean_acc
 M_GRAD_NORM = "health/grad_norm"
 M_NAN_SKIPPED = "health/nan_skipped"
 M_SYS_DTYPE = "sys/dtype"  # manifest field (a string), not an iteration metric
@@ -126,11 +142,16 @@ class Config:
     maze has loops and the *shortest* path matters."""
     n_train: Annotated[int, Field(ge=1)] = 4096
     """Training mazes."""
+    n_val: Annotated[int, Field(ge=1)] = 256
+    """Validation mazes (own generator stream, none equal to a training or test maze): the
+    val/* metrics, scored every iteration (three times: clean, band max, 10x), which tuning,
+    culling and the best checkpoint select on."""
     n_test: Annotated[int, Field(ge=1)] = 512
-    """Held-out test mazes (separate generator stream, none equal to a training maze)."""
+    """Held-out test mazes (own generator stream, none equal to a training maze), scored once
+    by export (the manifest's test/* block); nothing selects on them."""
     data_seed: int = 0
     """Seed of the maze data; the same for every trial seed (the trial seed fixes init, data
-    order and noise)."""
+    order and noise, the last two on separate streams)."""
 
     # --- model -------------------------------------------------------------------------------
     arch: Literal["trm", "hrm"] = "trm"
@@ -213,6 +234,7 @@ class Config:
 QUICK_CONFIG: dict[str, Any] = {
     "maze_size": 7,
     "n_train": 4096,
+    "n_val": 256,
     "n_test": 256,
     "hidden": 32,
     "n_layers": 1,
@@ -233,7 +255,7 @@ QUICK_CONFIG: dict[str, Any] = {
 WALL, OPEN, START, GOAL = 0, 1, 2, 3
 N_TOKENS = 4
 _DIRS = ((-1, 0), (1, 0), (0, -1), (0, 1))
-_DATA_VERSION = 1
+_DATA_VERSION = 2  # 2: adds the validation mazes
 
 
 def generate_maze(size: int, loop_frac: float, rng: np.random.Generator) -> np.ndarray:
@@ -369,10 +391,12 @@ def make_mazes(
 
 @dataclasses.dataclass(frozen=True)
 class MazeData:
-    """Train and held-out test mazes: tokens (N, S, S) int64, labels (N, S, S) int64."""
+    """Train, validation and test mazes: tokens (N, S, S) int64, labels (N, S, S) int64."""
 
     train_tokens: Tensor
     train_labels: Tensor
+    val_tokens: Tensor
+    val_labels: Tensor
     test_tokens: Tensor
     test_labels: Tensor
 
@@ -381,11 +405,14 @@ def load_or_generate_mazes(config: Config, data_root: Path) -> MazeData:
     """Generate the mazes of ``config`` once under ``data_root`` (shared by all trials).
 
     Train mazes come from the generator stream ``[data_seed, 0]``, test mazes from
-    ``[data_seed, 1]`` with every maze equal to a training maze rejected.
+    ``[data_seed, 1]`` with every maze equal to a training maze rejected, validation mazes
+    from ``[data_seed, 2]`` with every maze equal to a training or test maze rejected. The
+    three sets are pairwise disjoint, and train and test do not depend on ``n_val``.
     """
     name = (
         f"mazes_v{_DATA_VERSION}_s{config.maze_size}_loop{config.loop_frac:g}"
-        f"_train{config.n_train}_test{config.n_test}_seed{config.data_seed}.npz"
+        f"_train{config.n_train}_val{config.n_val}_test{config.n_test}"
+        f"_seed{config.data_seed}.npz"
     )
     path = Path(data_root) / "recursive_reasoner" / name
     with tunelab.data_lock(path):
@@ -398,12 +425,25 @@ def load_or_generate_mazes(config: Config, data_root: Path) -> MazeData:
             te_x, te_y = make_mazes(
                 config.n_test, size, loop, np.random.default_rng([config.data_seed, 1]), seen
             )
+            seen |= {t.tobytes() for t in te_x}
+            va_x, va_y = make_mazes(
+                config.n_val, size, loop, np.random.default_rng([config.data_seed, 2]), seen
+            )
             buf = io.BytesIO()
-            np.savez_compressed(buf, train_x=tr_x, train_y=tr_y, test_x=te_x, test_y=te_y)
+            np.savez_compressed(
+                buf, train_x=tr_x, train_y=tr_y, val_x=va_x, val_y=va_y, test_x=te_x, test_y=te_y
+            )
             tunelab.atomic_write_bytes(path, buf.getvalue())
         with np.load(path) as z:
             arrays = {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
-    return MazeData(arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"])
+    return MazeData(
+        arrays["train_x"],
+        arrays["train_y"],
+        arrays["val_x"],
+        arrays["val_y"],
+        arrays["test_x"],
+        arrays["test_y"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -786,8 +826,17 @@ def evaluate_exact_match(
 # ---------------------------------------------------------------------------------------------
 # Experiment: the tunelab contract
 # ---------------------------------------------------------------------------------------------
+def _stream_seed(seed: int, stream: int) -> int:
+    """A 64-bit seed for the trial generator ``stream`` (SeedSequence spawn key ``stream``)."""
+    child = np.random.SeedSequence(seed, spawn_key=(stream,))
+    return int(child.generate_state(1, dtype=np.uint64)[0])
+
+
+_STREAM_DATA_ORDER, _STREAM_NOISE = 0, 1
+
+
 class RecursiveReasonerExperiment:
-    """One trial: model, optimizer, own RNG, data cursor, best snapshot, metric history."""
+    """One trial: model, optimizer, own RNGs, data cursor, best snapshot, metric history."""
 
     def __init__(self, config: Config, seed: int, data: MazeData) -> None:
         self.config = config
@@ -800,8 +849,10 @@ class RecursiveReasonerExperiment:
             weight_decay=config.weight_decay,
             betas=(0.9, 0.95),
         )
-        self.generator = torch.Generator().manual_seed(seed)  # data order and noise
-        self.perm = torch.randperm(config.n_train, generator=self.generator)
+        # Separate streams: a lever that draws more (or no) noise never shifts the data order.
+        self.data_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_DATA_ORDER))
+        self.noise_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_NOISE))
+        self.perm = torch.randperm(config.n_train, generator=self.data_gen)
         self.cursor = 0
         self.step = 0  # training batches done
         self.iteration = 0
@@ -816,7 +867,7 @@ class RecursiveReasonerExperiment:
         parts, need = [], self.config.batch_size
         while need > 0:
             if self.cursor == self.perm.numel():
-                self.perm = torch.randperm(self.config.n_train, generator=self.generator)
+                self.perm = torch.randperm(self.config.n_train, generator=self.data_gen)
                 self.cursor = 0
             take = min(need, self.perm.numel() - self.cursor)
             parts.append(self.perm[self.cursor : self.cursor + take])
@@ -832,7 +883,7 @@ class RecursiveReasonerExperiment:
         for _ in range(cfg.steps_per_iter):
             idx = self._next_indices()
             noise = trajectory_noise(
-                cfg, step=self.step, batch=idx.numel(), generator=self.generator
+                cfg, step=self.step, batch=idx.numel(), generator=self.noise_gen
             )
             stats = train_batch(
                 self.model,
@@ -877,36 +928,68 @@ class RecursiveReasonerExperiment:
         return metrics
 
     def _evaluate(self) -> dict[str, float]:
-        cfg = self.config
-        self.model.eval()
+        """val/* scores: the validation mazes only (the test mazes are export's)."""
+        clean, perturbed, perturbed_10x = self._scores(
+            self.model, self.data.val_tokens, self.data.val_labels
+        )
+        return {
+            M_VAL_CLEAN_ACC: clean,
+            M_VAL_PERTURBED: perturbed,
+            M_VAL_PERTURBED_10X: perturbed_10x,
+        }
 
-        def score(sigma: float) -> float:
-            return evaluate_exact_match(
-                self.model,
-                self.data.test_tokens,
-                self.data.test_labels,
+    def _scores(
+        self, model: RecursiveReasoner, tokens: Tensor, labels: Tensor, *, clean_only: bool = False
+    ) -> tuple[float, ...]:
+        """Exact match of ``model`` at sigma 0, the band max and 10x the band max (or only 0)."""
+        cfg = self.config
+        band = band_max(cfg)
+        sigmas = (0.0,) if clean_only else (0.0, band, 10.0 * band)
+        was_training = model.training
+        model.eval()
+        out = tuple(
+            evaluate_exact_match(
+                model,
+                tokens,
+                labels,
                 n_segments=cfg.n_sup,
                 sigma=sigma,
                 perturb=cfg.perturb,
                 chunk=cfg.eval_batch_size,
                 noise_seed=_EVAL_NOISE_SEED + cfg.data_seed,
             )
-
-        band = band_max(cfg)
-        out = {
-            M_VAL_CLEAN_ACC: score(0.0),
-            M_VAL_PERTURBED: score(band),
-            M_VAL_PERTURBED_10X: score(10.0 * band),
-        }
-        self.model.train()
+            for sigma in sigmas
+        )
+        model.train(was_training)
         return out
+
+    def test_scores(self) -> dict[str, float]:
+        """The test/* block: the final model and the best-val checkpoint on the test mazes.
+
+        Called by :meth:`export` only (once, at the trial's budget); draws from no trial RNG.
+        """
+        tokens, labels = self.data.test_tokens, self.data.test_labels
+        clean, perturbed, perturbed_10x = self._scores(self.model, tokens, labels)
+        if self.best_state is None:
+            best_clean = clean
+        else:
+            best_model = copy.deepcopy(self.model)  # a copy: no init, so no global RNG draw
+            best_model.load_state_dict(self.best_state["family"]["model"])
+            (best_clean,) = self._scores(best_model, tokens, labels, clean_only=True)
+        return {
+            M_TEST_CLEAN_ACC: clean,
+            M_TEST_PERTURBED: perturbed,
+            M_TEST_PERTURBED_10X: perturbed_10x,
+            M_TEST_BEST_ACC: best_clean,
+        }
 
     # --- state ---------------------------------------------------------------------------------
     def _training_state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
+            "data_gen": self.data_gen.get_state(),
+            "noise_gen": self.noise_gen.get_state(),
             "perm": self.perm,
             "cursor": self.cursor,
             "step": self.step,
@@ -922,7 +1005,8 @@ class RecursiveReasonerExperiment:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        self.data_gen.set_state(state["data_gen"])
+        self.noise_gen.set_state(state["noise_gen"])
         self.perm = state["perm"].clone()
         self.cursor = int(state["cursor"])
         self.step = int(state["step"])
@@ -940,6 +1024,9 @@ class RecursiveReasonerExperiment:
         layout of :func:`tunelab.save_state`): ``tunelab.restore_rng_state(p["rng"])`` and
         ``experiment.load_state_dict(p["family"])`` continue training exactly from it. best.pt
         is the state at the best val/clean_acc; final.pt and latest.pt the current state.
+
+        The manifest's ``test`` block (:meth:`test_scores`) is the only place the test mazes
+        are scored.
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -966,6 +1053,7 @@ class RecursiveReasonerExperiment:
             M_VAL_FINAL_ACC: final.get(M_VAL_FINAL_ACC),
             M_VAL_PERTURBED: final.get(M_VAL_PERTURBED),
             M_VAL_PERTURBED_10X: final.get(M_VAL_PERTURBED_10X),
+            "test": self.test_scores(),
             "best_iteration": self.best_iteration,
             "iterations": self.iteration,
             "train_batches": self.step,

@@ -32,6 +32,7 @@ from tunelab._checkpoint import (
     save_state,
     seed_everything,
     sorted_checkpoints,
+    strict_json,
 )
 from tunelab._family import (
     FAMILY_GROUP,
@@ -87,6 +88,7 @@ __all__ = [
     "save_state",
     "seed_everything",
     "sorted_checkpoints",
+    "strict_json",
 ]
 
 _LAZY = {  # heavy (Ray, torch) imports, loaded on first use

@@ -9,6 +9,7 @@ that is renamed into place, so a crash never leaves a half-written state.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -32,6 +33,7 @@ __all__ = [
     "save_state",
     "seed_everything",
     "sorted_checkpoints",
+    "strict_json",
 ]
 
 STATE_FILE = "state.pt"
@@ -90,8 +92,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    """Atomically write ``obj`` as indented, strict JSON (non-finite numbers become null)."""
+    text = json.dumps(strict_json(obj), indent=2, default=str, allow_nan=False)
+    atomic_write_bytes(Path(path), (text + "\n").encode())
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN / +-inf float (also numpy floats) replaced by None.
+
+    JSON has no NaN: Python writes a bare ``NaN`` token that strict parsers
+    (``jq``, JavaScript, pandas' ``orient=...``) reject. A diverged value is
+    kept visible as ``null``.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
 
 
 def read_json(path: Path, default: Any = None) -> Any:

@@ -310,6 +310,7 @@ def _tuner(
             base_tags=child_tags,
             trial_tags=kind.trial_tags(),
             artifacts_root=str(layout.artifacts_dir),
+            nonfinite_file=str(layout.nonfinite_file),
         ),
         ProgressCallback(
             metric=spec.metric.name,

@@ -36,7 +36,7 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
     Returns:
         ``experiment_dir``, ``spec`` (name), ``kind``, ``budget``, ``metric``
         (name), ``best`` (the best value of the metric over the trials, NaN
-        never best; None if none), ``finished`` (finalized), and ``trials``:
+        and infinite values never best; None if none), ``finished`` (finalized), and ``trials``:
         each ``trial_id``, ``seed``, ``status`` (finished, culled, error,
         diverged once finalized; pending, running, paused before), ``iterations``,
         ``<metric>`` (its last value) and ``run_id``. A truncated last line of
@@ -61,7 +61,7 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
         }
         for o in outcomes_from_folder(layout, spec.budget, runs)
     ]
-    values = [v for v in (as_float(t[metric]) for t in trials) if not math.isnan(v)]
+    values = [v for v in (as_float(t[metric]) for t in trials) if math.isfinite(v)]
     best = min(values, key=lambda v: rank_key([v], spec.metric.mode)) if values else None
     return {
         "experiment_dir": str(layout.root),

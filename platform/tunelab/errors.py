@@ -11,7 +11,9 @@ error                            exit meaning
 :class:`ExperimentInterrupted`   130  the driver was stopped; ``platform resume`` continues
 ================================ ==== ==================================================
 
-``1`` is also the exit code when more trials failed than the spec tolerates.
+``1`` is also the exit code when more trials failed than the spec tolerates;
+``3`` when a seed cull ran to the end but no seed can be selected (every seed
+diverged: its selection metric is NaN or infinite, or none finished).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_INVALID",
+    "EXIT_NO_SELECTION",
     "EXIT_OK",
     "ExperimentError",
     "ExperimentInterrupted",
@@ -31,7 +34,7 @@ __all__ = [
     "TunelabError",
 ]
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NO_SELECTION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class TunelabError(Exception):

@@ -8,6 +8,7 @@ so files inside Tune's folder would go stale), tunelab's own files::
 
     tunelab.json            the resolved spec and where its runs live (RunState)
     tunelab_runs.json       trial id -> MLflow run id
+    tunelab_nonfinite.json  trial id -> first iteration with a NaN / inf metric
     tunelab_cull.json       sync cull arrivals and decision
     tunelab_lever.json      the lever searcher's state
     trial_artifacts/<id>/   what a trial exported at its budget (manifest, WAV...)
@@ -68,6 +69,11 @@ class ExperimentLayout:
     @property
     def runs_file(self) -> Path:
         return self.root / "tunelab_runs.json"
+
+    @property
+    def nonfinite_file(self) -> Path:
+        """trial id -> the first iteration it reported a non-finite metric."""
+        return self.root / "tunelab_nonfinite.json"
 
     @property
     def cull_state_file(self) -> Path:

@@ -45,6 +45,12 @@ TAG_SELECTED = "tunelab.selected"
 TAG_SELECTED_SEED = "tunelab.selected_seed"
 TAG_SELECTED_RUN = "tunelab.selected_run_id"
 TAG_SELECTED_VALUE = "tunelab.selected_value"
+#: Why a seed cull selected no seed (every seed diverged, or none finished).
+TAG_NO_SELECTION = "tunelab.no_selection"
+#: How many seeds a cull actually kept (ASHA / Optuna may keep fewer than ``keep``).
+TAG_KEPT = "tunelab.kept"
+#: The first iteration a run reported a non-finite (NaN / inf) metric.
+TAG_NONFINITE = "tunelab.nonfinite"
 TAG_N_TRIALS = "tunelab.n_trials"
 TAG_N_FAILED = "tunelab.n_failed"
 # verdicts (child run of a lever; the parent carries ``<tag>.<lever>``)

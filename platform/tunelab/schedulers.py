@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from tunelab._checkpoint import atomic_write_json, read_json
 from tunelab.names import ITERATION, as_float
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CULL_SCHEDULERS",
     "CullPlan",
+    "NonFiniteLastASHA",
     "OptunaPrunerScheduler",
     "ReplayOutcome",
     "SyncCullScheduler",
@@ -273,9 +274,13 @@ class SyncCullScheduler(FIFOScheduler):
 
 
 def rank_key(score: list[float], mode: str) -> tuple[float, float]:
-    """Sort key putting the best (score, tie) first and NaN last."""
+    """Sort key putting the best (score, tie) first and non-finite (NaN, +-inf) last.
+
+    A diverged value is never better than a finite one, in either mode:
+    ``+inf`` in ``max`` mode is a blow-up, not a record.
+    """
     sign = -1.0 if mode == "max" else 1.0
-    return tuple(math.inf if math.isnan(v) else sign * v for v in score)  # type: ignore[return-value]
+    return tuple(sign * v if math.isfinite(v) else math.inf for v in score)  # type: ignore[return-value]
 
 
 class OptunaPrunerScheduler(FIFOScheduler):
@@ -341,12 +346,14 @@ class OptunaPrunerScheduler(FIFOScheduler):
         otrial = self._trials[trial.trial_id]
         step = int(result.get(self.time_attr, 0))
         value = as_float(result.get(self._metric))
-        if math.isnan(value):
-            return TrialScheduler.CONTINUE
+        if not math.isfinite(value):
+            value = math.nan  # Optuna's rule for a diverged value (SH/Hyperband prune it)
         if step in otrial.storage.get_trial(otrial._trial_id).intermediate_values:
             return TrialScheduler.CONTINUE
         otrial.report(value, step)
-        if step < self.max_t and otrial.should_prune():
+        # Non-finite is worst for every pruner (Wilcoxon never prunes NaN by itself).
+        diverged = math.isnan(value) and step >= self.min_t
+        if step < self.max_t and (diverged or otrial.should_prune()):
             self.pruned[trial.trial_id] = step
             self._finish(trial, pruned=True)
             return TrialScheduler.STOP
@@ -410,11 +417,31 @@ def _sync(plan: CullPlan) -> TrialScheduler:
     )
 
 
+class NonFiniteLastASHA(ASHAScheduler):
+    """Tune's ASHA, except that a non-finite metric at or after the grace period stops the trial.
+
+    Tune's ASHA compares ``value < cutoff``, which is False for NaN, so a
+    diverged trial would be promoted past every healthy one. Here a trial
+    whose metric is NaN or infinite once it may be culled ranks last: it is
+    stopped and not recorded in the rung (it competes with no healthy trial).
+    Arguments are ASHA's.
+    """
+
+    def __init__(self, *, grace_period: int = 1, **kwargs: Any) -> None:
+        super().__init__(grace_period=grace_period, **kwargs)
+        self.grace_period = grace_period
+
+    def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
+        value = as_float(result.get(self._metric))
+        if not math.isfinite(value) and result.get(self._time_attr, 0) >= self.grace_period:
+            self._num_stopped += 1
+            return TrialScheduler.STOP
+        return super().on_trial_result(tune_controller, trial, result)
+
+
 @register_cull_scheduler("asha")
 def _asha(plan: CullPlan) -> TrialScheduler:
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(
+    return NonFiniteLastASHA(
         time_attr=ITERATION,
         metric=plan.metric,
         mode=plan.mode,

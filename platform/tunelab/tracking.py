@@ -44,6 +44,7 @@ from tunelab.names import (
     TAG_LEVER,
     TAG_MLFLOW_PARENT,
     TAG_N_PAIRS,
+    TAG_NONFINITE,
     TAG_OUTCOME,
     TAG_P_VALUE,
     TAG_SEED,
@@ -285,7 +286,12 @@ class TrackingCallback(DriverCallback):
         base_tags: Tags set on every child run (kind, spec, hash, family...).
         trial_tags: ``f(config) -> tags`` for per-trial tags (role, lever); picklable.
         artifacts_root: Folder holding ``<trial_id>/`` artifacts to upload on completion.
+        nonfinite_file: JSON file recording each trial's first non-finite iteration.
         flush_s: Period of the background sender.
+
+    Non-finite values (NaN, +-inf) are logged as they are (MLflow 3 stores
+    them), so a diverged run shows NaN rather than its last finite value; the
+    run is tagged ``tunelab.nonfinite=<first iteration>`` once.
     """
 
     def __init__(
@@ -298,8 +304,10 @@ class TrackingCallback(DriverCallback):
         base_tags: Mapping[str, str],
         trial_tags: Callable[[dict[str, Any]], dict[str, str]] | None = None,
         artifacts_root: str | None = None,
+        nonfinite_file: str | None = None,
         flush_s: float = 1.0,
     ) -> None:
+        self.nonfinite_file = nonfinite_file
         self.tracker, self.experiment_id = tracker, experiment_id
         self.parent_run_id, self.runs_file = parent_run_id, runs_file
         self.base_tags, self.trial_tags = dict(base_tags), trial_tags
@@ -308,6 +316,7 @@ class TrackingCallback(DriverCallback):
 
     def _init_runtime(self) -> None:
         self._runs: dict[str, str] = {}
+        self._nonfinite: dict[str, int] = {}
         self._queue: queue.Queue[tuple[str, list[MetricPoint]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -321,6 +330,8 @@ class TrackingCallback(DriverCallback):
         **info: Any,
     ) -> None:
         self._runs = read_json(Path(self.runs_file), {})
+        if self.nonfinite_file:
+            self._nonfinite = read_json(Path(self.nonfinite_file), {})
         self._thread = threading.Thread(target=self._sender, name="tunelab-tracking", daemon=True)
         self._thread.start()
 
@@ -344,12 +355,19 @@ class TrackingCallback(DriverCallback):
         metrics = [
             MetricPoint(k, float(v), step, ts)
             for k, v in result.items()
-            if _is_metric_key(k)
-            and isinstance(v, (int, float))
-            and not isinstance(v, bool)
-            and math.isfinite(float(v))
+            if _is_metric_key(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
         self._queue.put((run_id, metrics))
+        if trial.trial_id not in self._nonfinite and any(
+            not math.isfinite(m.value) for m in metrics
+        ):
+            self._nonfinite[trial.trial_id] = step
+            if self.nonfinite_file:
+                atomic_write_json(Path(self.nonfinite_file), self._nonfinite)
+            try:
+                self.tracker.set_tags(run_id, {TAG_NONFINITE: step})
+            except Exception:  # tracking must never kill the experiment
+                logger.exception("set_tags failed for run %s", run_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.flush()

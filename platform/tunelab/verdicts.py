@@ -24,6 +24,33 @@ Labels (shared/VERDICTS.md, "Labels"):
 - ``inconclusive``: anything else (the normal outcome at small N).
 - ``crashed``: a pair with a missing or non-finite value; the seeds are listed.
 
+Zero variance: when every paired difference equals the same ``c`` (``sd = 0``;
+e.g. a lever the code never reads gives ``c = 0`` on every seed) the t
+statistic is ``0/0`` or ``c/0``, and its limit as the spread of the ``d_i``
+goes to 0 is used: the interval is the point ``[c, c]``, ``p = 0`` for
+``c != 0`` and ``p = 1`` for ``c = 0``, and TOST passes when
+``|c| < min_effect``. The labels above then apply unchanged, at a fixed N and
+at every look alike (it needs >= 2 pairs, like any paired t):
+
+- ``c = 0`` (identical arms): the degenerate interval ``[0, 0]`` lies inside
+  ``+-min_effect`` and is not significant, so the lever is ``null``
+  (equivalent within the smallest effect of interest), at the last look with
+  looks.
+- ``c != 0``: significant, so ``win`` (``meaningful`` when ``c > min_effect``)
+  or ``negative``, also when ``|c| <= min_effect``. That is the label of any
+  tight noisy interval inside ``(0, min_effect)`` (significance ranks above
+  equivalence), and calling the degenerate case ``null`` instead would make the
+  label hinge on float rounding: ``control + 0.05`` can give bit-identical
+  differences and ``control + 0.1`` differences that vary in the last bit.
+- A zero-variance guardrail is known exactly (bounds ``[c, c]``): it passes
+  when ``c >= -margin`` (it regressed by no more than its margin, so a
+  guardrail the lever leaves untouched passes even at ``margin = 0``) and
+  fails otherwise.
+- Sensitivity figures: BCa interval ``[c, c]`` (every resample has mean
+  ``c``), the sign-flip permutation p as usual (1 for ``c = 0``), Wilcoxon
+  NaN for ``c = 0`` (no non-zero difference to rank); ``dz`` is NaN
+  (undefined). Nothing warns.
+
 Planned looks (e.g. after 5, 10 and 20 seeds) use a Lan-DeMets O'Brien-Fleming
 type alpha spending function; the nominal two-sided p thresholds come from
 :func:`obf_thresholds`. A family of levers is corrected with Holm (confirmatory)
@@ -330,7 +357,8 @@ def paired_t_decisions(
     code. Each row is decided at the first look whose two-sided p-value is
     below the look's threshold (``alpha`` at a fixed N, :func:`obf_thresholds`
     with looks); a significant row is +1 when its mean is positive, -1 when
-    negative.
+    negative. Zero variance (a row of equal differences ``c``): interval
+    ``[c, c]``, p = 1 for ``c = 0`` (never decided) and p = 0 otherwise.
 
     Args:
         d: Differences (better-positive), shape ``(R, N)`` or ``(N,)``, all
@@ -437,7 +465,9 @@ def analyze_lever(
     Returns:
         The :class:`LeverVerdict`; a pair with any missing or non-finite value
         (primary or guardrail) makes it ``crashed`` with the seeds listed, its
-        other figures computed on the complete pairs for information.
+        other figures computed on the complete pairs for information. Zero
+        variance (every difference equal to ``c``): see the module docstring;
+        identical arms are ``null``.
     """
     _check_mode(mode, "mode")
     c = np.asarray(control, dtype=float).ravel()  # (N,)
@@ -695,14 +725,20 @@ def _decide(
             warnings.simplefilter("ignore", RuntimeWarning)
             res = stats.ttest_1samp(rows, 0.0, axis=1)
             ci = res.confidence_interval(1.0 - thr)
-        p = np.asarray(res.pvalue, dtype=float)  # (R_open,)
+        p = np.array(res.pvalue, dtype=float)  # (R_open,)
         mean = rows.mean(axis=1)  # (R_open,)
-        for key, val in (("effect", mean), ("ci_low", ci.low), ("ci_high", ci.high)):
+        low = np.array(ci.low, dtype=float)  # (R_open,)
+        high = np.array(ci.high, dtype=float)  # (R_open,)
+        flat = _zero_variance(rows)  # (R_open,)
+        c = rows[flat, 0]  # the common difference of each zero-variance row
+        mean[flat], low[flat], high[flat] = c, c, c
+        p[flat] = np.where(c == 0, 1.0, 0.0)  # limit of the t test as sd -> 0
+        for key, val in (("effect", mean), ("ci_low", low), ("ci_high", high)):
             fields[key][open_] = val
         fields["p_value"][open_] = p
         fields["thr"][open_] = thr
         look[open_] = k
-        sig = p < thr  # NaN p (zero variance) is never significant
+        sig = p < thr  # NaN p (fewer than two pairs) is never significant
         idx = np.flatnonzero(open_)
         outcome[idx[sig]] = np.sign(mean[sig]).astype(np.int8)
         open_[idx[sig]] = False
@@ -879,9 +915,16 @@ def _repeated_p(p: float, plan: tuple[int, ...], k: int) -> float:
 
 
 def _tost(d: npt.NDArray[np.float64], delta: float, alpha: float) -> tuple[float, bool]:
-    """TOST on paired differences (statsmodels ttost_paired), bounds ``+-delta``."""
-    if d.size < 2 or not np.ptp(d) > 0:
+    """TOST on paired differences (statsmodels ttost_paired), bounds ``+-delta``.
+
+    Zero variance: the interval is the point ``[c, c]``, equivalent (p = 0)
+    when ``|c| < delta``, else p = 1.
+    """
+    if d.size < 2:
         return math.nan, False
+    if _flat(d):
+        p = 0.0 if abs(float(d[0])) < delta else 1.0
+        return p, bool(p < alpha)
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         p = float(ttost_paired(d, np.zeros_like(d), -delta, delta)[0])
@@ -892,6 +935,9 @@ def _guardrail_result(dg: npt.NDArray[np.float64], g: Guardrail, alpha: float) -
     effect = float(np.mean(dg)) if dg.size else math.nan
     if dg.size < 2:
         return GuardrailResult(G_INCONCLUSIVE, effect, math.nan, math.nan, g.margin)
+    if _flat(dg):  # known exactly: regressed by no more than the margin?
+        c = float(dg[0])
+        return GuardrailResult(G_PASS if c >= -g.margin else G_FAIL, c, c, c, g.margin)
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         lower = float(
@@ -911,8 +957,24 @@ def _guardrail_result(dg: npt.NDArray[np.float64], g: Guardrail, alpha: float) -
     return GuardrailResult(status, effect, lower, upper, g.margin)
 
 
+def _zero_variance(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """Rows of ``>= 2`` differences that are all equal, shape ``(R, n)`` -> ``(R,)``.
+
+    Tested on the values, not on ``std``: the mean of equal floats can be off in
+    the last bit and leave a spurious ``sd ~ 1e-18``. A row with NaN is not flat.
+    """
+    if rows.shape[1] < 2:
+        return np.zeros(rows.shape[0], dtype=bool)
+    return np.all(rows == rows[:, :1], axis=1)
+
+
+def _flat(d: npt.NDArray[np.float64]) -> bool:
+    """Zero variance of one vector of differences (see :func:`_zero_variance`)."""
+    return bool(_zero_variance(d[None, :])[0])
+
+
 def _dz(d: npt.NDArray[np.float64]) -> float:
-    if d.size < 2:
+    if d.size < 2 or _flat(d):  # mean / 0: undefined
         return math.nan
     sd = float(np.std(d, ddof=1))
     return float(np.mean(d)) / sd if sd > 0 else math.nan
@@ -928,18 +990,23 @@ _NO_SENSITIVITY = Sensitivity(math.nan, math.nan, math.nan, math.nan)
 
 
 def _sensitivity(d: npt.NDArray[np.float64], level: float) -> Sensitivity:
-    if d.size < 3 or not np.ptp(d) > 0:
+    if d.size < 3:
         return _NO_SENSITIVITY
+    flat = _flat(d)
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        boot = stats.bootstrap(
-            (d,),
-            np.mean,
-            method="BCa",
-            confidence_level=level,
-            n_resamples=_N_RESAMPLES,
-            rng=np.random.default_rng(_RESAMPLING_SEED),
-        )
+        if flat:  # every resample has mean c; BCa's acceleration would be 0/0
+            bca_low = bca_high = float(d[0])
+        else:
+            ci = stats.bootstrap(
+                (d,),
+                np.mean,
+                method="BCa",
+                confidence_level=level,
+                n_resamples=_N_RESAMPLES,
+                rng=np.random.default_rng(_RESAMPLING_SEED),
+            ).confidence_interval
+            bca_low, bca_high = float(ci.low), float(ci.high)
         perm = stats.permutation_test(
             (d,),
             _mean_stat,
@@ -948,12 +1015,14 @@ def _sensitivity(d: npt.NDArray[np.float64], level: float) -> Sensitivity:
             n_resamples=_N_RESAMPLES,
             rng=np.random.default_rng(_RESAMPLING_SEED),
         )
-        try:
-            wilcoxon_p = float(stats.wilcoxon(d).pvalue)
-        except ValueError:
+        if flat and d[0] == 0:  # no non-zero difference to rank
             wilcoxon_p = math.nan
-    ci = boot.confidence_interval
-    return Sensitivity(float(ci.low), float(ci.high), float(perm.pvalue), wilcoxon_p)
+        else:
+            try:
+                wilcoxon_p = float(stats.wilcoxon(d).pvalue)
+            except ValueError:
+                wilcoxon_p = math.nan
+    return Sensitivity(bca_low, bca_high, float(perm.pvalue), wilcoxon_p)
 
 
 def _mean_stat(x: npt.NDArray[np.float64], axis: int) -> npt.NDArray[np.float64]:

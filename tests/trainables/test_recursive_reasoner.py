@@ -22,6 +22,7 @@ from trainables import recursive_reasoner as rr
 TINY: dict[str, Any] = {
     "maze_size": 7,
     "n_train": 48,
+    "n_val": 16,
     "n_test": 16,
     "hidden": 8,
     "n_layers": 1,
@@ -153,14 +154,41 @@ def test_path_label_is_the_unique_shortest_path(size: int, seed: int) -> None:
     assert _count_simple_paths(open_, start, goal, d) == 1
 
 
+def _maze_set(tokens: torch.Tensor) -> set[bytes]:
+    return {t.numpy().tobytes() for t in tokens}
+
+
 def test_test_set_is_held_out_and_shared_across_trial_seeds(data_root: Path) -> None:
     # no test maze equals a training maze; trial seeds share the data, data_seed changes it
     a, b = build(0, data_root).data, build(1, data_root).data
     c = build(0, data_root, data_seed=1).data
-    train = {t.numpy().tobytes() for t in a.train_tokens}
-    assert not any(t.numpy().tobytes() in train for t in a.test_tokens)
+    assert not _maze_set(a.test_tokens) & _maze_set(a.train_tokens)
     assert torch.equal(a.train_tokens, b.train_tokens) and torch.equal(a.test_labels, b.test_labels)
+    assert torch.equal(a.val_tokens, b.val_tokens)
     assert not torch.equal(a.train_tokens, c.train_tokens)
+
+
+@pytest.mark.parametrize("data_seed", [0, 1])
+def test_train_val_test_are_pairwise_disjoint(data_root: Path, data_seed: int) -> None:
+    # the validation mazes (what selection sees) share no maze with test or train
+    data = rr.load_or_generate_mazes(
+        make_config(n_val=64, n_test=64, data_seed=data_seed), data_root
+    )
+    train, val, test = (
+        _maze_set(data.train_tokens),
+        _maze_set(data.val_tokens),
+        _maze_set(data.test_tokens),
+    )
+    assert data.val_tokens.shape[0] == 64 and data.test_tokens.shape[0] == 64
+    assert not val & test and not val & train and not test & train
+
+
+def test_val_size_leaves_train_and_test_unchanged(data_root: Path) -> None:
+    # val has its own stream: changing n_val changes neither the training nor the test mazes
+    a = rr.load_or_generate_mazes(make_config(n_val=16), data_root)
+    b = rr.load_or_generate_mazes(make_config(n_val=32), data_root)
+    assert torch.equal(a.train_tokens, b.train_tokens) and torch.equal(a.test_tokens, b.test_tokens)
+    assert torch.equal(a.val_tokens, b.val_tokens[:16])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +405,7 @@ def test_bit_exact_resume(data_root: Path, tmp_path: Path) -> None:
     b = build(0, data_root, **over)
     for _ in range(n):
         b.train_iteration()
+    assert {"data_gen", "noise_gen"} <= set(b.state_dict())
     tunelab.save_state(tmp_path, b.state_dict(), iteration=n)
     c = build(123, data_root, **over)
     payload = tunelab.load_state(tmp_path)
@@ -412,3 +441,119 @@ def test_export_writes_resumable_best_final_latest(data_root: Path, tmp_path: Pa
     assert fresh.iteration == exp.best_iteration and fresh.best_acc == exp.best_acc
     latest = torch.load(tmp_path / "latest.pt", weights_only=False)
     assert latest["family"]["step"] == exp.step
+
+
+# ---------------------------------------------------------------------------------------------
+# Honest evaluation: selection on val, test once at the end; paired data order
+# ---------------------------------------------------------------------------------------------
+def _record_eval_sets(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Patch evaluate_exact_match to record the token tensor of every call."""
+    seen: list[torch.Tensor] = []
+    original = rr.evaluate_exact_match
+
+    def recording(model: rr.RecursiveReasoner, tokens: torch.Tensor, *a: Any, **k: Any) -> float:
+        seen.append(tokens)
+        return original(model, tokens, *a, **k)
+
+    monkeypatch.setattr(rr, "evaluate_exact_match", recording)
+    return seen
+
+
+def test_iterations_score_only_the_validation_mazes(
+    data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # val/* (and so TPE, ASHA, best tracking) never look at the test mazes
+    exp = build(0, data_root)
+    seen = _record_eval_sets(monkeypatch)
+    for _ in range(2):
+        exp.train_iteration()
+    assert len(seen) == 2 * 3 and all(t is exp.data.val_tokens for t in seen)
+
+
+def test_export_scores_the_test_mazes(data_root: Path, tmp_path: Path) -> None:
+    # the manifest's test block: the final model's three scores and the best-val checkpoint's
+    exp = build(0, data_root)
+    for _ in range(3):
+        exp.train_iteration()
+    test = exp.export(tmp_path)["test"]
+    assert set(test) == {
+        rr.M_TEST_CLEAN_ACC,
+        rr.M_TEST_PERTURBED,
+        rr.M_TEST_PERTURBED_10X,
+        rr.M_TEST_BEST_ACC,
+    }
+    assert all(0.0 <= v <= 1.0 for v in test.values())
+
+    def clean_test_acc(model: rr.RecursiveReasoner) -> float:
+        cfg = exp.config
+        return rr.evaluate_exact_match(
+            model,
+            exp.data.test_tokens,
+            exp.data.test_labels,
+            n_segments=cfg.n_sup,
+            sigma=0.0,
+            perturb=cfg.perturb,
+            chunk=cfg.eval_batch_size,
+            noise_seed=rr._EVAL_NOISE_SEED + cfg.data_seed,
+        )
+
+    best = build(5, data_root)
+    best.load_state_dict(torch.load(tmp_path / "best.pt", weights_only=False)["family"])
+    assert test[rr.M_TEST_BEST_ACC] == clean_test_acc(best.model)
+    assert test[rr.M_TEST_CLEAN_ACC] == clean_test_acc(exp.model)
+
+
+def test_export_leaves_training_unchanged(data_root: Path, tmp_path: Path) -> None:
+    # scoring the test mazes draws from no RNG and changes no state: training continues the same
+    a, b = build(0, data_root), build(0, data_root)
+    for _ in range(2):
+        a.train_iteration()
+        b.train_iteration()
+    b.export(tmp_path)
+    assert a.train_iteration() == b.train_iteration()
+
+
+def test_no_test_metric_is_selectable(tmp_path: Path) -> None:
+    # test/* are manifest fields, not family metrics: a spec that selects on one is rejected
+    assert not any(name.startswith("test/") for name in rr.FAMILY.metrics)
+    spec = tmp_path / "leak.yaml"
+    spec.write_text(
+        "kind: sweep\nname: leak\nfamily: recursive_reasoner\nconfig: {}\n"
+        "search: {K: {choice: [2, 4]}}\nnum_samples: 2\nbudget: 2\n"
+        f"metric: {{name: {rr.M_TEST_CLEAN_ACC}, mode: max}}\n"
+    )
+    with pytest.raises(tunelab.SpecError, match="test/clean_acc"):
+        tunelab.load_spec(spec)
+
+
+@pytest.mark.parametrize(
+    "lever",
+    [
+        {"sigma_mode": "loguniform", "sigma_min": 0.01, "sigma_max": 0.3, "ramp_steps": 3, "K": 4},
+        {"sigma_mode": "loguniform", "loss_mode": "single_perturbed_ce"},
+        {"sigma_mode": "fixed", "sigma": 0.05, "p_clean": 0.5, "K": 2},
+    ],
+    ids=["multi4_ramp", "single_perturbed", "fixed_p_clean"],
+)
+def test_noise_levers_see_the_same_batches(data_root: Path, lever: dict[str, Any]) -> None:
+    # the unperturbed control (draws no noise) and a noisy arm: same batch indices, same order,
+    # across epoch reshuffles (48 mazes / 8 per batch = 6 batches per epoch; 10 batches here)
+    control = {"sigma_mode": "none", "sigma": 0.3, "K": 1}
+    batches: dict[str, list[torch.Tensor]] = {}
+    for arm, over in (("control", control), ("lever", {**control, **lever})):
+        exp = build(7, data_root, **over)
+        original = exp._next_indices
+        drawn: list[torch.Tensor] = []
+
+        def recording(original: Any = original, drawn: list[torch.Tensor] = drawn) -> torch.Tensor:
+            idx = original()
+            drawn.append(idx.clone())
+            return idx
+
+        exp._next_indices = recording  # type: ignore[method-assign]
+        for _ in range(5):
+            exp.train_iteration()
+        batches[arm] = drawn
+    assert len(batches["control"]) == 5 * TINY["steps_per_iter"]
+    for a, b in zip(batches["control"], batches["lever"], strict=True):
+        assert torch.equal(a, b)

@@ -483,3 +483,168 @@ def test_guardrail_validates(kwargs: dict, match: str) -> None:
 def test_mismatched_lengths_raise() -> None:
     with pytest.raises(ValueError, match="equal length"):
         analyze_lever(np.zeros(5), np.zeros(6), mode="max", decision=Decision(0.1))
+
+
+# ----------------------------------------------------------------------------
+# Zero variance (every paired difference equal: sd = 0)
+# ----------------------------------------------------------------------------
+
+
+def _dyadic(n: int) -> np.ndarray:
+    # Control values on a 1/8 grid: adding a dyadic shift is exact, so the differences are
+    # bit-identical and the zero-variance path (not a last-bit sd) is exercised.
+    return 1.0 + 0.125 * np.random.default_rng(n).integers(0, 64, n)
+
+
+@pytest.mark.parametrize("n", [2, 5, 10, 35])
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_identical_arms_are_null(n: int, mode: str) -> None:
+    # A lever the code never reads: the degenerate interval [0, 0] lies inside +-min_effect.
+    control = _dyadic(n)
+    v = analyze_lever(control, control.copy(), mode=mode, decision=Decision(min_effect=0.1))
+    assert (v.verdict, v.meaningful, v.equivalent) == (NULL, False, True)
+    assert (v.effect, v.ci_low, v.ci_high, v.p_value, v.tost_p) == (0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize(("n", "label"), [(5, INCONCLUSIVE), (10, INCONCLUSIVE), (20, NULL)])
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_identical_arms_are_null_at_the_last_look(n: int, label: str, mode: str) -> None:
+    # With looks, identical arms never stop early and are null once the plan is complete.
+    control = _dyadic(n)
+    v = analyze_lever(control, control.copy(), mode=mode, decision=Decision(0.1, looks=LOOKS))
+    assert (v.verdict, v.n_pairs, v.final_look) == (label, n, n == LOOKS[-1])
+    assert (v.ci_low, v.ci_high, v.p_value) == (0.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("looks", [None, LOOKS])
+def test_zero_variance_fast_path(looks: tuple[int, ...] | None) -> None:
+    # paired_t_decisions: p = 1 for c = 0 (undecided), p = 0 for c != 0 (decided at the first
+    # look), interval [c, c].
+    c = np.array([0.0, 0.25, -0.25])
+    b = paired_t_decisions(np.repeat(c[:, None], 20, axis=1), looks=looks)
+    assert list(b.outcome) == [0, 1, -1]
+    assert list(b.p_value) == [1.0, 0.0, 0.0]
+    assert list(b.ci_low) == list(b.ci_high) == list(b.effect) == list(c)
+    assert list(b.n_used) == ([20] * 3 if looks is None else [20, 5, 5])
+
+
+@pytest.mark.parametrize(("c", "label"), [(0.0, NULL), (0.5, WIN), (-0.5, NEGATIVE)])
+def test_zero_variance_sequential_decision(c: float, label: str) -> None:
+    out = sequential_decision(np.full(20, c), LOOKS, min_effect=0.1)
+    assert (out.verdict, out.ci_low, out.ci_high) == (label, c, c)
+    assert out.look == (LOOKS.index(20) + 1 if c == 0 else 1)
+
+
+@pytest.mark.parametrize(
+    ("mode", "shift", "label"),
+    [("max", 0.5, WIN), ("max", -0.5, NEGATIVE), ("min", -0.5, WIN), ("min", 0.5, NEGATIVE)],
+)
+@pytest.mark.parametrize("looks", [None, LOOKS])
+def test_constant_shift_beyond_min_effect(
+    mode: str, shift: float, label: str, looks: tuple[int, ...] | None
+) -> None:
+    # Every seed moves by the same c: significant (p = 0) with the point interval [c, c].
+    control = _dyadic(20)
+    v = analyze_lever(control, control + shift, mode=mode, decision=Decision(0.25, looks=looks))
+    c = shift if mode == "max" else -shift
+    assert (v.verdict, v.meaningful) == (label, label == WIN)
+    assert (v.effect, v.ci_low, v.ci_high, v.p_value) == (c, c, c, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "shift", "label"),
+    [("max", 0.0625, WIN), ("max", -0.0625, NEGATIVE), ("min", -0.0625, WIN)],
+)
+def test_constant_shift_inside_min_effect_is_significant(
+    mode: str, shift: float, label: str
+) -> None:
+    # [c, c] inside +-min_effect with c != 0: TOST passes, but significance ranks first, as
+    # for any tight interval inside (0, min_effect): a win that is not meaningful (or negative).
+    control = _dyadic(10)
+    v = analyze_lever(control, control + shift, mode=mode, decision=Decision(min_effect=0.25))
+    assert (v.verdict, v.meaningful, v.equivalent) == (label, False, True)
+
+
+@pytest.mark.parametrize("c", [0.0, 0.0625, 0.5, -0.5])
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_near_zero_variance_agrees_with_zero_variance(c: float, mode: str) -> None:
+    # Continuity: differences c + 1e-12 noise get the label and interval of the exact case.
+    control = _dyadic(10)
+    noise = 1e-12 * np.array([1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, -3.0, 1.5, -1.5])
+    decision = Decision(min_effect=0.25)
+    exact = analyze_lever(control, control + c, mode=mode, decision=decision)
+    noisy = analyze_lever(control, control + c + noise, mode=mode, decision=decision)
+    assert (noisy.verdict, noisy.meaningful, noisy.equivalent) == (
+        exact.verdict,
+        exact.meaningful,
+        exact.equivalent,
+    )
+    assert (noisy.ci_low, noisy.ci_high) == pytest.approx((exact.ci_low, exact.ci_high), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("shift", "margin", "status"),
+    [
+        (0.0, 0.0, "pass"),  # untouched guardrail, no regression allowed
+        (0.0, 0.5, "pass"),
+        (0.25, 0.0, "pass"),  # improved
+        (-0.25, 0.5, "pass"),  # regressed, but by less than the margin
+        (-0.5, 0.25, "fail"),  # regressed by more than the margin
+    ],
+)
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_zero_variance_guardrail(shift: float, margin: float, status: str, mode: str) -> None:
+    # A guardrail known exactly passes when it regressed by no more than its margin.
+    control, variant = _arms(10, 1.5, seed=4, rho=0.9)
+    gc = _dyadic(10)
+    gv = gc + (shift if mode == "max" else -shift)
+    g = {"g": (gc, gv, Guardrail("g", mode, margin))}
+    v = analyze_lever(control, variant, mode="max", decision=Decision(0.1), guardrails=g)
+    r = v.guardrails["g"]
+    assert (r.status, r.effect, r.lower, r.upper) == (status, shift, shift, shift)
+
+
+def test_identical_guardrail_lets_a_win_through() -> None:
+    # A default (margin 0) guardrail the lever leaves untouched does not block the win.
+    control, variant = _arms(20, 1.5, seed=4, rho=0.9)
+    g = _guard("val/bounded_frac", control, 0.0, "max", 0.0)
+    v = analyze_lever(control, variant, mode="max", decision=Decision(0.1), guardrails=g)
+    assert (v.verdict, v.guardrails["val/bounded_frac"].status) == (WIN, "pass")
+
+
+def test_identical_arms_with_a_lost_pair_are_crashed() -> None:
+    control = _dyadic(10)
+    variant = control.copy()
+    variant[3] = np.nan
+    v = analyze_lever(control, variant, mode="max", decision=Decision(0.1))
+    assert (v.verdict, v.crashed_seeds, v.n_pairs) == (CRASHED, (3,), 9)
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("n", [3, 10, 20])
+@pytest.mark.parametrize("c", [0.0, 0.5])
+def test_zero_variance_sensitivity_does_not_warn(n: int, c: float) -> None:
+    # BCa [c, c]; sign-flip p 1 for identical arms; Wilcoxon NaN where nothing is non-zero.
+    control = _dyadic(n)
+    s = analyze_lever(control, control + c, mode="max", decision=Decision(0.1)).sensitivity
+    assert (s.bca_low, s.bca_high) == (c, c)
+    if c == 0:
+        assert s.permutation_p == 1.0
+    else:
+        assert s.permutation_p <= 2 / 2**3  # every seed on one side
+    assert math.isnan(s.wilcoxon_p) == (c == 0)
+
+
+def test_adjust_family_keeps_identical_arms_null() -> None:
+    # p = 1 is testable: the lever counts in the family and stays null (not inconclusive).
+    control = _dyadic(12)
+    same = analyze_lever(control, control.copy(), mode="max", decision=Decision(0.1), lever="S")
+    adjusted = adjust_family([*_family([0.9]), same], "holm")
+    assert (adjusted[1].verdict, adjusted[1].p_adjusted) == (NULL, 1.0)
+
+
+def test_zero_variance_verdict_is_json() -> None:
+    control = _dyadic(10)
+    v = analyze_lever(control, control.copy(), mode="max", decision=Decision(0.1))
+    out = json.loads(json.dumps(verdict_to_dict(v), allow_nan=False))
+    assert (out["verdict"], out["ci_low"], out["ci_high"], out["dz"]) == (NULL, 0.0, 0.0, None)

@@ -27,11 +27,13 @@ class Config:
     noise: float = 0.1  # label noise std
     fail_at: int = 0  # raise at this iteration (0 = never), to test failures
     nan_at: int = 0  # report NaN val/score from this iteration on (0 = never)
+    nan_seed: int = -1  # with nan_at: only this seed diverges (-1 = every seed)
 
 
 class Toy:
     def __init__(self, cfg: Config, seed: int) -> None:
         self.cfg = cfg
+        self.seed = seed
         self.net = torch.nn.Sequential(
             torch.nn.Linear(1, cfg.hidden), torch.nn.Tanh(), torch.nn.Linear(cfg.hidden, 1)
         )
@@ -54,7 +56,9 @@ class Toy:
             self.opt.step()
         with torch.no_grad():
             val = float(torch.mean((self.net(self.xv) - self.yv) ** 2))
-        score = -val if not (self.cfg.nan_at and self.it >= self.cfg.nan_at) else math.nan
+        diverged = self.cfg.nan_at and self.it >= self.cfg.nan_at
+        diverged = diverged and self.cfg.nan_seed in (-1, self.seed)
+        score = math.nan if diverged else -val
         return {
             "train/loss": float(loss.detach()),
             "val/mse": val,

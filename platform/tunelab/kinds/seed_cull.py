@@ -23,6 +23,8 @@ from tunelab._family import get_family
 from tunelab._spec import BaseSpec, ConfigUse, Strict
 from tunelab.kinds._base import ExperimentKind, FinalizeContext
 from tunelab.names import (
+    TAG_KEPT,
+    TAG_NO_SELECTION,
     TAG_SELECTED,
     TAG_SELECTED_RUN,
     TAG_SELECTED_SEED,
@@ -97,6 +99,18 @@ class SeedCullSpec(BaseSpec):
                 f"cull.at: an iteration must be an integer below the budget ({self.budget}), "
                 f"got {self.cull.at}; or give a fraction 0 < at < 1"
             )
+        if (
+            self.cull.scheduler == "sync"
+            and self.max_concurrent is not None
+            and self.max_concurrent < len(self.seeds)
+        ):
+            # Paused seeds keep their Tune slots: the seeds beyond max_concurrent would never start.
+            raise ValueError(
+                f"max_concurrent: a sync cull pauses every seed at the milestone until all "
+                f"{len(self.seeds)} seeds (seeds) arrive, so max_concurrent ({self.max_concurrent}) "
+                f"must be at least the number of seeds; raise max_concurrent, remove it, or use "
+                f"cull.scheduler: asha"
+            )
         return self
 
     def family_configs(self) -> Iterator[ConfigUse]:
@@ -141,25 +155,52 @@ class SeedCull(ExperimentKind):
         return make_cull_scheduler(cull.scheduler, plan)
 
     def finalize(self, ctx: FinalizeContext, outcomes: list[TrialOutcome]) -> dict[str, Any]:
+        """Write the seed table, select a seed; report how many seeds the cull kept.
+
+        A seed whose selection metric is non-finite (diverged) is never
+        selected. When no seed can be selected, ``selected`` is None and
+        ``no_selection`` says why; the parent run is tagged
+        ``tunelab.no_selection`` (the CLI exits 3).
+        """
         from tunelab._driver import write_table
 
         write_table(ctx.table, self.layout.seed_table_stem)
-        return {
-            "cull": self._cull_block(),
-            "selected": self._select(ctx, outcomes),
-        }
+        kept = sum(o.status is TrialStatus.FINISHED for o in outcomes)
+        ctx.tracker.set_tags(ctx.state.parent_run_id, {TAG_KEPT: kept})
+        out: dict[str, Any] = {"cull": {**self._cull_block(), "kept": kept}}
+        out["selected"] = self._select(ctx, outcomes)
+        if out["selected"] is None:
+            reason = self._no_selection_reason(outcomes)
+            out["no_selection"] = reason
+            ctx.tracker.set_tags(
+                ctx.state.parent_run_id, {TAG_NO_SELECTION: reason, TAG_SELECTED_SEED: "none"}
+            )
+        return out
 
     # -- private ---------------------------------------------------------------------------
     def _cull_block(self) -> dict[str, Any]:
         cull = self.spec.cull
         return {"at": self.milestone, "keep": cull.keep, "scheduler": cull.scheduler}
 
+    def _selectable(self, o: TrialOutcome) -> bool:
+        return o.status is TrialStatus.FINISHED and math.isfinite(o.value(self.spec.select.metric))
+
+    def _no_selection_reason(self, outcomes: list[TrialOutcome]) -> str:
+        finished = [o for o in outcomes if o.status is TrialStatus.FINISHED]
+        metric = self.spec.select.metric
+        if finished:
+            return (
+                f"every seed that finished diverged: {metric} is not finite for seeds "
+                + ", ".join(str(o.seed) for o in finished)
+            )
+        return "no seed reached the budget (every seed was culled, diverged or failed)"
+
     def _select(self, ctx: FinalizeContext, outcomes: list[TrialOutcome]) -> dict[str, Any] | None:
         from tunelab._trial import restore_experiment
         from tunelab.schedulers import rank_key
 
         spec, layout, tracker = self.spec, self.layout, ctx.tracker
-        finished = [o for o in outcomes if o.status is TrialStatus.FINISHED]
+        finished = [o for o in outcomes if self._selectable(o)]
         if not finished:
             return None
         tie = spec.cull.tie_break

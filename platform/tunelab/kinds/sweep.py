@@ -75,9 +75,9 @@ class Sweep(ExperimentKind):
         spec = self.spec
         if spec.scheduler.type != "asha":
             return super().scheduler()
-        from ray.tune.schedulers import ASHAScheduler
+        from tunelab.schedulers import NonFiniteLastASHA
 
-        return ASHAScheduler(
+        return NonFiniteLastASHA(
             time_attr=ITERATION,
             metric=spec.metric.name,
             mode=spec.metric.mode,
@@ -107,7 +107,7 @@ class Sweep(ExperimentKind):
 
 
 def best_trial(outcomes: list[TrialOutcome], metric: str, mode: str) -> dict[str, Any] | None:
-    """The best trial by ``metric`` among those that did not fail and have a value (NaN never wins)."""
+    """The best trial by ``metric`` among those that did not fail and have a finite value."""
     import math
 
     from tunelab.schedulers import rank_key

@@ -1,0 +1,182 @@
+"""A diverged seed ranks last everywhere, and NaN reaches the user (issue 9, items 1, 2, 6, 8).
+
+Offline: every registered cull scheduler (and every Optuna pruner) culls a
+seed whose metric turns NaN at the milestone, driven by recorded curves.
+End to end: a real seed cull through the CLI, Ray and MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import TOY, cli_json, run_cli, write_spec
+from tunelab import SpecError, atomic_write_json, parse_spec
+from tunelab.kinds.sweep import best_trial
+from tunelab.names import TrialStatus
+from tunelab.outcome import TrialOutcome
+from tunelab.schedulers import (
+    CULL_SCHEDULERS,
+    CullPlan,
+    make_cull_scheduler,
+    rank_key,
+    replay_curves,
+)
+
+BUDGET = 6
+FINALS = [0.5, 0.9, 0.7, 0.3]  # seed 1 would be the best, but it diverges at iteration 2
+
+
+def _curves(nan_seed: int = 1, nan_from: int = 2) -> list[list[dict[str, float]]]:
+    return [
+        [
+            {"score": math.nan if (i == nan_seed and t + 1 >= nan_from) else f * (t + 1) / BUDGET}
+            for t in range(BUDGET)
+        ]
+        for i, f in enumerate(FINALS)
+    ]
+
+
+def _plan(pruner: str = "successive_halving") -> CullPlan:
+    return CullPlan(
+        metric="score", mode="max", milestone=2, keep=2, n_trials=4, budget=BUDGET, pruner=pruner
+    )
+
+
+CASES = [
+    *[(name, "successive_halving") for name in sorted(CULL_SCHEDULERS) if name != "optuna"],
+    ("optuna", "successive_halving"),
+    ("optuna", "hyperband"),
+    ("optuna", "wilcoxon"),
+]
+
+
+@pytest.mark.parametrize(("name", "pruner"), CASES)
+def test_every_cull_scheduler_culls_the_diverged_seed(name: str, pruner: str) -> None:
+    # the NaN seed stops at the milestone; the best healthy seed trains to the budget
+    out = replay_curves(make_cull_scheduler(name, _plan(pruner)), _curves(), BUDGET)
+    assert out.iterations[1] == 2
+    assert out.iterations[2] == BUDGET
+
+
+@pytest.mark.parametrize(
+    ("values", "mode"),
+    [
+        ([1.0, math.nan, 0.5], "max"),
+        ([1.0, math.inf, 0.5], "max"),
+        ([1.0, -math.inf, 0.5], "min"),
+        ([1.0, math.nan, 0.5], "min"),
+    ],
+)
+def test_non_finite_ranks_last_in_either_mode(values: list[float], mode: str) -> None:
+    # +inf in max mode is a blow-up, not a record
+    ranked = sorted(range(3), key=lambda i: rank_key([values[i]], mode))
+    assert ranked[-1] == 1
+
+
+def test_sweep_best_never_picks_a_non_finite_trial() -> None:
+    # an infinite value is not the best config
+    outcomes = [
+        TrialOutcome(str(i), 0, TrialStatus.FINISHED, 3, {"val/score": v})
+        for i, v in enumerate([0.2, math.inf, 0.4, math.nan])
+    ]
+    best = best_trial(outcomes, "val/score", "max")
+    assert best is not None and best["trial_id"] == "2"
+
+
+def test_experiment_json_files_are_strict(tmp_path: Path) -> None:
+    # NaN and inf become null: no bare NaN token for jq / JavaScript to choke on
+    path = tmp_path / "s.json"
+    atomic_write_json(path, {"a": math.nan, "b": [math.inf, 1.0], "c": {"d": -math.inf}})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [None, 1.0], "c": {"d": None}}
+
+
+def _cull_spec(max_concurrent: int, scheduler: str) -> dict:
+    return {
+        "kind": "seed_cull",
+        "name": "t",
+        "family": TOY,
+        "seeds": 4,
+        "budget": 4,
+        "metric": {"name": "val/score", "mode": "max"},
+        "cull": {"at": 2, "keep": 2, "scheduler": scheduler},
+        "select": {"metric": "val/score", "mode": "max"},
+        "max_concurrent": max_concurrent,
+    }
+
+
+def test_sync_cull_below_the_seed_count_is_refused_naming_both_keys() -> None:
+    # paused seeds hold their slots: the rest would never start (a hang); refuse it up front
+    with pytest.raises(SpecError) as err:
+        parse_spec(_cull_spec(2, "sync"))
+    assert "max_concurrent" in str(err.value) and "seeds" in str(err.value)
+
+
+@pytest.mark.parametrize("scheduler", ["asha", "optuna"])
+def test_asynchronous_culls_accept_fewer_slots_than_seeds(scheduler: str) -> None:
+    assert parse_spec(_cull_spec(1, scheduler)).max_concurrent == 1
+
+
+# -- end to end --------------------------------------------------------------------------
+SPEC = """
+kind: seed_cull
+name: toy-nan-{name}
+family: "{toy}"
+config: {{hidden: 8, steps_per_iter: 5, nan_at: 2, nan_seed: {nan_seed}}}
+seeds: 4
+budget: 4
+metric: {{name: val/score, mode: max}}
+cull: {{at: 2, keep: 2, scheduler: {scheduler}}}
+select: {{metric: val/score, mode: max}}
+failure: {{retries: 0, tolerate: 0}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["sync", "asha"])
+def test_a_diverged_seed_is_culled_tagged_and_logged_as_nan(tmp_path: Path, scheduler: str) -> None:
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        SPEC.format(name=scheduler, toy=TOY, nan_seed=1, scheduler=scheduler),
+    )
+    summary = cli_json("sweep", str(spec), "--storage", str(tmp_path / "r"))
+    by_seed = {t["seed"]: t for t in summary["trials"]}
+    assert by_seed[1]["status"] == "culled" and by_seed[1]["iterations"] == 2
+    assert by_seed[1]["metrics"]["val/score"] is None  # strict JSON: null, not NaN
+    assert summary["selected"]["seed"] != 1
+    assert summary["cull"]["kept"] == sum(t["status"] == "finished" for t in summary["trials"])
+    text = (Path(summary["experiment_dir"]) / "summary.json").read_text()
+    assert "NaN" not in text
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(by_seed[1]["run_id"])
+    assert run.data.tags["tunelab.nonfinite"] == "2"
+    assert run.data.tags["tunelab.culled_at"] == "2"
+    history = client.get_metric_history(run.info.run_id, "val/score")
+    assert math.isnan({m.step: m.value for m in history}[2])  # the NaN itself, not the last finite
+    healthy = client.get_run(by_seed[0]["run_id"])
+    assert "tunelab.nonfinite" not in healthy.data.tags
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["tunelab.kept"] == str(summary["cull"]["kept"])
+
+
+@pytest.mark.slow
+def test_every_seed_diverged_selects_nothing_and_exits_3(tmp_path: Path) -> None:
+    spec = write_spec(
+        tmp_path / "s.yaml", SPEC.format(name="all", toy=TOY, nan_seed=-1, scheduler="sync")
+    )
+    proc = run_cli("sweep", str(spec), "--storage", str(tmp_path / "r"), "--json")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "no seed selected" in proc.stderr and "Traceback" not in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["selected"] is None and "diverged" in summary["no_selection"]
+    exp = Path(summary["experiment_dir"])
+    assert not (exp / "selected_model.json").exists()
+    parent = MlflowClient(summary["tracking_uri"]).get_run(summary["parent_run_id"])
+    assert parent.data.tags["tunelab.selected_seed"] == "none"
+    assert "diverged" in parent.data.tags["tunelab.no_selection"]
