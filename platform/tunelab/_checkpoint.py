@@ -167,15 +167,36 @@ def save_state(
 
 
 def load_state(directory: Path, *, restore_rng: bool = True) -> dict[str, Any]:
-    """Load a state written by :func:`save_state`; restores global RNGs by default."""
+    """Load a state written by :func:`save_state`; restores global RNGs by default.
+
+    ``directory`` is a checkpoint folder, or a state file itself (e.g. a
+    family's exported ``best.pt``).
+
+    Loaded with ``weights_only=True``: a checkpoint folder anyone can write to
+    must not run code when it is read. Only tensors, containers, numbers and
+    numpy arrays (numpy's RNG state is one) are accepted; anything else raises
+    ``pickle.UnpicklingError``.
+    """
     import torch
 
-    payload: dict[str, Any] = torch.load(
-        Path(directory) / STATE_FILE, map_location="cpu", weights_only=False
-    )
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+        path = Path(directory)
+        payload: dict[str, Any] = torch.load(
+            path if path.is_file() else path / STATE_FILE, map_location="cpu", weights_only=True
+        )
     if restore_rng:
         restore_rng_state(payload["rng"])
     return payload
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """What unpickling numpy arrays needs (numpy's legacy RNG state holds a uint32 array)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    dtype_classes = [type(np.dtype(t)) for t in ("uint32", "int64", "float32", "float64", "bool")]
+    return [_reconstruct, np.ndarray, np.dtype, *dtype_classes]
 
 
 def sorted_checkpoints(trial_dir: Path) -> list[Path]:

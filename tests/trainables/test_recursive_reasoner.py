@@ -435,11 +435,11 @@ def test_export_writes_resumable_best_final_latest(data_root: Path, tmp_path: Pa
     }
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert len(saved["history"]) == 3 and saved["manifest"][rr.M_SYS_DTYPE] == "bfloat16"
-    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    best = tunelab.load_state(tmp_path / "best.pt", restore_rng=False)
     fresh = build(5, data_root, dtype="bfloat16")
     fresh.load_state_dict(best["family"])
     assert fresh.iteration == exp.best_iteration and fresh.best_acc == exp.best_acc
-    latest = torch.load(tmp_path / "latest.pt", weights_only=False)
+    latest = tunelab.load_state(tmp_path / "latest.pt", restore_rng=False)
     assert latest["family"]["step"] == exp.step
 
 
@@ -498,7 +498,7 @@ def test_export_scores_the_test_mazes(data_root: Path, tmp_path: Path) -> None:
         )
 
     best = build(5, data_root)
-    best.load_state_dict(torch.load(tmp_path / "best.pt", weights_only=False)["family"])
+    best.load_state_dict(tunelab.load_state(tmp_path / "best.pt", restore_rng=False)["family"])
     assert test[rr.M_TEST_BEST_ACC] == clean_test_acc(best.model)
     assert test[rr.M_TEST_CLEAN_ACC] == clean_test_acc(exp.model)
 

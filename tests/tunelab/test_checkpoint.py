@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -68,3 +69,22 @@ def test_atomic_json_leaves_no_temp_files(tmp_path: Path) -> None:
     atomic_write_json(tmp_path / "a.json", {"x": 1})
     assert (tmp_path / "a.json").read_text().strip().startswith("{")
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+class _Evil:
+    def __reduce__(self) -> tuple:
+        return (print, ("code ran",))
+
+
+def test_load_state_runs_no_code_from_a_tampered_checkpoint(tmp_path: Path) -> None:
+    # a writable checkpoint folder must not be a way to run code (weights_only=True)
+    torch.save({"family": {"x": _Evil()}, "rng": {}, "iteration": 1}, tmp_path / "state.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_state(tmp_path)
+
+
+def test_load_state_accepts_numpy_arrays_and_the_rng_state(tmp_path: Path) -> None:
+    # numpy arrays in a family state and numpy's RNG state are allow-listed
+    save_state(tmp_path, {"a": np.arange(3, dtype=np.float32)}, iteration=2)
+    payload = load_state(tmp_path, restore_rng=True)
+    assert payload["family"]["a"].tolist() == [0.0, 1.0, 2.0] and payload["iteration"] == 2
