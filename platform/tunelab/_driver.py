@@ -28,7 +28,7 @@ from tunelab._spec import AnySpec, load_spec, parse_spec, spec_hash
 from tunelab._trial import TrialSetup, run_trial
 from tunelab.errors import ExperimentError, ExperimentInterrupted
 from tunelab.kinds import ExperimentKind, FinalizeContext, get_kind
-from tunelab.layout import ExperimentLayout, RunState
+from tunelab.layout import ExperimentLayout, RunState, read_state, write_table
 from tunelab.names import (
     TAG_CULLED_AT,
     TAG_EXPERIMENT_DIR,
@@ -51,7 +51,7 @@ from tunelab.tracking import (
     git_commit,
 )
 
-__all__ = ["init_ray", "read_state", "resume_experiment", "run_experiment", "write_table"]
+__all__ = ["init_ray", "resume_experiment", "run_experiment"]
 
 
 def run_experiment(
@@ -140,8 +140,11 @@ def resume_experiment(
 ) -> dict[str, Any]:
     """Continue an interrupted experiment from its folder to the same final state.
 
-    ``tracker`` defaults to :class:`~tunelab.tracking.MlflowTracker` on the
-    recorded tracking URI. Returns the same summary as :func:`run_experiment`.
+    Trials keep reporting through the tracker the experiment started with
+    (Tune restores its callbacks from the experiment state); ``tracker`` is
+    the one the post-processing tags and ends runs with, by default
+    :class:`~tunelab.tracking.MlflowTracker` on the recorded tracking URI.
+    Returns the same summary as :func:`run_experiment`.
 
     Raises:
         ExperimentError: the folder is not a tunelab experiment, or Tune never
@@ -152,23 +155,6 @@ def resume_experiment(
     spec = parse_spec(state.spec, source=state.spec_file)
     tracker = tracker or MlflowTracker(state.tracking_uri)
     return _run(state, spec, tracker, address=address, progress=progress, restore=True)
-
-
-def read_state(experiment_dir: str | Path) -> RunState:
-    """The recorded state of an experiment folder.
-
-    Raises:
-        ExperimentError: the folder has no readable ``tunelab.json``.
-    """
-    layout = ExperimentLayout(Path(experiment_dir).resolve())
-    if not layout.is_experiment():
-        raise ExperimentError(
-            f"{Path(experiment_dir)} is not a tunelab experiment folder (no {layout.state_file.name})"
-        )
-    try:
-        return layout.read_state()
-    except (OSError, ValueError, TypeError) as err:
-        raise ExperimentError(f"{layout.state_file}: unreadable ({err})") from None
 
 
 def init_ray(address: str | None) -> None:
@@ -191,15 +177,6 @@ def init_ray(address: str | None) -> None:
         ray.init(
             num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=False, **extra
         )
-
-
-def write_table(table: Any, stem: Path) -> None:
-    """Write a DataFrame as ``stem.csv`` and ``stem.parquet``, each atomically."""
-    tmp_csv, tmp_pq = stem.with_suffix(".csv.tmp"), stem.with_suffix(".parquet.tmp")
-    table.to_csv(tmp_csv, index=False)
-    table.to_parquet(tmp_pq, index=False)
-    os.replace(tmp_csv, stem.with_suffix(".csv"))
-    os.replace(tmp_pq, stem.with_suffix(".parquet"))
 
 
 # -- running ----------------------------------------------------------------------------

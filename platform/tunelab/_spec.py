@@ -153,6 +153,15 @@ class Domain(Strict):
         return tune.randint(v[0], v[1])
 
 
+def seed_list(v: Any) -> Any:
+    """``seeds: N`` means seeds ``0..N-1``; a list stays a list (a ``mode="before"`` validator)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v < 1:
+            raise ValueError(f"a seed count must be >= 1, got {v}")
+        return list(range(v))
+    return v
+
+
 @dataclasses.dataclass(frozen=True)
 class ConfigUse:
     """A family config a spec would run, for validation.
@@ -186,7 +195,7 @@ class BaseSpec(Strict):
     max_concurrent: Annotated[int, Field(ge=1)] | None = None
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
 
-    _coerce_seeds = field_validator("seeds", mode="before")(lambda v: seed_list(v))
+    _coerce_seeds = field_validator("seeds", mode="before")(seed_list)
 
     @field_validator("family")
     @classmethod
@@ -205,15 +214,6 @@ class BaseSpec(Strict):
     def metric_refs(self) -> list[tuple[str, str]]:
         """``(key path, metric name)`` of every metric the spec names (the family must report them)."""
         return [("metric.name", self.metric.name)]
-
-
-def seed_list(v: Any) -> Any:
-    """``seeds: N`` means seeds ``0..N-1``; a list stays a list (a ``mode="before"`` validator)."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        if v < 1:
-            raise ValueError(f"a seed count must be >= 1, got {v}")
-        return list(range(v))
-    return v
 
 
 #: Any kind's spec (each kind's model subclasses :class:`BaseSpec`).

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from tunelab._checkpoint import read_json
-from tunelab._driver import read_state
 from tunelab._spec import parse_spec
 from tunelab.errors import ExperimentError
-from tunelab.layout import ExperimentLayout, find_experiments
+from tunelab.layout import ExperimentLayout, find_experiments, read_state
 from tunelab.names import as_float
 from tunelab.outcome import outcomes_from_folder
 from tunelab.schedulers import rank_key

@@ -28,9 +28,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tunelab.errors import ExperimentError
 
 __all__ = [
     "RUN_STATE_FILE",
@@ -38,6 +41,8 @@ __all__ = [
     "RunState",
     "find_experiments",
     "read_result_lines",
+    "read_state",
+    "write_table",
 ]
 
 RUN_STATE_FILE = "tunelab.json"
@@ -239,6 +244,32 @@ def read_result_lines(path: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def read_state(experiment_dir: str | Path) -> RunState:
+    """The recorded state of an experiment folder.
+
+    Raises:
+        ExperimentError: the folder has no readable ``tunelab.json``.
+    """
+    layout = ExperimentLayout(Path(experiment_dir).resolve())
+    if not layout.is_experiment():
+        raise ExperimentError(
+            f"{Path(experiment_dir)} is not a tunelab experiment folder (no {layout.state_file.name})"
+        )
+    try:
+        return layout.read_state()
+    except (OSError, ValueError, TypeError) as err:
+        raise ExperimentError(f"{layout.state_file}: unreadable ({err})") from None
+
+
+def write_table(table: Any, stem: Path) -> None:
+    """Write a DataFrame as ``stem.csv`` and ``stem.parquet``, each atomically."""
+    tmp_csv, tmp_pq = stem.with_suffix(".csv.tmp"), stem.with_suffix(".parquet.tmp")
+    table.to_csv(tmp_csv, index=False)
+    table.to_parquet(tmp_pq, index=False)
+    os.replace(tmp_csv, stem.with_suffix(".csv"))
+    os.replace(tmp_pq, stem.with_suffix(".parquet"))
 
 
 def find_experiments(storage: Path) -> list[ExperimentLayout]:

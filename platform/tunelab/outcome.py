@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tunelab._checkpoint import read_json
 from tunelab.layout import ExperimentLayout
 from tunelab.names import DIVERGED, ITERATION, TrialStatus, as_float
 
 __all__ = [
     "TrialOutcome",
-    "count_statuses",
     "final_metrics",
     "outcome_from_result",
-    "outcome_from_rows",
-    "outcome_from_trial",
     "outcomes_from_folder",
+    "result_status",
     "trial_status",
 ]
 
@@ -119,25 +118,17 @@ class TrialOutcome:
         return self.iterations if self.status is TrialStatus.CULLED else None
 
 
-def _placement(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {"arm": config.get("arm"), "round": config.get("round"), "stage": config.get("stage")}
-
-
-def outcome_from_trial(trial: Any, budget: int, *, stopped: bool = False) -> TrialOutcome:
-    """The outcome of a live Tune ``Trial`` (driver side: callbacks, searchers)."""
-    last = dict(getattr(trial, "last_result", None) or {})
-    iterations = int(last.get(ITERATION, 0) or 0)
-    config = dict(getattr(trial, "config", None) or {})
-    return TrialOutcome(
-        trial_id=str(trial.trial_id),
-        seed=config.get("seed"),
-        status=trial_status(
-            str(trial.status), iterations, budget, diverged=_diverged(last), stopped=stopped
-        ),
-        iterations=iterations,
-        metrics=final_metrics(last),
-        config=dict(config.get("config") or {}),
-        **_placement(config),
+def result_status(
+    tune_status: str, result: Mapping[str, Any] | None, budget: int, *, stopped: bool = False
+) -> TrialStatus:
+    """:func:`trial_status` of a trial whose last result is ``result`` (iteration, divergence)."""
+    result = result or {}
+    return trial_status(
+        tune_status,
+        _iterations(result),
+        budget,
+        diverged=as_float(result.get(DIVERGED)) > 0,
+        stopped=stopped,
     )
 
 
@@ -154,53 +145,12 @@ def outcome_from_result(
     """
     m = dict(result.metrics or {})
     tid = str(m.get("trial_id") or Path(result.path).name.removeprefix("trial_"))
-    iterations = int(m.get(ITERATION, 0) or 0)
-    error = None if result.error is None else str(result.error).splitlines()[0][:500]
-    config = dict(result.config or {})
-    return TrialOutcome(
-        trial_id=tid,
-        seed=config.get("seed"),
-        status=trial_status(
-            "ERROR" if result.error is not None else "TERMINATED",
-            iterations,
-            budget,
-            diverged=_diverged(m),
-        ),
-        iterations=iterations,
-        metrics=final_metrics(m),
-        run_id=(runs or {}).get(tid),
-        config=dict(config.get("config") or {}),
-        checkpoint=checkpoint,
-        error=error,
-        **_placement(config),
-    )
-
-
-def outcome_from_rows(
-    trial_id: str,
-    rows: list[dict[str, Any]],
-    budget: int,
-    *,
-    tune_status: str,
-    run_id: str | None = None,
-    stopped: bool = False,
-) -> TrialOutcome:
-    """The outcome of a trial read back from its ``result.json`` rows (``status``, reports)."""
-    last = rows[-1] if rows else {}
-    iterations = int(last.get(ITERATION, 0) or 0)
-    config = dict(last.get("config") or {})
-    return TrialOutcome(
-        trial_id=trial_id,
-        seed=config.get("seed"),
-        status=trial_status(
-            tune_status, iterations, budget, diverged=_diverged(last), stopped=stopped
-        ),
-        iterations=iterations,
-        metrics=final_metrics(last),
-        run_id=run_id,
-        config=dict(config.get("config") or {}),
-        **_placement(config),
-    )
+    failed = result.error is not None
+    o = _outcome(tid, m, dict(result.config or {}), "ERROR" if failed else "TERMINATED", budget)
+    o.run_id = (runs or {}).get(tid)
+    o.checkpoint = checkpoint
+    o.error = str(result.error).splitlines()[0][:500] if failed else None
+    return o
 
 
 def outcomes_from_folder(
@@ -212,31 +162,37 @@ def outcomes_from_folder(
     Tune's last snapshot decides which trials are still pending / running / paused.
     """
     runs = dict(runs or {})
-    recorded: dict[str, str] = {}
-    if layout.is_finalized():
-        import json
-
-        summary = json.loads(layout.summary_file.read_text())
-        recorded = {t["trial_id"]: t["status"] for t in summary.get("trials", [])}
+    summary = read_json(layout.summary_file, {})
+    recorded = {t["trial_id"]: t["status"] for t in summary.get("trials", [])}
     tune_states = layout.tune_trial_states()
     out = []
     for tid, rows in layout.trial_results().items():
-        o = outcome_from_rows(
-            tid, rows, budget, tune_status=tune_states.get(tid, "PENDING"), run_id=runs.get(tid)
+        last = rows[-1]
+        o = _outcome(
+            tid, last, dict(last.get("config") or {}), tune_states.get(tid, "PENDING"), budget
         )
+        o.run_id = runs.get(tid)
         if tid in recorded:
             o.status = TrialStatus(recorded[tid])
         out.append(o)
     return out
 
 
-def count_statuses(outcomes: Iterable[TrialOutcome]) -> dict[str, int]:
-    """Trials per status, every status listed (0 when none)."""
-    counts = {s.value: 0 for s in TrialStatus}
-    for o in outcomes:
-        counts[o.status.value] += 1
-    return counts
+def _outcome(
+    trial_id: str, last: Mapping[str, Any], config: Mapping[str, Any], tune_status: str, budget: int
+) -> TrialOutcome:
+    return TrialOutcome(
+        trial_id=trial_id,
+        seed=config.get("seed"),
+        status=result_status(tune_status, last, budget),
+        iterations=_iterations(last),
+        metrics=final_metrics(last),
+        config=dict(config.get("config") or {}),
+        arm=config.get("arm"),
+        round=config.get("round"),
+        stage=config.get("stage"),
+    )
 
 
-def _diverged(result: Mapping[str, Any]) -> bool:
-    return bool(as_float(result.get(DIVERGED)) > 0)
+def _iterations(result: Mapping[str, Any]) -> int:
+    return int(result.get(ITERATION, 0) or 0)

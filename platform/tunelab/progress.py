@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 from tunelab._callback import DriverCallback
-from tunelab.names import DIVERGED, ITERATION, LIVE_STATES, TrialStatus, as_float
-from tunelab.outcome import trial_status
+from tunelab.names import LIVE_STATES, TrialStatus
+from tunelab.outcome import result_status
 
 __all__ = ["ProgressCallback", "trial_counts"]
 
@@ -101,7 +101,7 @@ class ProgressCallback(DriverCallback):
 
 
 def trial_counts(trials: list, budget: int) -> dict[str, int]:
-    """Tune trials per status (:func:`tunelab.outcome.trial_status`).
+    """Tune trials per status (:func:`tunelab.outcome.result_status`).
 
     Every state of :data:`tunelab.names.LIVE_STATES` is present; ``diverged`` and
     ``interrupted`` appear when some trial is in them. Also used by
@@ -109,12 +109,6 @@ def trial_counts(trials: list, budget: int) -> dict[str, int]:
     """
     counts = dict.fromkeys(LIVE_STATES, 0)
     for t in trials:
-        last = t.last_result or {}
-        status: TrialStatus = trial_status(
-            t.status,
-            int(last.get(ITERATION, 0) or 0),
-            budget,
-            diverged=as_float(last.get(DIVERGED)) > 0,
-        )
+        status = result_status(t.status, t.last_result, budget)
         counts[status.value] = counts.get(status.value, 0) + 1
     return counts

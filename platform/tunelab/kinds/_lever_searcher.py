@@ -43,8 +43,8 @@ from tunelab import verdicts as vd
 from tunelab._checkpoint import atomic_write_json
 from tunelab._spec import apply_overrides
 from tunelab.metrics import record_verdicts
-from tunelab.names import ARM_CONTROL, DIVERGED, ITERATION, TrialStatus, as_float
-from tunelab.outcome import trial_status
+from tunelab.names import ARM_CONTROL, TrialStatus, as_float
+from tunelab.outcome import result_status
 
 if TYPE_CHECKING:
     from tunelab.kinds.lever_ab import LeverABSpec
@@ -194,7 +194,7 @@ class PairedLeverSearcher(Searcher):
 
     Each suggestion is ``{"seed", "arm", "round", "stage", "config"}``, the
     family config of that arm in that round. A completed trial counts only
-    when :func:`tunelab.outcome.trial_status` calls it ``finished``; any other
+    when :func:`tunelab.outcome.result_status` calls it ``finished``; any other
     end leaves its pair missing and the lever ``crashed``.
 
     Args:
@@ -256,17 +256,13 @@ class PairedLeverSearcher(Searcher):
         return list(looks) if looks else [len(self.spec.seeds)]
 
     def _usable(self, result: dict | None, error: bool) -> dict[str, float] | None:
-        result = result or {}
-        status = trial_status(
-            "ERROR" if error else "TERMINATED",
-            int(result.get(ITERATION, 0) or 0),
-            self.spec.budget,
-            diverged=as_float(result.get(DIVERGED)) > 0,
-        )
-        if status is not TrialStatus.FINISHED:
+        status = result_status("ERROR" if error else "TERMINATED", result, self.spec.budget)
+        if result is None or status is not TrialStatus.FINISHED:
             return None
         names = [self.spec.metric.name, *(g.name for g in self.spec.guardrails)]
-        return {n: as_float(result.get(n)) for n in names}
+        values = {n: as_float(result.get(n)) for n in names}
+        # A non-finite value (a diverged arm) is a missing pair: the verdict engine calls it crashed.
+        return {n: v if math.isfinite(v) else math.nan for n, v in values.items()}
 
     def _arm_config(self, arm: str, rnd: int) -> dict[str, Any]:
         control = self.state.controls[rnd]

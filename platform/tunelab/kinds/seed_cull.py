@@ -22,6 +22,7 @@ from tunelab._checkpoint import atomic_write_json, read_json
 from tunelab._family import get_family
 from tunelab._spec import BaseSpec, ConfigUse, Strict
 from tunelab.kinds._base import ExperimentKind, FinalizeContext
+from tunelab.layout import write_table
 from tunelab.names import (
     TAG_KEPT,
     TAG_NO_SELECTION,
@@ -162,8 +163,6 @@ class SeedCull(ExperimentKind):
         ``no_selection`` says why; the parent run is tagged
         ``tunelab.no_selection`` (the CLI exits 3).
         """
-        from tunelab._driver import write_table
-
         write_table(ctx.table, self.layout.seed_table_stem)
         kept = sum(o.status is TrialStatus.FINISHED for o in outcomes)
         ctx.tracker.set_tags(ctx.state.parent_run_id, {TAG_KEPT: kept})

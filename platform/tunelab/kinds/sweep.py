@@ -7,6 +7,7 @@ every seed; the best trial by the spec's metric is reported.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
@@ -108,8 +109,6 @@ class Sweep(ExperimentKind):
 
 def best_trial(outcomes: list[TrialOutcome], metric: str, mode: str) -> dict[str, Any] | None:
     """The best trial by ``metric`` among those that did not fail and have a finite value."""
-    import math
-
     from tunelab.schedulers import rank_key
 
     ok = [
