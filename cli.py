@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tunelab.errors import EXIT_FAILED, EXIT_INVALID, EXIT_NO_SELECTION
+from tunelab.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_NO_SELECTION
 
 app = typer.Typer(
     help="tunelab: seed culls, paired-seed lever A/B verdicts and sweeps on Ray Tune + MLflow.",
@@ -45,6 +45,9 @@ def _exit_codes() -> Iterator[None]:
     except TunelabError as err:
         _err(str(err))
         raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C before the experiment's own signal handling was in place
+        _err("interrupted before any trial ran; nothing was finalized")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def _finish(summary: dict[str, Any], as_json: bool) -> None:

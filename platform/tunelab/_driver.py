@@ -26,7 +26,7 @@ from typing import Any
 from tunelab._checkpoint import atomic_write_json, read_json, sorted_checkpoints
 from tunelab._spec import AnySpec, load_spec, parse_spec, spec_hash
 from tunelab._trial import TrialSetup, run_trial
-from tunelab.errors import ExperimentError, ExperimentInterrupted
+from tunelab.errors import ExperimentInterrupted
 from tunelab.kinds import ExperimentKind, FinalizeContext, get_kind
 from tunelab.layout import ExperimentLayout, RunState, read_state, write_table
 from tunelab.names import (
@@ -147,8 +147,8 @@ def resume_experiment(
     Returns the same summary as :func:`run_experiment`.
 
     Raises:
-        ExperimentError: the folder is not a tunelab experiment, or Tune never
-            saved its state there (it never started).
+        ExperimentError: the folder is not a tunelab experiment. (One stopped
+            before Tune saved any state starts from the beginning.)
         ExperimentInterrupted: stopped again before the end.
     """
     state = read_state(experiment_dir)
@@ -190,36 +190,75 @@ def _run(
     restore: bool,
 ) -> dict[str, Any]:
     kind = get_kind(spec.kind)(spec, state.layout)
-    init_ray(address)
-    tuner = _tuner(state, spec, kind, tracker, progress=progress, restore=restore)
-    with _stdout_to_stderr(), _sigterm_stops_gracefully():  # stdout stays for --json
+    root = state.layout.root
+    with _StopSignals(root) as stop, _stdout_to_stderr():  # stdout stays for --json
+        init_ray(address)
+        stop.install()  # again: ray.init replaces the SIGTERM handler with its own (abort)
+        tuner = _tuner(state, spec, kind, tracker, progress=progress, restore=restore)
+        stop.tune_running = True
         grid = tuner.fit()
+        stop.tune_running = False
+        # Interrupted is decided by the signal and by tunelab's own count, never by the
+        # statuses Tune gives trials while it cleans up after a stop.
         unfinished = _unfinished_trials(grid)
-        if unfinished:
-            raise ExperimentInterrupted(state.layout.root, unfinished)
+        if stop.signalled or unfinished:
+            raise ExperimentInterrupted(root, unfinished)
         return _finalize(state, spec, kind, tracker, grid)
 
 
-@contextlib.contextmanager
-def _sigterm_stops_gracefully() -> Iterator[None]:
-    """Turn SIGTERM (SLURM preemption, ``scancel``) into Tune's graceful stop (SIGUSR1).
+class _StopSignals:
+    """SIGINT and SIGTERM (Ctrl-C, ``scancel``, SLURM preemption) stop the driver the same way.
 
-    Tune then checkpoints the experiment state one last time and returns; trials
-    resume from their latest checkpoints with ``platform resume``.
+    While Tune runs, a signal becomes Tune's graceful stop (SIGUSR1: the
+    experiment state is saved one last time and ``fit`` returns); at any other
+    moment (Ray start-up, building the tuner) it raises
+    :class:`ExperimentInterrupted` at once. Either way the experiment is not
+    finalized and ``platform resume`` continues it. Tune's own SIGINT handler is
+    switched off (``TUNE_DISABLE_SIGINT_HANDLER``) so that both signals take this path.
     """
-    import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(
-        signal.SIGTERM, lambda sig, frame: os.kill(os.getpid(), signal.SIGUSR1)
-    )
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    _SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, experiment_dir: Path) -> None:
+        self.experiment_dir = experiment_dir
+        self.signalled = False
+        self.tune_running = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        self.install()
+        return self
+
+    def install(self) -> None:
+        """(Re)install the handlers; the first call remembers the ones to restore."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        for name in self._SIGNALS:
+            sig = getattr(signal, name)
+            previous = signal.signal(sig, self._on_signal)
+            self._previous.setdefault(sig, previous)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def _on_signal(self, sig: int, frame: Any) -> None:
+        import signal
+
+        first = not self.signalled
+        self.signalled = True
+        tune_handler = signal.getsignal(signal.SIGUSR1)
+        if self.tune_running and tune_handler not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            if first:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return
+        raise ExperimentInterrupted(self.experiment_dir, -1)
 
 
 def _unfinished_trials(grid: Any) -> int:
@@ -264,11 +303,7 @@ def _tuner(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     layout = state.layout
     trainable = _trainable(state, spec, kind)
-    if restore:
-        if not layout.tuner_state_file.exists():
-            raise ExperimentError(
-                f"{layout.root} has no Tune state yet (it never started); run it again"
-            )
+    if restore and layout.tuner_state_file.exists():
         return tune.Tuner.restore(
             str(layout.tune_dir),
             trainable=trainable,

@@ -18,6 +18,7 @@ diverged: its selection metric is NaN or infinite, or none finished).
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 __all__ = [
@@ -78,7 +79,8 @@ class ExperimentInterrupted(TunelabError, RuntimeError):
     """The driver was stopped (Ctrl-C, SIGTERM, SLURM preemption) with trials unfinished.
 
     Trials' latest checkpoints and the experiment state are saved; nothing was
-    finalized. ``platform resume`` continues it.
+    finalized. ``platform resume`` continues it. ``unfinished`` is -1 when the
+    driver was stopped before Tune ran (Ray start-up).
     """
 
     exit_code = EXIT_INTERRUPTED
@@ -86,7 +88,8 @@ class ExperimentInterrupted(TunelabError, RuntimeError):
     def __init__(self, experiment_dir: Path, unfinished: int) -> None:
         self.experiment_dir = experiment_dir
         self.unfinished = unfinished
+        what = f"with {unfinished} trial(s) unfinished" if unfinished >= 0 else "before trials ran"
         super().__init__(
-            f"interrupted with {unfinished} trial(s) unfinished; state saved. "
-            f"Continue with: platform resume {experiment_dir}"
+            f"interrupted {what}; state saved, nothing finalized. "
+            f"Continue with: platform resume {shlex.quote(str(experiment_dir))}"
         )

@@ -48,6 +48,7 @@ __all__ = [
     "rank_key",
     "register_cull_scheduler",
     "replay_curves",
+    "will_retry",
 ]
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,17 @@ class SyncCullScheduler(FIFOScheduler):
         self._load()
 
     # -- Tune hooks ------------------------------------------------------------
+    def on_trial_add(self, tune_controller: TuneController, trial: Trial) -> None:
+        # A restored driver requeues every unfinished trial as PENDING, and Tune starts every
+        # PENDING trial whatever the scheduler says: a seed that already reached the milestone
+        # would train past it before the cull. Put it back where the cull left it.
+        if trial.status != Trial.PENDING or self._arrived.get(trial.trial_id) is None:
+            return
+        if self._survivors is None:
+            trial.set_status(Trial.PAUSED)
+        elif trial.trial_id not in self._survivors:
+            trial.set_status(Trial.TERMINATED)  # culled before the driver stopped
+
     def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
         if result.get(self.time_attr, 0) < self.milestone:
             return TrialScheduler.CONTINUE
@@ -200,7 +212,8 @@ class SyncCullScheduler(FIFOScheduler):
         self._drop(tune_controller, trial)
 
     def on_trial_error(self, tune_controller: TuneController, trial: Trial) -> None:
-        self._drop(tune_controller, trial)
+        if not will_retry(trial):  # a trial Tune retries from its checkpoint stays in the cull
+            self._drop(tune_controller, trial)
 
     def on_trial_remove(self, tune_controller: TuneController, trial: Trial) -> None:
         self._drop(tune_controller, trial)
@@ -271,6 +284,17 @@ class SyncCullScheduler(FIFOScheduler):
         if state is not None:
             self._arrived = dict(state["arrived"])
             self._survivors = state["survivors"]
+
+
+def will_retry(trial: Trial) -> bool:
+    """Whether Tune will retry ``trial`` after the failure it is reporting.
+
+    Tune calls ``on_trial_error`` both for a failure it retries from the last
+    checkpoint (``FailureConfig(max_failures)``, then requeues the trial) and
+    for the last one; only the last one takes the trial out of a cull.
+    """
+    should_recover = getattr(trial, "should_recover", None)
+    return bool(should_recover()) if callable(should_recover) else False
 
 
 def rank_key(score: list[float], mode: str) -> tuple[float, float]:
@@ -365,7 +389,8 @@ class OptunaPrunerScheduler(FIFOScheduler):
         self._finish(trial, pruned=False, value=as_float((result or {}).get(self._metric)))
 
     def on_trial_error(self, tune_controller: TuneController, trial: Trial) -> None:
-        self._finish(trial, pruned=False, failed=True)
+        if not will_retry(trial):  # a retried trial keeps its Optuna trial and its history
+            self._finish(trial, pruned=False, failed=True)
 
     def _finish(
         self, trial: Trial, *, pruned: bool, value: float = math.nan, failed: bool = False
@@ -478,6 +503,7 @@ def replay_curves(
     budget: int,
     *,
     workers: int = 2,
+    crashes: dict[int, tuple[int, bool]] | None = None,
 ) -> ReplayOutcome:
     """Drive a Tune scheduler with recorded learning curves, offline (no Ray).
 
@@ -486,8 +512,14 @@ def replay_curves(
     CONTINUE / PAUSE / STOP and its ``choose_trial_to_run`` decide everything
     else, exactly as in Tune's controller loop. Used to test culls and to
     measure their efficiency on recorded seeds (bench/bench_cull.py).
+
+    ``crashes[i] = (iteration, retried)``: trial ``i`` crashes once while
+    training that iteration. As in Tune, the scheduler's ``on_trial_error``
+    is called; a retried trial goes back to PENDING and resumes from its last
+    checkpoint (the iteration before), otherwise it ends in ERROR.
     """
     trials = [_ReplayTrial(f"t{i:04d}", c) for i, c in enumerate(curves)]
+    pending_crashes = dict(crashes or {})
     ctl = _ReplayController(trials)
     for t in trials:
         scheduler.on_trial_add(ctl, t)  # type: ignore[arg-type]
@@ -503,6 +535,13 @@ def replay_curves(
             break
         t = min(running, key=lambda x: x.it)
         t.it += 1
+        index = trials.index(t)
+        if index in pending_crashes and pending_crashes[index][0] == t.it:
+            t.retry = pending_crashes.pop(index)[1]
+            scheduler.on_trial_error(ctl, t)  # type: ignore[arg-type]
+            t.it -= 1
+            t.status = Trial.PENDING if t.retry else Trial.ERROR
+            continue
         result = {
             **t.curve[t.it - 1],
             ITERATION: t.it,
@@ -525,6 +564,10 @@ class _ReplayTrial:
     status: str = Trial.PENDING
     it: int = 0
     is_saving: bool = False
+    retry: bool = False
+
+    def should_recover(self) -> bool:
+        return self.retry
 
 
 class _ReplayController:

@@ -96,3 +96,34 @@ def test_asha_through_the_same_harness() -> None:
     )
     out = replay_curves(sched, _curves([0.2, 0.9, 0.1, 0.3, 0.05, 0.4]), BUDGET)
     assert out.iterations[1] == BUDGET and sum(out.iterations) < 6 * BUDGET
+
+
+@pytest.mark.parametrize("pruner", [None, "successive_halving", "hyperband"])
+def test_a_retried_trial_stays_in_the_cull(pruner: str | None) -> None:
+    # the best seed crashes once before the milestone and is retried: it must still win the cull
+    finals = [0.5, 0.9, 0.3, 0.2]
+    scheduler = (
+        _sync(4, 1)
+        if pruner is None
+        else OptunaPrunerScheduler(
+            metric="score", mode="max", pruner=pruner, max_t=BUDGET, min_t=3, reduction_factor=4
+        )
+    )
+    straight = replay_curves(scheduler, _curves(finals), BUDGET)
+    scheduler = (
+        _sync(4, 1)
+        if pruner is None
+        else OptunaPrunerScheduler(
+            metric="score", mode="max", pruner=pruner, max_t=BUDGET, min_t=3, reduction_factor=4
+        )
+    )
+    crashed = replay_curves(scheduler, _curves(finals), BUDGET, crashes={1: (2, True)})
+    assert crashed.iterations == straight.iterations
+    assert crashed.iterations[1] == BUDGET
+
+
+def test_a_trial_that_failed_for_the_last_time_drops_out_of_the_sync_cull() -> None:
+    # without a retry the trial is out; the cull decides among the others without waiting
+    out = replay_curves(_sync(4, 1), _curves([0.5, 0.9, 0.3, 0.2]), BUDGET, crashes={1: (2, False)})
+    assert out.status[1] == "ERROR" and out.iterations[1] == 1
+    assert out.iterations == [BUDGET, 1, 3, 3]

@@ -28,12 +28,15 @@ class Config:
     fail_at: int = 0  # raise at this iteration (0 = never), to test failures
     nan_at: int = 0  # report NaN val/score from this iteration on (0 = never)
     nan_seed: int = -1  # with nan_at: only this seed diverges (-1 = every seed)
+    crash_once_at: int = 0  # crash once at this iteration (a worker crash Tune retries; 0 = never)
+    crash_seed: int = -1  # with crash_once_at: only this seed crashes (-1 = every seed)
 
 
 class Toy:
-    def __init__(self, cfg: Config, seed: int) -> None:
+    def __init__(self, cfg: Config, seed: int, data_root: Path | None = None) -> None:
         self.cfg = cfg
         self.seed = seed
+        self.data_root = data_root
         self.net = torch.nn.Sequential(
             torch.nn.Linear(1, cfg.hidden), torch.nn.Tanh(), torch.nn.Linear(cfg.hidden, 1)
         )
@@ -47,6 +50,8 @@ class Toy:
         self.it += 1
         if self.cfg.fail_at and self.it == self.cfg.fail_at:
             raise RuntimeError("toy failure")
+        if self._crashes_now():
+            raise RuntimeError("toy worker crash (once)")
         for _ in range(self.cfg.steps_per_iter):
             x = torch.rand(32, 1) * 6 - 3  # global RNG: restored by tunelab
             y = torch.sin(x) + self.cfg.noise * torch.randn(32, 1)
@@ -67,6 +72,20 @@ class Toy:
             "val/aux": float(np.float32(self.it)),
         }
 
+    def _crashes_now(self) -> bool:
+        """True the first time this seed reaches ``crash_once_at`` (a marker file remembers it)."""
+        cfg = self.cfg
+        if not cfg.crash_once_at or self.it != cfg.crash_once_at or self.data_root is None:
+            return False
+        if cfg.crash_seed not in (-1, self.seed):
+            return False
+        marker = Path(self.data_root) / f"toy-crashed-seed{self.seed}"
+        if marker.exists():
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        return True
+
     def state_dict(self) -> dict[str, Any]:
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "it": self.it}
 
@@ -84,7 +103,7 @@ class Toy:
 
 
 def build(cfg: Config, seed: int, data_root: Path) -> Toy:
-    return Toy(cfg, seed)
+    return Toy(cfg, seed, data_root)
 
 
 FAMILY = Family(

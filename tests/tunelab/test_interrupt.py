@@ -1,0 +1,132 @@
+"""Interruptions and retries never change the decision (issue 9, items 4 and 5).
+
+A seed cull stopped by SIGTERM or SIGINT at several moments (Ray start-up,
+every created trial running, seeds at the cull, survivors running) exits 130,
+finalizes nothing, and once resumed reaches the straight run's final state.
+A worker crash that Tune retries keeps the seed in the cull.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import ROOT, TOY, cli_json, write_spec
+from tunelab.layout import ExperimentLayout
+
+pytestmark = pytest.mark.slow
+
+SPEC = f"""
+kind: seed_cull
+name: toy-interrupt
+family: "{TOY}"
+config: {{hidden: 8, steps_per_iter: 200{{extra}}}}
+seeds: 4
+budget: 6
+metric: {{name: val/score, mode: max}}
+cull: {{at: 3, keep: 2, scheduler: sync, tie_break: val/aux}}
+select: {{metric: val/score, mode: max}}
+failure: {{retries: 1, tolerate: 0}}
+"""
+
+
+def _final(summary: dict) -> dict:
+    return {
+        t["seed"]: (t["status"], t["iterations"], t["metrics"]["val/score"])
+        for t in summary["trials"]
+    }
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("straight")
+    spec = write_spec(tmp / "s.yaml", SPEC.replace("{extra}", ""))
+    return cli_json("sweep", str(spec), "--storage", str(tmp / "res"))
+
+
+def _results(storage: Path) -> int:
+    """Results reported so far by every trial of the (only) experiment under ``storage``."""
+    found = list(storage.glob("*/tunelab.json"))
+    if not found:
+        return -1
+    return sum(len(rows) for rows in ExperimentLayout(found[0].parent).trial_results().values())
+
+
+def _started(storage: Path) -> bool:
+    return any(storage.glob("*/tunelab.json"))
+
+
+MOMENTS: dict[str, Callable[[Path], bool]] = {
+    "ray-start-up": _started,  # the folder exists; Ray / Tune are still starting
+    "all-created-running": lambda s: _results(s) >= 1,  # first results: created trials all run
+    "at-the-cull": lambda s: _results(s) >= 9,  # some seeds paused at the milestone
+    "survivors-running": lambda s: _results(s) >= 14,  # after the cull
+}
+
+
+@pytest.mark.parametrize(
+    ("moment", "sig"),
+    [
+        ("ray-start-up", signal.SIGINT),
+        ("all-created-running", signal.SIGTERM),
+        ("all-created-running", signal.SIGINT),
+        ("at-the-cull", signal.SIGTERM),
+        ("survivors-running", signal.SIGINT),
+    ],
+)
+def test_a_stopped_driver_finalizes_nothing_and_resumes_to_the_straight_state(
+    tmp_path: Path, straight: dict, moment: str, sig: signal.Signals
+) -> None:
+    spec = write_spec(tmp_path / "s.yaml", SPEC.replace("{extra}", ""))
+    storage = tmp_path / "res"
+    out_file, err_file = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
+    proc = subprocess.Popen(  # files, not pipes: an unread pipe could block the driver
+        [sys.executable, "-m", "cli", "sweep", str(spec), "--storage", str(storage), "--json"],
+        cwd=ROOT,
+        stdout=out_file,
+        stderr=err_file,
+        env=os.environ.copy(),
+    )
+    reached = MOMENTS[moment]
+    deadline = time.monotonic() + 300
+    while not reached(storage) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the moment was reached"
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=180)
+    err = (tmp_path / "stderr").read_text()
+    exp_dir = next(storage.glob("*/tunelab.json")).parent
+    assert proc.returncode == 130, err[-3000:]
+    assert "platform resume" in err and "Traceback" not in err
+    assert (tmp_path / "stdout").read_text() == ""
+    layout = ExperimentLayout(exp_dir)
+    assert not layout.summary_file.exists() and not layout.results_csv.exists()
+    client = MlflowClient(json.loads(layout.state_file.read_text())["tracking_uri"])
+    runs = json.loads(layout.runs_file.read_text()) if layout.runs_file.exists() else {}
+    for run_id in runs.values():
+        assert "tunelab.culled_at" not in client.get_run(run_id).data.tags
+
+    resumed = cli_json("resume", str(exp_dir))
+    assert _final(resumed) == _final(straight)
+    assert resumed["selected"]["seed"] == straight["selected"]["seed"]
+    assert resumed["selected"]["value"] == straight["selected"]["value"]  # bit-exact
+
+
+def test_a_retried_worker_crash_keeps_the_seed_in_the_cull(tmp_path: Path, straight: dict) -> None:
+    # the selected seed's worker crashes once before the cull; Tune retries it from its checkpoint
+    best = straight["selected"]["seed"]
+    extra = f", crash_once_at: 2, crash_seed: {best}"
+    spec = write_spec(tmp_path / "s.yaml", SPEC.replace("{extra}", extra))
+    summary = cli_json("sweep", str(spec), "--storage", str(tmp_path / "res"))
+    assert (tmp_path / "res" / "data" / f"toy-crashed-seed{best}").exists()  # it did crash
+    assert _final(summary) == _final(straight)
+    assert summary["selected"]["seed"] == best and summary["failed"] == 0
