@@ -196,13 +196,19 @@ def _run(
         stop.install()  # again: ray.init replaces the SIGTERM handler with its own (abort)
         tuner = _tuner(state, spec, kind, tracker, progress=progress, restore=restore)
         stop.tune_running = True
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        except Exception:  # a signal that landed inside Tune before its own handler was set
+            if stop.signalled:
+                raise ExperimentInterrupted(root, -1) from None
+            raise
         stop.tune_running = False
         # Interrupted is decided by the signal and by tunelab's own count, never by the
         # statuses Tune gives trials while it cleans up after a stop.
         unfinished = _unfinished_trials(grid)
         if stop.signalled or unfinished:
             raise ExperimentInterrupted(root, unfinished)
+        stop.finalizing = True  # every trial has ended: a signal now waits for the summary
         return _finalize(state, spec, kind, tracker, grid)
 
 
@@ -213,8 +219,10 @@ class _StopSignals:
     experiment state is saved one last time and ``fit`` returns); at any other
     moment (Ray start-up, building the tuner) it raises
     :class:`ExperimentInterrupted` at once. Either way the experiment is not
-    finalized and ``platform resume`` continues it. Tune's own SIGINT handler is
-    switched off (``TUNE_DISABLE_SIGINT_HANDLER``) so that both signals take this path.
+    finalized and ``platform resume`` continues it. Once every trial has ended,
+    a signal no longer interrupts: the few seconds of post-processing finish, so
+    a decision is never half written. Tune's own SIGINT handler is switched off
+    (``TUNE_DISABLE_SIGINT_HANDLER``) so that both signals take this path.
     """
 
     _SIGNALS = ("SIGINT", "SIGTERM")
@@ -223,6 +231,7 @@ class _StopSignals:
         self.experiment_dir = experiment_dir
         self.signalled = False
         self.tune_running = False
+        self.finalizing = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
@@ -253,6 +262,8 @@ class _StopSignals:
 
         first = not self.signalled
         self.signalled = True
+        if self.finalizing:
+            return
         tune_handler = signal.getsignal(signal.SIGUSR1)
         if self.tune_running and tune_handler not in (signal.SIG_DFL, signal.SIG_IGN, None):
             if first:

@@ -46,6 +46,7 @@ __all__ = [
     "SyncCullScheduler",
     "make_cull_scheduler",
     "rank_key",
+    "recorded_results",
     "register_cull_scheduler",
     "replay_curves",
     "will_retry",
@@ -286,6 +287,26 @@ class SyncCullScheduler(FIFOScheduler):
             self._survivors = state["survivors"]
 
 
+def recorded_results(trial: Trial) -> list[dict[str, Any]]:
+    """The results a trial reported before (Tune's ``result.json`` in its folder); [] if none.
+
+    Read from the trial's storage folder (a local ``storage_path``) or the
+    driver's staging folder, whichever holds more.
+    """
+    from tunelab.layout import TRIAL_RESULT, read_result_lines
+
+    rows: list[dict[str, Any]] = []
+    for attr in ("path", "local_path"):  # the storage copy, then the driver's staging copy
+        try:
+            folder = getattr(trial, attr, None)
+        except RuntimeError:  # a new trial has no folder yet
+            continue
+        if folder:
+            found = read_result_lines(Path(folder) / TRIAL_RESULT)
+            rows = found if len(found) > len(rows) else rows
+    return rows
+
+
 def will_retry(trial: Trial) -> bool:
     """Whether Tune will retry ``trial`` after the failure it is reporting.
 
@@ -362,7 +383,21 @@ class OptunaPrunerScheduler(FIFOScheduler):
         return self._study
 
     def on_trial_add(self, tune_controller: TuneController, trial: Trial) -> None:
-        self._trials[trial.trial_id] = self._ensure_study().ask()
+        otrial = self._trials[trial.trial_id] = self._ensure_study().ask()
+        # A restored driver starts with an empty study: replay what the trial already reported.
+        for row in recorded_results(trial):
+            step, value = int(row.get(self.time_attr, 0) or 0), as_float(row.get(str(self._metric)))
+            otrial.report(value if math.isfinite(value) else math.nan, step)
+            otrial.should_prune()  # records the rung it reached, as the live run did
+        if trial.status == Trial.TERMINATED:
+            last = otrial.storage.get_trial(otrial._trial_id).intermediate_values
+            if last and max(last) < self.max_t:
+                self.pruned[trial.trial_id] = max(last)
+                self._finish(trial, pruned=True)
+            else:
+                self._finish(trial, pruned=False, value=last[max(last)] if last else math.nan)
+        elif trial.status == Trial.ERROR:
+            self._finish(trial, pruned=False, failed=True)
 
     def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
         if trial.trial_id not in self._trials:  # restored trial
@@ -449,6 +484,8 @@ class NonFiniteLastASHA(ASHAScheduler):
     diverged trial would be promoted past every healthy one. Here a trial
     whose metric is NaN or infinite once it may be culled ranks last: it is
     stopped and not recorded in the rung (it competes with no healthy trial).
+    A restored driver refills the rungs from each trial's recorded results, so
+    a resumed cull judges late seeds against the same rungs as a straight run.
     Arguments are ASHA's.
     """
 
@@ -456,8 +493,18 @@ class NonFiniteLastASHA(ASHAScheduler):
         super().__init__(grace_period=grace_period, **kwargs)
         self.grace_period = grace_period
 
+    def on_trial_add(self, tune_controller: TuneController, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        # A restored driver starts with empty rungs: refill them from the trial's recorded results.
+        metric, op = str(self._metric), float(self._metric_op or 1.0)
+        rows = {int(r.get(self._time_attr, 0) or 0): r for r in recorded_results(trial)}
+        for milestone, recorded in self._trial_info[trial.trial_id]._rungs:
+            value = as_float(rows.get(milestone, {}).get(metric))
+            if milestone in rows and math.isfinite(value):
+                recorded[trial.trial_id] = op * value
+
     def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
-        value = as_float(result.get(self._metric))
+        value = as_float(result.get(str(self._metric)))
         if not math.isfinite(value) and result.get(self._time_attr, 0) >= self.grace_period:
             self._num_stopped += 1
             return TrialScheduler.STOP

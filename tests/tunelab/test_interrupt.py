@@ -130,3 +130,52 @@ def test_a_retried_worker_crash_keeps_the_seed_in_the_cull(tmp_path: Path, strai
     assert (tmp_path / "res" / "data" / f"toy-crashed-seed{best}").exists()  # it did crash
     assert _final(summary) == _final(straight)
     assert summary["selected"]["seed"] == best and summary["failed"] == 0
+
+
+ASYNC_SPEC = f"""
+kind: seed_cull
+name: toy-interrupt-{{scheduler}}
+family: "{TOY}"
+config: {{{{hidden: 8, steps_per_iter: 200}}}}
+seeds: 4
+budget: 6
+metric: {{{{name: val/score, mode: max}}}}
+cull: {{{{at: 2, keep: 2, scheduler: {{scheduler}}}}}}
+select: {{{{metric: val/score, mode: max}}}}
+max_concurrent: 1
+"""
+
+
+def _run_and_stop(spec: Path, storage: Path, tmp_path: Path, after_results: int) -> Path:
+    """Start a sweep, SIGTERM it once ``after_results`` results are recorded; its folder."""
+    out_file, err_file = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "sweep", str(spec), "--storage", str(storage), "--json"],
+        cwd=ROOT,
+        stdout=out_file,
+        stderr=err_file,
+        env=os.environ.copy(),
+    )
+    deadline = time.monotonic() + 300
+    while _results(storage) < after_results and proc.poll() is None:
+        assert time.monotonic() < deadline, "the sweep never got there"
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the moment was reached"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=180)
+    assert proc.returncode == 130, (tmp_path / "stderr").read_text()[-3000:]
+    return next(storage.glob("*/tunelab.json")).parent
+
+
+@pytest.mark.parametrize("scheduler", ["asha", "optuna"])
+def test_a_resumed_asynchronous_cull_reaches_the_straight_state(
+    tmp_path: Path, scheduler: str
+) -> None:
+    # seeds one at a time; stopped after the first seed passed the rung and again later
+    spec = write_spec(tmp_path / "s.yaml", ASYNC_SPEC.format(scheduler=scheduler))
+    straight_run = cli_json("sweep", str(spec), "--storage", str(tmp_path / "straight"))
+    for k, after in enumerate((5, 9)):
+        exp_dir = _run_and_stop(spec, tmp_path / f"stopped{k}", tmp_path, after)
+        resumed = cli_json("resume", str(exp_dir))
+        assert _final(resumed) == _final(straight_run), f"stopped after {after} results"
+        assert resumed["selected"]["seed"] == straight_run["selected"]["seed"]
