@@ -136,7 +136,7 @@ ASYNC_SPEC = f"""
 kind: seed_cull
 name: toy-interrupt-{{scheduler}}
 family: "{TOY}"
-config: {{{{hidden: 8, steps_per_iter: 200}}}}
+config: {{{{hidden: 8, steps_per_iter: 1000}}}}
 seeds: 4
 budget: 6
 metric: {{{{name: val/score, mode: max}}}}
@@ -174,7 +174,7 @@ def test_a_resumed_asynchronous_cull_reaches_the_straight_state(
     # seeds one at a time; stopped after the first seed passed the rung and again later
     spec = write_spec(tmp_path / "s.yaml", ASYNC_SPEC.format(scheduler=scheduler))
     straight_run = cli_json("sweep", str(spec), "--storage", str(tmp_path / "straight"))
-    for k, after in enumerate((5, 9)):
+    for k, after in enumerate((4, 8)):  # well before the end, even on a loaded machine
         exp_dir = _run_and_stop(spec, tmp_path / f"stopped{k}", tmp_path, after)
         resumed = cli_json("resume", str(exp_dir))
         assert _final(resumed) == _final(straight_run), f"stopped after {after} results"
