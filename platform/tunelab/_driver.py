@@ -192,16 +192,14 @@ def _run(
     kind = get_kind(spec.kind)(spec, state.layout)
     root = state.layout.root
     with _StopSignals(root) as stop, _stdout_to_stderr():  # stdout stays for --json
-        init_ray(address)
-        stop.install()  # again: ray.init replaces the SIGTERM handler with its own (abort)
+        with _ray_keeps_sigterm():
+            init_ray(address)
+        stop.reinstall()
+        stop.raise_if_signalled()
         tuner = _tuner(state, spec, kind, tracker, progress=progress, restore=restore)
-        stop.tune_running = True
-        try:
-            grid = tuner.fit()
-        except Exception:  # a signal that landed inside Tune before its own handler was set
-            if stop.signalled:
-                raise ExperimentInterrupted(root, -1) from None
-            raise
+        stop.raise_if_signalled()
+        stop.start_tune()
+        grid = tuner.fit()
         stop.tune_running = False
         # Interrupted is decided by the signal and by tunelab's own count, never by the
         # statuses Tune gives trials while it cleans up after a stop.
@@ -215,14 +213,19 @@ def _run(
 class _StopSignals:
     """SIGINT and SIGTERM (Ctrl-C, ``scancel``, SLURM preemption) stop the driver the same way.
 
-    While Tune runs, a signal becomes Tune's graceful stop (SIGUSR1: the
-    experiment state is saved one last time and ``fit`` returns); at any other
-    moment (Ray start-up, building the tuner) it raises
-    :class:`ExperimentInterrupted` at once. Either way the experiment is not
-    finalized and ``platform resume`` continues it. Once every trial has ended,
-    a signal no longer interrupts: the few seconds of post-processing finish, so
-    a decision is never half written. Tune's own SIGINT handler is switched off
-    (``TUNE_DISABLE_SIGINT_HANDLER``) so that both signals take this path.
+    The handler never raises: an exception thrown from a signal handler lands
+    wherever the main thread happens to be, and Python drops it silently inside
+    fork hooks, finalizers and logging. It only records the signal. Before Tune
+    runs, the driver checks the record between phases (Ray start-up, building
+    the tuner) and raises :class:`ExperimentInterrupted`. While Tune runs, the
+    signal becomes Tune's graceful stop (SIGUSR1: the experiment state is saved
+    one last time and ``fit`` returns); a signal that arrives before Tune has
+    installed its handler is forwarded as soon as it has. Either way the
+    experiment is not finalized and ``platform resume`` continues it. Once
+    every trial has ended, a signal no longer interrupts: the few seconds of
+    post-processing finish, so a decision is never half written. Tune's own
+    SIGINT handler is switched off (``TUNE_DISABLE_SIGINT_HANDLER``) so that
+    both signals take this path.
     """
 
     _SIGNALS = ("SIGINT", "SIGTERM")
@@ -232,44 +235,107 @@ class _StopSignals:
         self.signalled = False
         self.tune_running = False
         self.finalizing = False
+        self._forwarded = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
-        self.install()
-        return self
-
-    def install(self) -> None:
-        """(Re)install the handlers; the first call remembers the ones to restore."""
         import signal
         import threading
 
-        if threading.current_thread() is not threading.main_thread():
-            return
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        for name in self._SIGNALS:
-            sig = getattr(signal, name)
-            previous = signal.signal(sig, self._on_signal)
-            self._previous.setdefault(sig, previous)
+        if threading.current_thread() is threading.main_thread():
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            for name in self._SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         import signal
 
+        self.tune_running = False
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
 
-    def _on_signal(self, sig: int, frame: Any) -> None:
+    def reinstall(self) -> None:
+        """Put tunelab's handlers back after ``ray.init``.
+
+        Ray's core worker installs a C-level failure handler for SIGTERM (it
+        prints "SIGTERM received" and aborts at exit) that Python's
+        ``signal.getsignal`` cannot see; ``signal.signal`` replaces it.
+        """
         import signal
+
+        for sig in self._previous:
+            signal.signal(sig, self._on_signal)
+
+    def raise_if_signalled(self) -> None:
+        """Raise :class:`ExperimentInterrupted` if a stop signal arrived (before Tune runs)."""
+        if self.signalled:
+            raise ExperimentInterrupted(self.experiment_dir, -1)
+
+    def start_tune(self) -> None:
+        """Mark Tune as running; from now on a signal becomes Tune's graceful stop."""
+        import signal
+
+        if self._previous and hasattr(signal, "SIGUSR1"):
+            # A Tune run earlier in this process leaves its SIGUSR1 handler behind
+            # (Tune never restores it); ignored until this run's Tune installs its own.
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        self.tune_running = True
+
+    def _tune_handler_installed(self) -> bool:
+        import signal
+
+        handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+        return handler not in (signal.SIG_DFL, signal.SIG_IGN, None)
+
+    def _forward_to_tune(self) -> None:
+        """Send Tune its stop signal once it listens (polled; Tune installs it within seconds)."""
+        import signal
+        import time
+
+        while self.tune_running and not self._tune_handler_installed():
+            time.sleep(0.05)
+        if self.tune_running and not self._forwarded:
+            self._forwarded = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def _on_signal(self, sig: int, frame: Any) -> None:
+        import threading
 
         first = not self.signalled
         self.signalled = True
-        if self.finalizing:
+        if self.finalizing or not self.tune_running or not first:
             return
-        tune_handler = signal.getsignal(signal.SIGUSR1)
-        if self.tune_running and tune_handler not in (signal.SIG_DFL, signal.SIG_IGN, None):
-            if first:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return
-        raise ExperimentInterrupted(self.experiment_dir, -1)
+        if self._tune_handler_installed():
+            self._forward_to_tune()
+        else:
+            threading.Thread(target=self._forward_to_tune, name="tunelab-stop", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _ray_keeps_sigterm() -> Iterator[None]:
+    """Keep tunelab's SIGTERM handler while ``ray.init`` runs.
+
+    ``ray.init`` installs a SIGTERM handler that calls ``sys.exit`` wherever the
+    signal lands; inside a fork hook Python drops that exception, and the stop
+    is lost. Ray installs it through ``ray._private.utils.set_sigterm_handler``
+    (Ray 2.x), which is skipped here; :meth:`_StopSignals.reinstall` puts
+    tunelab's back right after start-up whatever Ray installed.
+    (``ray.init`` cannot run in a helper thread instead: Ray's daemons are
+    started with ``PR_SET_PDEATHSIG`` and die with the thread that started them.)
+    """
+    import ray._private.utils as ray_utils
+
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if original is None:
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
 
 
 def _unfinished_trials(grid: Any) -> int:
