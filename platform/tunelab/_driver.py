@@ -41,6 +41,7 @@ from tunelab.names import (
     TAG_SPEC,
     TAG_SPEC_HASH,
     TrialStatus,
+    is_decision_tag,
 )
 from tunelab.outcome import TrialOutcome, outcome_from_result
 from tunelab.tracking import (
@@ -448,6 +449,9 @@ def _finalize(
         for result in grid
     ]
     outcomes.sort(key=lambda o: (o.seed if isinstance(o.seed, int) else 0, o.trial_id))
+    # Decisions are written from scratch: none left by an earlier finalization survives.
+    for run_id in [state.parent_run_id, *(o.run_id for o in outcomes if o.run_id)]:
+        tracker.clear_tags(run_id, is_decision_tag)
     for o in outcomes:
         if o.run_id is None:
             continue

@@ -66,6 +66,39 @@ TAG_ROUNDS = "tunelab.rounds"
 TAG_STACKED = "tunelab.stacked"
 #: ``guardrail.<name>`` = ``pass`` | ``fail`` | ``inconclusive``
 TAG_GUARDRAIL_PREFIX = "guardrail."
+#: Tags that record a decision: finalizing sets them from scratch, and first deletes
+#: any of them (and any ``<tag>.<lever>`` / ``guardrail.<name>`` form) left on a run
+#: by an earlier, interrupted or older finalization.
+DECISION_TAGS: tuple[str, ...] = (
+    TAG_CULLED_AT,
+    TAG_SELECTED,
+    TAG_SELECTED_SEED,
+    TAG_SELECTED_RUN,
+    TAG_SELECTED_VALUE,
+    TAG_NO_SELECTION,
+    TAG_KEPT,
+    TAG_N_TRIALS,
+    TAG_N_FAILED,
+    TAG_VERDICT,
+    TAG_MEANINGFUL,
+    TAG_EFFECT,
+    TAG_CI_LOW,
+    TAG_CI_HIGH,
+    TAG_P_VALUE,
+    TAG_N_PAIRS,
+    TAG_OUTCOME,
+    TAG_ROUNDS,
+    TAG_STACKED,
+)
+
+
+def is_decision_tag(key: str) -> bool:
+    """True for a :data:`DECISION_TAGS` key, its ``<tag>.<lever>`` form or a guardrail tag."""
+    return key.startswith(TAG_GUARDRAIL_PREFIX) or any(
+        key == tag or key.startswith(tag + ".") for tag in DECISION_TAGS
+    )
+
+
 #: MLflow's own tag linking a child run to its parent.
 TAG_MLFLOW_PARENT = "mlflow.parentRunId"
 

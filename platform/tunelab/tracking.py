@@ -114,6 +114,10 @@ class Tracker(Protocol):
         """Set tags (values are stringified)."""
         ...
 
+    def clear_tags(self, run_id: str, predicate: Callable[[str], bool]) -> list[str]:
+        """Delete the run's tags whose key satisfies ``predicate``; returns the deleted keys."""
+        ...
+
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         """Upload one file."""
         ...
@@ -200,6 +204,12 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def clear_tags(self, run_id: str, predicate: Callable[[str], bool]) -> list[str]:
+        stale = [k for k in self.client.get_run(run_id).data.tags if predicate(k)]
+        for key in stale:
+            self.client.delete_tag(run_id, key)
+        return stale
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)

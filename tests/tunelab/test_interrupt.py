@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 
 from tests.conftest import ROOT, TOY, cli_json, write_spec
 from tunelab.layout import ExperimentLayout
@@ -115,10 +116,27 @@ def test_a_stopped_driver_finalizes_nothing_and_resumes_to_the_straight_state(
     for run_id in runs.values():
         assert "tunelab.culled_at" not in client.get_run(run_id).data.tags
 
+    # decisions left behind by an earlier finalization (e.g. an older tunelab that did
+    # finalize interrupted runs, "culled at 0") must not survive the real one
+    stale = {"tunelab.culled_at": "0", "tunelab.selected": "true", "tunelab.verdict.x": "win"}
+    for run_id in runs.values():
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in stale.items()])
+    parent = json.loads(layout.state_file.read_text())["parent_run_id"]
+    client.set_tag(parent, "tunelab.no_selection", "every seed diverged")
+
     resumed = cli_json("resume", str(exp_dir))
     assert _final(resumed) == _final(straight)
     assert resumed["selected"]["seed"] == straight["selected"]["seed"]
     assert resumed["selected"]["value"] == straight["selected"]["value"]  # bit-exact
+    for t in resumed["trials"]:
+        tags = client.get_run(t["run_id"]).data.tags
+        culled = t["status"] == "culled"
+        assert tags.get("tunelab.culled_at") == (str(t["iterations"]) if culled else None)
+        assert tags["tunelab.selected"] == str(t["seed"] == resumed["selected"]["seed"]).lower()
+        assert "tunelab.verdict.x" not in tags
+    parent_tags = client.get_run(parent).data.tags
+    assert "tunelab.no_selection" not in parent_tags
+    assert parent_tags["tunelab.selected_seed"] == str(straight["selected"]["seed"])
 
 
 def test_a_retried_worker_crash_keeps_the_seed_in_the_cull(tmp_path: Path, straight: dict) -> None:
@@ -167,14 +185,28 @@ def _run_and_stop(spec: Path, storage: Path, tmp_path: Path, after_results: int)
     return next(storage.glob("*/tunelab.json")).parent
 
 
-@pytest.mark.parametrize("scheduler", ["asha", "optuna"])
+@pytest.mark.parametrize(
+    ("scheduler", "pruner"),
+    [
+        ("asha", "successive_halving"),
+        ("optuna", "successive_halving"),
+        ("optuna", "hyperband"),
+        ("optuna", "wilcoxon"),
+    ],
+)
 def test_a_resumed_asynchronous_cull_reaches_the_straight_state(
-    tmp_path: Path, scheduler: str
+    tmp_path: Path, scheduler: str, pruner: str
 ) -> None:
     # seeds one at a time; stopped after the first seed passed the rung and again later
-    spec = write_spec(tmp_path / "s.yaml", ASYNC_SPEC.format(scheduler=scheduler))
+    text = ASYNC_SPEC.format(scheduler=scheduler)
+    if scheduler == "optuna":
+        text = text.replace("scheduler: optuna", f"scheduler: optuna, pruner: {pruner}")
+    spec = write_spec(tmp_path / "s.yaml", text)
     straight_run = cli_json("sweep", str(spec), "--storage", str(tmp_path / "straight"))
-    for k, after in enumerate((4, 8)):  # well before the end, even on a loaded machine
+    # ASHA and the default pruner are stopped twice; the other pruners rebuild their
+    # study the same way, once is enough for them
+    stops = (4, 8) if pruner == "successive_halving" else (4,)
+    for k, after in enumerate(stops):  # well before the end, even on a loaded machine
         exp_dir = _run_and_stop(spec, tmp_path / f"stopped{k}", tmp_path, after)
         resumed = cli_json("resume", str(exp_dir))
         assert _final(resumed) == _final(straight_run), f"stopped after {after} results"
