@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -53,6 +54,8 @@ from tunelab.tracking import (
 )
 
 __all__ = ["init_ray", "resume_experiment", "run_experiment"]
+
+logger = logging.getLogger(__name__)
 
 
 def run_experiment(
@@ -114,22 +117,23 @@ def run_experiment(
         layout.root.name,
         {**_base_tags(spec, commit), TAG_EXPERIMENT_DIR: str(layout.root)},
     )
-    tracker.log_dict(parent, spec.model_dump(mode="json"), "spec.json")
-    state = RunState(
-        spec=spec.model_dump(mode="json"),
-        spec_file=str(Path(spec_file).resolve()),
-        quick=quick,
-        experiment_dir=str(layout.root),
-        storage=str(storage),
-        tracking_uri=tracking_uri,
-        mlflow_experiment=spec.name,
-        mlflow_experiment_id=exp_id,
-        parent_run_id=parent,
-        git_commit=commit,
-        created=layout.root.name.removeprefix(f"{spec.name}-"),
-    )
-    atomic_write_json(layout.state_file, dataclasses.asdict(state))
-    return _run(state, spec, tracker, address=address, progress=progress, restore=False)
+    with _fail_parent_on_error(tracker, parent):
+        tracker.log_dict(parent, spec.model_dump(mode="json"), "spec.json")
+        state = RunState(
+            spec=spec.model_dump(mode="json"),
+            spec_file=str(Path(spec_file).resolve()),
+            quick=quick,
+            experiment_dir=str(layout.root),
+            storage=str(storage),
+            tracking_uri=tracking_uri,
+            mlflow_experiment=spec.name,
+            mlflow_experiment_id=exp_id,
+            parent_run_id=parent,
+            git_commit=commit,
+            created=layout.root.name.removeprefix(f"{spec.name}-"),
+        )
+        atomic_write_json(layout.state_file, dataclasses.asdict(state))
+        return _run(state, spec, tracker, address=address, progress=progress, restore=False)
 
 
 def resume_experiment(
@@ -155,7 +159,26 @@ def resume_experiment(
     state = read_state(experiment_dir)
     spec = parse_spec(state.spec, source=state.spec_file)
     tracker = tracker or MlflowTracker(state.tracking_uri)
-    return _run(state, spec, tracker, address=address, progress=progress, restore=True)
+    with _fail_parent_on_error(tracker, state.parent_run_id):
+        return _run(state, spec, tracker, address=address, progress=progress, restore=True)
+
+
+@contextlib.contextmanager
+def _fail_parent_on_error(tracker: Tracker, parent_run_id: str) -> Iterator[None]:
+    """End the experiment's MLflow parent run FAILED if a non-resumable error escapes.
+
+    An interruption, or an error that ``platform resume`` can continue from
+    (:attr:`TunelabError.resumable`), leaves it RUNNING: the experiment is open.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if not getattr(exc, "resumable", False):
+            try:
+                tracker.end_run(parent_run_id, "FAILED")
+            except Exception:  # the tracking server may be what failed
+                logger.warning("could not mark parent run %s FAILED", parent_run_id)
+        raise
 
 
 def init_ray(address: str | None) -> None:

@@ -39,9 +39,15 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NO_SELECTION, EXIT_INTERRUPTED = 0, 1, 
 
 
 class TunelabError(Exception):
-    """Base class of tunelab's errors; ``str(err)`` is the message users see."""
+    """Base class of tunelab's errors; ``str(err)`` is the message users see.
+
+    ``resumable`` errors leave the experiment open for ``platform resume`` (its
+    MLflow parent run stays RUNNING); any other error raised after the parent
+    run was created ends that run FAILED.
+    """
 
     exit_code: int = EXIT_FAILED
+    resumable: bool = False
 
 
 class SpecError(TunelabError, ValueError):
@@ -84,6 +90,7 @@ class ExperimentInterrupted(TunelabError, RuntimeError):
     """
 
     exit_code = EXIT_INTERRUPTED
+    resumable = True
 
     def __init__(self, experiment_dir: Path, unfinished: int) -> None:
         self.experiment_dir = experiment_dir
