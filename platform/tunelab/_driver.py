@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tunelab._checkpoint import atomic_write_json, read_json, sorted_checkpoints
+from tunelab._checkpoint import atomic_write_json, read_json, sorted_checkpoints, strict_json
 from tunelab._spec import AnySpec, load_spec, parse_spec, spec_hash
 from tunelab._trial import TrialSetup, run_trial
 from tunelab.errors import ExperimentInterrupted
@@ -149,7 +149,8 @@ def resume_experiment(
     (Tune restores its callbacks from the experiment state); ``tracker`` is
     the one the post-processing tags and ends runs with, by default
     :class:`~tunelab.tracking.MlflowTracker` on the recorded tracking URI.
-    Returns the same summary as :func:`run_experiment`.
+    Returns the same summary as :func:`run_experiment`. A finished
+    (finalized) experiment is left untouched: its recorded summary is returned.
 
     Raises:
         ExperimentError: the folder is not a tunelab experiment. (One stopped
@@ -157,6 +158,12 @@ def resume_experiment(
         ExperimentInterrupted: stopped again before the end.
     """
     state = read_state(experiment_dir)
+    finished = read_json(state.layout.summary_file, None)
+    if finished is not None:  # finalized: resuming changes nothing (no trial, table or tag)
+        sys.stderr.write(
+            f"{state.layout.root} already finished; nothing to resume, nothing changed.\n"
+        )
+        return dict(finished)
     spec = parse_spec(state.spec, source=state.spec_file)
     tracker = tracker or MlflowTracker(state.tracking_uri)
     with _fail_parent_on_error(tracker, state.parent_run_id):
@@ -501,10 +508,11 @@ def _finalize(
     summary.update(kind.finalize(ctx, outcomes))
     parent = state.parent_run_id
     tracker.set_tags(parent, {TAG_N_TRIALS: len(outcomes), TAG_N_FAILED: failed})
-    atomic_write_json(layout.summary_file, summary)
     tracker.log_artifact(parent, layout.results_csv)
-    tracker.log_artifact(parent, layout.summary_file)
+    tracker.log_dict(parent, strict_json(summary), layout.summary_file.name)
     tracker.end_run(parent, "FAILED" if failed > spec.failure.tolerate else "FINISHED")
+    # Last: summary.json marks the experiment finalized (resume then changes nothing).
+    atomic_write_json(layout.summary_file, summary)
     return summary
 
 
