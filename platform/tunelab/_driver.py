@@ -438,6 +438,7 @@ def _tuner(
             budget=spec.budget,
             total=kind.total_trials(),
             enabled=progress,
+            milestones=kind.milestones(),
         ),
         TrialStateMetrics(spec=spec.name, family=spec.family, budget=spec.budget),
     ]
