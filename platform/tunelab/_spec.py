@@ -6,6 +6,28 @@ anything starts: unknown keys, wrong types, unknown families, config keys the
 family does not have, impossible culls. A bad spec raises :class:`SpecError`
 whose message names the file, the key path and what was expected.
 
+Limits (a bad spec never starts and never hangs; each is a module constant):
+
+- the file: at most :data:`MAX_SPEC_BYTES` (1 MB) of UTF-8 YAML, at most
+  :data:`MAX_YAML_NODES` (50 000) values once anchors/aliases are expanded
+  (an alias bomb is refused before it is expanded), nested at most
+  :data:`MAX_YAML_DEPTH` (32) levels, no recursive aliases, no duplicate keys;
+- ``seeds``: at most :data:`MAX_SEEDS` (10 000) seeds, each in
+  ``0..MAX_SEED`` (``2**32 - 1``, numpy's seed range);
+- ``budget`` (iterations): at most :data:`MAX_BUDGET` (1 000 000);
+- ``num_samples``: at most :data:`MAX_SAMPLES` (10 000); all the trials a
+  spec plans (seeds x samples x grid points, or arms x seeds x rounds):
+  at most :data:`MAX_TRIALS` (100 000);
+- ``resources`` per trial: ``cpu`` at most :data:`MAX_CPU` (1024), ``gpu``
+  at most :data:`MAX_GPU` (64), ``memory_gb`` at most :data:`MAX_MEMORY_GB`
+  (16 384);
+- ``failure.retries``: at most :data:`MAX_RETRIES` (100).
+
+Integer keys are integers: ``true`` is not ``1`` and ``2.5`` is not an
+integer, but ``1e6`` (YAML 1.2 notation, which PyYAML alone reads as a
+string) is the number 1000000. Float keys are finite (no ``.nan`` / ``.inf``).
+Metric names must be names MLflow accepts (:func:`metric_name_problem`).
+
 The keys every kind shares are :class:`BaseSpec`; each kind's own model
 (``SeedCullSpec``, ``SweepSpec``, ``LeverABSpec``) lives in its module in
 :mod:`tunelab.kinds` and is found through the kind registry by the spec's
@@ -31,36 +53,100 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from tunelab._family import Family, get_family
 from tunelab.errors import SpecError
 
 __all__ = [
+    "MAX_BUDGET",
+    "MAX_CPU",
+    "MAX_GPU",
+    "MAX_MEMORY_GB",
+    "MAX_RETRIES",
+    "MAX_SAMPLES",
+    "MAX_SEED",
+    "MAX_SEEDS",
+    "MAX_SPEC_BYTES",
+    "MAX_TRIALS",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
     "AnySpec",
     "BaseSpec",
     "CheckpointSpec",
     "ConfigUse",
     "Domain",
     "FailureSpec",
+    "Finite",
     "MetricSpec",
     "ResourcesSpec",
+    "Seed",
     "SpecError",
     "Strict",
+    "WholeNumber",
     "apply_overrides",
     "load_spec",
+    "metric_name_problem",
     "parse_spec",
     "seed_list",
     "spec_hash",
 ]
 
 Mode = Literal["max", "min"]
+
+#: Largest spec file read (bytes).
+MAX_SPEC_BYTES = 1_000_000
+#: Most YAML values (scalars, lists, mappings) a spec may expand to, aliases expanded.
+MAX_YAML_NODES = 50_000
+#: Deepest nesting of lists / mappings in a spec.
+MAX_YAML_DEPTH = 32
+#: Most seeds a spec may run (``seeds: N`` or a list).
+MAX_SEEDS = 10_000
+#: Largest seed (numpy seeds are 32-bit).
+MAX_SEED = 2**32 - 1
+#: Largest ``budget`` (iterations per trial).
+MAX_BUDGET = 1_000_000
+#: Largest ``num_samples`` of a sweep.
+MAX_SAMPLES = 10_000
+#: Most trials a spec may plan in all (seeds x samples x grid points, arms x seeds x rounds).
+MAX_TRIALS = 100_000
+#: Most CPUs per trial.
+MAX_CPU = 1024
+#: Most GPUs per trial.
+MAX_GPU = 64
+#: Most memory per trial (GB).
+MAX_MEMORY_GB = 16_384
+#: Most retries per trial.
+MAX_RETRIES = 100
+
+
+def _whole_number(v: Any) -> Any:
+    """``1e6`` is read as the float 1000000.0: an integral finite float becomes an int."""
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
+    return v
+
+
+#: An integer key: ints, and integral floats (``1e6``); not booleans, strings or ``2.5``.
+WholeNumber = Annotated[int, BeforeValidator(_whole_number), Field(strict=True)]
+#: A float key: a finite number (ints allowed); not booleans, strings, ``.nan`` or ``.inf``.
+Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Seed = Annotated[WholeNumber, Field(ge=0, le=MAX_SEED)]
 
 
 class Strict(BaseModel):
@@ -77,11 +163,11 @@ class MetricSpec(Strict):
 
 
 class ResourcesSpec(Strict):
-    """Resources per trial, as Ray understands them."""
+    """Resources per trial, as Ray understands them (``cpu`` <= 1024, ``gpu`` <= 64, GB <= 16384)."""
 
-    cpu: Annotated[float, Field(gt=0)] = 1.0
-    gpu: Annotated[float, Field(ge=0)] = 0.0
-    memory_gb: Annotated[float, Field(ge=0)] | None = None
+    cpu: Annotated[Finite, Field(gt=0, le=MAX_CPU)] = 1.0
+    gpu: Annotated[Finite, Field(ge=0, le=MAX_GPU)] = 0.0
+    memory_gb: Annotated[Finite, Field(ge=0, le=MAX_MEMORY_GB)] | None = None
 
 
 class CheckpointSpec(Strict):
@@ -90,25 +176,28 @@ class CheckpointSpec(Strict):
     ``keep: null`` keeps all; ``keep: N`` keeps the last N by iteration number.
     """
 
-    every: Annotated[int, Field(ge=1)] = 1
-    keep: Annotated[int, Field(ge=1)] | None = None
+    every: Annotated[WholeNumber, Field(ge=1, le=MAX_BUDGET)] = 1
+    keep: Annotated[WholeNumber, Field(ge=1, le=MAX_BUDGET)] | None = None
 
 
 class FailureSpec(Strict):
-    """Retries per trial (from its last checkpoint) and failed trials tolerated."""
+    """Retries per trial (from its last checkpoint, at most 100) and failed trials tolerated."""
 
-    retries: Annotated[int, Field(ge=0)] = 2
-    tolerate: Annotated[int, Field(ge=0)] = 0
+    retries: Annotated[WholeNumber, Field(ge=0, le=MAX_RETRIES)] = 2
+    tolerate: Annotated[WholeNumber, Field(ge=0, le=MAX_TRIALS)] = 0
 
 
 class Domain(Strict):
-    """A search domain: exactly one of choice, grid, uniform, loguniform, randint."""
+    """A search domain: exactly one of choice, grid, uniform, loguniform, randint.
 
-    choice: list[Any] | None = None
-    grid: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
+    ``choice`` / ``grid`` hold at most :data:`MAX_SAMPLES` values; bounds are finite.
+    """
+
+    choice: Annotated[list[Any], Field(max_length=MAX_SAMPLES)] | None = None
+    grid: Annotated[list[Any], Field(max_length=MAX_SAMPLES)] | None = None
+    uniform: tuple[Finite, Finite] | None = None
+    loguniform: tuple[Finite, Finite] | None = None
+    randint: tuple[WholeNumber, WholeNumber] | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Domain:
@@ -154,11 +243,24 @@ class Domain(Strict):
 
 
 def seed_list(v: Any) -> Any:
-    """``seeds: N`` means seeds ``0..N-1``; a list stays a list (a ``mode="before"`` validator)."""
+    """``seeds: N`` means seeds ``0..N-1``; a list stays a list (a ``mode="before"`` validator).
+
+    ``N`` is 1..:data:`MAX_SEEDS` (10 000); ``1e3`` counts as 1000.
+
+    Raises:
+        ValueError: ``N`` is below 1 or above :data:`MAX_SEEDS`, or a list is longer.
+    """
+    v = _whole_number(v)
     if isinstance(v, int) and not isinstance(v, bool):
         if v < 1:
             raise ValueError(f"a seed count must be >= 1, got {v}")
+        if v > MAX_SEEDS:
+            raise ValueError(
+                f"at most {MAX_SEEDS} seeds (MAX_SEEDS), got {v}; run fewer seeds, e.g. seeds: 10"
+            )
         return list(range(v))
+    if isinstance(v, list) and len(v) > MAX_SEEDS:
+        raise ValueError(f"at most {MAX_SEEDS} seeds (MAX_SEEDS), got a list of {len(v)}")
     return v
 
 
@@ -183,26 +285,44 @@ class BaseSpec(Strict):
     """Keys every kind shares (see README, "Specs")."""
 
     kind: str
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
     family: str
     description: str = ""
     config: dict[str, Any] = Field(default_factory=dict)
-    budget: Annotated[int, Field(ge=1)]
+    budget: Annotated[WholeNumber, Field(ge=1, le=MAX_BUDGET)]
     metric: MetricSpec
     resources: ResourcesSpec = ResourcesSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     failure: FailureSpec = FailureSpec()
-    max_concurrent: Annotated[int, Field(ge=1)] | None = None
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
+    max_concurrent: Annotated[WholeNumber, Field(ge=1, le=MAX_TRIALS)] | None = None
+    seeds: list[Seed] = Field(default_factory=lambda: [0])
 
     _coerce_seeds = field_validator("seeds", mode="before")(seed_list)
+
+    @model_validator(mode="after")
+    def _check_trial_count(self) -> BaseSpec:
+        n, key, how = self.planned_trials()
+        if n > MAX_TRIALS:
+            raise ValueError(
+                f"{key}: the spec plans {n} trials ({how}); at most {MAX_TRIALS} (MAX_TRIALS); "
+                f"lower {key}"
+            )
+        return self
+
+    def planned_trials(self) -> tuple[int, str, str]:
+        """``(most trials the spec can run, key to lower, how they are counted)``.
+
+        Checked against :data:`MAX_TRIALS`; kinds that run more than one
+        trial per seed override it.
+        """
+        return len(self.seeds), "seeds", "one per seed"
 
     @field_validator("family")
     @classmethod
     def _known_family(cls, v: str) -> str:
         try:
             get_family(v)
-        except (KeyError, ImportError, AttributeError, TypeError) as err:
+        except (KeyError, ImportError, AttributeError, TypeError, ValueError) as err:
             msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise ValueError(f"cannot load family {v!r}: {msg}") from None
         return v
@@ -221,13 +341,22 @@ AnySpec = BaseSpec
 
 
 def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return ``base`` with ``overrides`` applied; dotted keys reach into nested mappings."""
+    """Return ``base`` with ``overrides`` applied; dotted keys reach into nested mappings.
+
+    Raises:
+        ValueError: a dotted key reaches into a value that is not a mapping.
+    """
     out = copy.deepcopy(base)
     for key, value in overrides.items():
         node = out
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[: i + 1])
+                raise ValueError(
+                    f"cannot set {key!r}: {where!r} is a {type(node).__name__}, not a mapping"
+                )
         node[leaf] = value
     return out
 
@@ -258,17 +387,25 @@ def load_spec(path: str | Path, *, quick: bool = False, overrides: Sequence[str]
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as err:
         raise SpecError(path, "", f"cannot read the spec file ({err.strerror or err})") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(
+            path, "", f"the spec file is larger than {MAX_SPEC_BYTES} bytes (MAX_SPEC_BYTES)"
+        )
     try:
-        raw = yaml.safe_load(text)
-        _reject_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise SpecError(path, "", f"invalid YAML{where}: {problem}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SpecError(
+            path,
+            "",
+            f"the spec file is not UTF-8 text (line {line}, byte {err.start}: {err.reason}); "
+            f"save it as UTF-8",
+        ) from None
+    raw = _load_yaml(text, path)
     return parse_spec(raw, source=path, quick=quick, overrides=overrides)
 
 
@@ -302,30 +439,142 @@ def _apply_set(raw: dict[str, Any], item: str, source: str | Path) -> dict[str, 
         raise SpecError(
             source, "--set", f"expected KEY=VALUE (e.g. budget=2 or config.hidden=16), got {item!r}"
         )
+    key = key.strip()
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = _load_yaml(text, f"{source} (--set {key})")
+    except SpecError:
         value = text
-    return apply_overrides(raw, {key.strip(): value})
+    try:
+        return apply_overrides(raw, {key: value})
+    except ValueError as err:
+        raise SpecError(source, "--set", f"{err} (in {item!r})") from None
 
 
-def _reject_duplicate_keys(node: yaml.Node | None, source: str | Path, prefix: str = "") -> None:
-    """YAML keeps the last of two equal keys silently; a spec must not (two levers named alike)."""
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            path = f"{prefix}{key}"
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise SpecError(
-                    source, path, f"duplicate key (again at line {line}); each key may appear once"
-                )
-            seen.add(key)
-            _reject_duplicate_keys(value_node, source, path + ".")
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _reject_duplicate_keys(item, source, f"{prefix}{i}.")
+# -- YAML ------------------------------------------------------------------------------
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading YAML 1.2 exponent floats (``1e6``, ``1E-4``) as numbers.
+
+    It stops composing at :data:`MAX_YAML_DEPTH` levels (PyYAML would recurse until
+    Python's recursion limit) and at :data:`MAX_YAML_NODES` values.
+    """
+
+    _depth = 0
+    _nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        self._nodes += 1
+        try:
+            problem = None
+            if self._depth > MAX_YAML_DEPTH + 1:
+                problem = f"nested deeper than {MAX_YAML_DEPTH} levels"
+            elif self._nodes > MAX_YAML_NODES:
+                problem = f"more than {MAX_YAML_NODES} values (MAX_YAML_NODES)"
+            if problem:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(problem=problem, problem_mark=mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str, source: str | Path) -> Any:
+    """Parse YAML text into Python values, refusing what would hang or mislead.
+
+    The document is composed first and its node graph checked (no recursive
+    aliases, at most :data:`MAX_YAML_NODES` values with aliases expanded, at
+    most :data:`MAX_YAML_DEPTH` levels, no duplicate keys) before any value
+    is built, so an alias bomb costs the size of its text.
+
+    Raises:
+        SpecError: invalid YAML, or one of the limits above.
+    """
+    loader = _SpecLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, source)
+        return loader.construct_document(node)
+    except SpecError:
+        raise
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise SpecError(source, "", f"invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise SpecError(
+            source, "", f"invalid YAML: nested deeper than {MAX_YAML_DEPTH} levels"
+        ) from None
+    except ValueError as err:  # a scalar Python cannot hold (an int of 5000 digits)
+        problem = str(err).split("; use sys.")[0]
+        raise SpecError(source, "", f"invalid YAML value: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_nodes(root: yaml.Node, source: str | Path) -> None:
+    """Check a composed YAML graph (see :func:`_load_yaml`); each distinct node is visited once.
+
+    Raises:
+        SpecError: a recursive alias, a duplicate key, too deep or too many values.
+    """
+    sizes: dict[int, int] = {}  # id(node) -> values it expands to (aliases expanded)
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node, path: str, depth: int) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise SpecError(source, path, "a recursive alias (an anchor used inside itself)")
+        if depth > MAX_YAML_DEPTH:
+            raise SpecError(source, path, f"nested deeper than {MAX_YAML_DEPTH} levels")
+        open_nodes.add(id(node))
+        n = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in node.value:
+                key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                sub = _join(path, key)
+                if key in seen and key != "<<":
+                    line = key_node.start_mark.line + 1
+                    raise SpecError(
+                        source,
+                        sub,
+                        f"duplicate key (again at line {line}); each key may appear once",
+                    )
+                seen.add(key)
+                n += size(key_node, sub, depth + 1) + size(value_node, sub, depth + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                n += size(item, _join(path, str(i)), depth + 1)
+        if n > MAX_YAML_NODES:
+            raise SpecError(
+                source,
+                path,
+                f"expands to more than {MAX_YAML_NODES} values (MAX_YAML_NODES); anchors and "
+                f"aliases (&a / *a) repeat what they name, so nested aliases multiply",
+            )
+        open_nodes.discard(id(node))
+        sizes[id(node)] = n
+        return n
+
+    size(root, "", 0)
+
+
+def _join(prefix: str, key: str) -> str:
+    """``cull`` + ``keep`` -> ``cull.keep``; either may be empty (never ``quick.`` or ``.keep``)."""
+    return ".".join(p for p in (prefix.strip("."), key.strip(".")) if p)
 
 
 def spec_hash(spec: AnySpec) -> str:
@@ -337,11 +586,11 @@ def spec_hash(spec: AnySpec) -> str:
 def _check_quick(block: Any, source: str | Path) -> None:
     if not isinstance(block, dict):
         raise SpecError(source, "quick", "must be a mapping of overrides, e.g. {budget: 4}")
-    unknown = sorted(set(block) - _QUICK_KEYS)
+    unknown = sorted(str(k) for k in set(block) - _QUICK_KEYS)
     if unknown:
         raise SpecError(
             source,
-            f"quick.{unknown[0]}",
+            _join("quick", unknown[0]),
             f"cannot be overridden in quick; allowed: {sorted(_QUICK_KEYS)}",
         )
 
@@ -360,9 +609,9 @@ def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> AnySpe
     from tunelab.kinds import kind_names, spec_class
 
     kind = raw.get("kind")
-    if kind not in kind_names():
-        got = "missing" if kind is None else f"got {kind!r}"
-        raise SpecError(source, prefix + "kind", f"must be one of {kind_names()} ({got})")
+    if not isinstance(kind, str) or kind not in kind_names():
+        got = "missing" if kind is None else f"got {_short(kind)}"
+        raise SpecError(source, _join(prefix, "kind"), f"must be one of {kind_names()} ({got})")
     try:
         spec = spec_class(kind).model_validate(raw)
     except pydantic.ValidationError as err:
@@ -373,12 +622,26 @@ def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> AnySpe
             msg = "unknown key; remove it or check its spelling"
         elif first["type"] == "missing":
             msg = "required key is missing"
+        elif first["type"] in ("int_type", "int_from_float") and isinstance(
+            first.get("input"), bool
+        ):
+            msg = f"must be an integer, not a boolean (got {first['input']!r})"
         elif "input" in first and first["type"] not in ("value_error",):
-            msg = f"{msg} (got {first['input']!r})"
+            msg = f"{msg} (got {_short(first['input'])})"
         msg = msg.removeprefix("Value error, ")
-        raise SpecError(source, prefix + key, msg) from None
+        # A model-level check names its key at the start of its message ("cull.keep: ...").
+        named = re.match(r"([A-Za-z_][\w.\-]*): (.*)", msg, re.DOTALL)
+        if named and named.group(1).startswith(key):
+            key, msg = named.group(1), named.group(2)
+        raise SpecError(source, _join(prefix, key), msg) from None
     _check_family_config(spec, source, prefix)
     return spec
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 10 000-element list stays readable)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_family_config(spec: AnySpec, source: str | Path, prefix: str) -> None:
@@ -389,18 +652,54 @@ def _check_family_config(spec: AnySpec, source: str | Path, prefix: str) -> None
             if key.split(".")[0] not in fields:
                 raise SpecError(
                     source,
-                    prefix + path,
+                    _join(prefix, path),
                     f"family {family.name!r} has no config key {key!r}; known keys: {sorted(fields)}",
                 )
-        _make_config(family, use.values, source, prefix + use.key, append_loc=use.append_loc)
+        _make_config(family, use.values, source, _join(prefix, use.key), append_loc=use.append_loc)
+    for name in family.metrics:
+        problem = metric_name_problem(name)
+        if problem:
+            raise SpecError(
+                source,
+                _join(prefix, "family"),
+                f"family {family.name!r} reports metric {name!r}, which MLflow rejects: {problem}; "
+                f"rename the metric in the family module",
+            )
     metrics = set(family.metrics)
     for key, name in spec.metric_refs():
         if name not in metrics:
             raise SpecError(
                 source,
-                prefix + key,
+                _join(prefix, key),
                 f"family {family.name!r} does not report {name!r}; it reports {sorted(metrics)}",
             )
+
+
+def metric_name_problem(name: str) -> str | None:
+    """Why MLflow would reject ``name`` as a metric key, or None if it accepts it.
+
+    Applies MLflow's own rule (``mlflow.utils.validation``, as used by
+    ``log_metric`` / ``log_batch``): only letters, digits, ``_ - . : /`` and
+    spaces (no ``:`` on Windows); not a path that normalizes to another name
+    (``a//b``, ``./a``, ``/a``, ``..``); at most ``MAX_ENTITY_KEY_LENGTH``
+    (250) characters.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation as v
+
+    if not isinstance(name, str) or not name:
+        return "a metric name is a non-empty string"
+    if not v.validate_param_and_metric_name(name):
+        return str(v.bad_character_message())
+    if v.path_not_unique(name):
+        return str(v.bad_path_message(name))
+    if len(name) > v.MAX_ENTITY_KEY_LENGTH:
+        return f"a metric name has at most {v.MAX_ENTITY_KEY_LENGTH} characters, got {len(name)}"
+    try:  # anything a newer MLflow adds to its rule
+        v._validate_metric_name(name)
+    except MlflowException as err:
+        return str(err.message)
+    return None
 
 
 def _config_fields(family: Family) -> set[str]:
@@ -422,7 +721,7 @@ def _make_config(
         if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
             msg = f"family {family.name!r} has no config key {loc!r}; known keys: {sorted(_config_fields(family))}"
         elif "input" in first:
-            msg = f"{msg} (got {first['input']!r})"
-        raise SpecError(source, f"{key}.{loc}" if loc and append_loc else key, msg) from None
+            msg = f"{msg} (got {_short(first['input'])})"
+        raise SpecError(source, _join(key, loc) if append_loc else key, msg) from None
     except (TypeError, ValueError) as err:
         raise SpecError(source, key, str(err)) from None

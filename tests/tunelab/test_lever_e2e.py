@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import TOY, cli_json, run_cli, write_spec
+from tests.conftest import TOY, run_cli, write_spec
 from tests.tunelab.test_report import CHROMIUM, card, chip, chromium_dom, parse
 
 pytestmark = pytest.mark.slow
@@ -33,9 +34,18 @@ failure: {{retries: 0, tolerate: 10}}
 
 
 def test_lever_ab_verdicts_tags_and_stack_on_win(tmp_path: Path) -> None:
-    summary = cli_json(
-        "sweep", str(write_spec(tmp_path / "lever.yaml", SPEC)), "--storage", str(tmp_path / "res")
+    proc = run_cli(
+        "sweep",
+        str(write_spec(tmp_path / "lever.yaml", SPEC)),
+        "--storage",
+        str(tmp_path / "res"),
+        "--json",
     )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    # Tune's start-up box shows the searcher's upper bound, not sys.maxsize (Tune's "-1")
+    assert "9223372036854775807" not in proc.stderr
+    assert re.search(r"Number of trials\s+(\d+)", proc.stderr)
     verdicts = {(v["round"], v["lever"]): v for v in summary["verdicts"]}
     # a large learning-rate lever is a meaningful win, confirmed on the confirmation seed and stacked
     fast = verdicts[(1, "fast")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from tests.conftest import TOY, run_cli
+from tests.tunelab import toy_family
 from tunelab import SpecError, load_spec
+from tunelab._spec import metric_name_problem
 
 VALID = f"""
 kind: seed_cull
@@ -293,3 +297,268 @@ def test_bad_set_override_names_the_key(tmp_path: Path, item: str, key: str) -> 
     result = CliRunner().invoke(app, ["sweep", str(spec_file), "--set", item])
     assert result.exit_code == 2
     assert f"{spec_file}: {key}:" in result.output
+
+
+# -- limits: a bad spec never starts and never hangs --------------------------------------
+
+BOMB = "".join(
+    f"b{i}: &b{i} [" + ", ".join([f"*b{i - 1}" if i else '"lol"'] * 9) + "]\n" for i in range(10)
+)
+
+
+def test_alias_bomb_is_refused_in_under_a_second(tmp_path: Path) -> None:
+    # billion laughs: 9**10 values once expanded; refused from the composed graph, never expanded
+    spec = tmp_path / "bomb.yaml"
+    spec.write_text(VALID + BOMB + "description: *b9\n")
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match=r"expands to more than 50000 values \(MAX_YAML_NODES\)"):
+        load_spec(spec)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("a: &a [*a]\n", "a.0: a recursive alias"),
+        ("a: " + "[" * 200 + "]" * 200 + "\n", "nested deeper than 32 levels"),
+        ("a: " + "{b: " * 200 + "1" + "}" * 200 + "\n", "nested deeper than 32 levels"),
+        ("budget: " + "1" * 5000 + "\n", "invalid YAML value: Exceeds the limit"),
+    ],
+    ids=["recursive-alias", "deep-lists", "deep-mappings", "huge-integer"],
+)
+def test_yaml_that_would_hang_or_crash_is_refused(tmp_path: Path, text: str, match: str) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match=match):
+        load_spec(spec)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"kind: seed_cull\nname: \xff\xfe\n", "not UTF-8 text"),
+        (b"# padding\n" * 110_000, "larger than 1000000 bytes"),
+    ],
+    ids=["not-utf8", "too-large"],
+)
+def test_unreadable_spec_content_exits_2(tmp_path: Path, content: bytes, match: str) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_bytes(content)
+    result = CliRunner().invoke(app, ["sweep", str(spec)])
+    assert result.exit_code == 2 and match in result.output, result.output
+
+
+# (id, base, text to replace, replacement, expected "<key>: <message start>")
+LIMIT_CASES = [
+    ("seeds-1e9", VALID, "seeds: 4", "seeds: 1000000000", "seeds: at most 10000 seeds (MAX_SEEDS)"),
+    ("seeds-1e9-float", VALID, "seeds: 4", "seeds: 1e9", "seeds: at most 10000 seeds"),
+    (
+        "seed-beyond-32-bit",
+        VALID,
+        "seeds: 4",
+        "seeds: [1, 4294967296]",
+        "seeds.1: Input should be less",
+    ),
+    (
+        "budget-true",
+        VALID,
+        "budget: 6",
+        "budget: true",
+        "budget: must be an integer, not a boolean",
+    ),
+    (
+        "budget-fraction",
+        VALID,
+        "budget: 6",
+        "budget: 2.5",
+        "budget: Input should be a valid integer",
+    ),
+    (
+        "budget-huge",
+        VALID,
+        "budget: 6",
+        "budget: 1e7",
+        "budget: Input should be less than or equal to 1000000",
+    ),
+    ("keep-true", VALID, "keep: 2", "keep: true", "cull.keep: must be an integer, not a boolean"),
+    (
+        "seed-true",
+        VALID,
+        "seeds: 4",
+        "seeds: [0, true]",
+        "seeds.1: must be an integer, not a boolean",
+    ),
+    ("cull-at-nan", VALID, "at: 0.5", "at: .nan", "cull.at: Input should be a finite number"),
+    (
+        "cpu-1e9",
+        VALID,
+        "seeds: 4",
+        "seeds: 4\nresources: {cpu: 1e9}",
+        "resources.cpu: Input should be less than or equal to 1024",
+    ),
+    (
+        "cpu-inf",
+        VALID,
+        "seeds: 4",
+        "seeds: 4\nresources: {cpu: .inf}",
+        "resources.cpu: Input should be a finite number",
+    ),
+    (
+        "gpu-true",
+        VALID,
+        "seeds: 4",
+        "seeds: 4\nresources: {gpu: true}",
+        "resources.gpu: Input should be a valid number",
+    ),
+    (
+        "retries-1e6",
+        VALID,
+        "seeds: 4",
+        "seeds: 4\nfailure: {retries: 1e6}",
+        "failure.retries: Input should be less than or equal to 100",
+    ),
+    (
+        "num-samples-1e12",
+        VALID_SWEEP,
+        "num_samples: 2",
+        "num_samples: 1e12",
+        "num_samples: Input should be less than or equal to 10000",
+    ),
+    (
+        "trials-over-cap",
+        VALID_SWEEP,
+        "num_samples: 2",
+        "num_samples: 10000\nseeds: 20",
+        "num_samples: the spec plans 200000 trials",
+    ),
+    (
+        "loguniform-nan",
+        VALID_SWEEP,
+        "1.0e-3, 1.0e-1",
+        ".nan, 1.0e-1",
+        "search.lr.loguniform.0: Input should be a finite number",
+    ),
+    (
+        "tpe-several-seeds",
+        VALID_SWEEP,
+        "num_samples: 2",
+        "num_samples: 2\nsearch_alg: optuna_tpe\nseeds: 3",
+        "search_alg: optuna_tpe runs each suggestion on one seed, but seeds lists 3",
+    ),
+    (
+        "quick-seeds-duplicate",
+        VALID,
+        "quick: {budget: 4,",
+        "quick: {seeds: [1, 1], budget: 4,",
+        "quick.seeds: seeds must be distinct",
+    ),
+    (
+        "quick-keep",
+        VALID,
+        "quick: {budget: 4,",
+        "quick: {seeds: 2, budget: 4,",
+        "quick.cull.keep: must be smaller than the number of seeds (2)",
+    ),
+    (
+        "quick-non-string-key",
+        VALID,
+        "quick: {budget: 4,",
+        "quick: {1: 2, budget: 4,",
+        "quick.1: cannot be overridden in quick",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("base", "old", "new", "expect"), [c[1:] for c in LIMIT_CASES], ids=[c[0] for c in LIMIT_CASES]
+)
+def test_limits_exit_2_naming_the_key_and_the_cap(
+    tmp_path: Path, base: str, old: str, new: str, expect: str
+) -> None:
+    assert old in base
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(base.replace(old, new, 1))
+    result = CliRunner().invoke(app, ["sweep", str(spec), "--storage", str(tmp_path / "res")])
+    assert result.exit_code == 2, result.output
+    assert f"{spec}: {expect}" in result.output
+    assert ".: " not in result.output  # never "quick.: seeds"
+
+
+def test_exponent_numbers_read_as_numbers(tmp_path: Path) -> None:
+    # YAML 1.2 `1e6` (PyYAML alone reads a string): integral ones fill integer keys
+    spec = tmp_path / "ok.yaml"
+    spec.write_text(
+        VALID_SWEEP.replace("budget: 4", "budget: 1e3")
+        .replace("1.0e-3, 1.0e-1", "1e-3, 1E-1")
+        .replace("hidden: 8}", "hidden: 8, lr: 2e-2}")
+    )
+    parsed = load_spec(spec, overrides=["num_samples=1e1"])
+    assert (parsed.budget, parsed.num_samples) == (1000, 10)
+    assert parsed.search["lr"].loguniform == (1e-3, 1e-1)
+    assert parsed.config["lr"] == 0.02
+    assert load_spec(spec, overrides=["budget=1e6"]).budget == 1_000_000
+
+
+def test_caps_allow_their_own_value(tmp_path: Path) -> None:
+    spec = tmp_path / "ok.yaml"
+    spec.write_text(VALID.replace("seeds: 4", "seeds: 10000").replace("budget: 6", "budget: 1e6"))
+    parsed = load_spec(spec)
+    assert (len(parsed.seeds), parsed.budget) == (10_000, 1_000_000)
+
+
+@pytest.mark.parametrize("item", ["budget.x=1", "config.hidden.width=2", "seeds.0.x=1"])
+def test_set_into_a_value_that_is_not_a_mapping_exits_2(tmp_path: Path, item: str) -> None:
+    spec = tmp_path / "ok.yaml"
+    spec.write_text(VALID)
+    result = CliRunner().invoke(app, ["sweep", str(spec), "--set", item])
+    assert result.exit_code == 2, result.output
+    assert f"{spec}: --set: cannot set" in result.output
+
+
+# -- metric names MLflow rejects ------------------------------------------------------------
+
+#: The toy family, reporting one metric name MLflow rejects ('@').
+AT_FAMILY = dataclasses.replace(
+    toy_family.FAMILY, name="toy_at", metrics=(*toy_family.FAMILY.metrics, "val/score@best")
+)
+
+
+def test_family_metric_name_mlflow_rejects_exits_2(tmp_path: Path) -> None:
+    spec = tmp_path / "at.yaml"
+    spec.write_text(VALID.replace(TOY, "tests.tunelab.test_spec:AT_FAMILY"))
+    result = CliRunner().invoke(app, ["sweep", str(spec), "--storage", str(tmp_path / "res")])
+    assert result.exit_code == 2, result.output
+    assert f"{spec}: family: family 'toy_at' reports metric 'val/score@best'" in result.output
+    assert "Names may only contain alphanumerics" in result.output  # MLflow's own rule
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("val/score", None),
+        ("health/grad_norm", None),
+        ("a b:c-d.e_f", None),
+        ("val@x", "Names may only contain"),
+        ("val/x%", "Names may only contain"),
+        ("val//x", "would resolve to 'val/x'"),
+        ("/val", "would resolve"),
+        ("../val", "would resolve"),
+        ("x" * 251, "at most 250 characters"),
+        ("", "non-empty"),
+    ],
+)
+def test_metric_name_problem_applies_mlflows_rule(name: str, problem: str | None) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_metric
+
+    found = metric_name_problem(name)
+    assert (found is None) if problem is None else (problem in (found or ""))
+    if name:  # agrees with what MLflow's log_metric accepts
+        try:
+            _validate_metric(name, 1.0, 0, 0)
+            accepted = True
+        except MlflowException:
+            accepted = False
+        assert accepted == (found is None)

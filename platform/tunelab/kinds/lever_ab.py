@@ -20,7 +20,16 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tunelab._checkpoint import atomic_write_json
-from tunelab._spec import BaseSpec, ConfigUse, Strict, apply_overrides
+from tunelab._spec import (
+    MAX_SEEDS,
+    BaseSpec,
+    ConfigUse,
+    Finite,
+    Seed,
+    Strict,
+    WholeNumber,
+    apply_overrides,
+)
 from tunelab.kinds._base import ExperimentKind, FinalizeContext
 from tunelab.names import (
     ARM_CONTROL,
@@ -52,7 +61,7 @@ class GuardrailSpec(Strict):
 
     name: str
     mode: Literal["max", "min"]
-    margin: Annotated[float, Field(ge=0)] = 0.0
+    margin: Annotated[Finite, Field(ge=0)] = 0.0
 
 
 class DecisionSpec(Strict):
@@ -65,11 +74,11 @@ class DecisionSpec(Strict):
     before it is stacked into the next round's control.
     """
 
-    min_effect: Annotated[float, Field(gt=0)]
-    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
-    looks: list[Annotated[int, Field(ge=2)]] | None = None
+    min_effect: Annotated[Finite, Field(gt=0)]
+    alpha: Annotated[Finite, Field(gt=0, lt=1)] = 0.05
+    looks: list[Annotated[WholeNumber, Field(ge=2, le=MAX_SEEDS)]] | None = None
     correction: Literal["holm", "bh", "none"] = "holm"
-    confirm_seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    confirm_seeds: Annotated[list[Seed], Field(max_length=MAX_SEEDS)] = Field(default_factory=list)
 
     @field_validator("looks")
     @classmethod
@@ -87,10 +96,10 @@ class LeverABSpec(BaseSpec):
     kind: Literal["lever_ab"]
     control: dict[str, Any] = Field(default_factory=dict)
     levers: dict[str, dict[str, Any]]
-    seeds: list[Annotated[int, Field(ge=0)]]
+    seeds: list[Seed]
     guardrails: list[GuardrailSpec] = Field(default_factory=list)
     decision: DecisionSpec
-    rounds: Annotated[int, Field(ge=1)] = 1
+    rounds: Annotated[WholeNumber, Field(ge=1)] = 1
 
     @model_validator(mode="after")
     def _check_levers(self) -> LeverABSpec:
@@ -128,6 +137,11 @@ class LeverABSpec(BaseSpec):
                 "(a single-seed win is never stacked)"
             )
         return self
+
+    def planned_trials(self) -> tuple[int, str, str]:
+        arms, seeds = 1 + len(self.levers), len(self.seeds) + len(self.decision.confirm_seeds)
+        how = f"{arms} arms x {seeds} seeds x {self.rounds} rounds"
+        return arms * seeds * self.rounds, "rounds" if self.rounds > 1 else "seeds", how
 
     def family_configs(self) -> Iterator[ConfigUse]:
         yield ConfigUse("control", dict(self.control))
@@ -168,7 +182,18 @@ class LeverAB(ExperimentKind):
         return PairedLeverSearcher(self.spec, state_file=str(self.layout.lever_state_file))
 
     def num_samples(self) -> int:
-        return -1  # until the searcher has decided every lever
+        """An upper bound; the searcher ends the experiment when every lever is decided.
+
+        Each round runs at most the control and every lever on every seed and
+        every confirmation seed. (Tune's ``-1``, "until the searcher finishes",
+        shows as 9223372036854775807 trials in its start-up box.)
+        """
+        spec = self.spec
+        per_round = (len(spec.seeds) + len(spec.decision.confirm_seeds)) * (1 + len(spec.levers))
+        return spec.rounds * per_round
+
+    def total_trials(self) -> int | None:
+        return None  # decided as the looks go
 
     def param_space(self) -> dict[str, Any] | None:
         return None

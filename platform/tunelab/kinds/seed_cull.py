@@ -20,7 +20,16 @@ from pydantic import Field, field_validator, model_validator
 
 from tunelab._checkpoint import atomic_write_json, read_json
 from tunelab._family import get_family
-from tunelab._spec import BaseSpec, ConfigUse, Strict
+from tunelab._spec import (
+    MAX_BUDGET,
+    MAX_SEEDS,
+    BaseSpec,
+    ConfigUse,
+    Finite,
+    Seed,
+    Strict,
+    WholeNumber,
+)
 from tunelab.kinds._base import ExperimentKind, FinalizeContext
 from tunelab.layout import write_table
 from tunelab.names import (
@@ -49,8 +58,8 @@ class CullSpec(Strict):
     ``optuna`` lets an Optuna pruner decide (``pruner``).
     """
 
-    at: Annotated[float, Field(gt=0)]
-    keep: Annotated[int, Field(ge=1)]
+    at: Annotated[Finite, Field(gt=0, le=MAX_BUDGET)]
+    keep: Annotated[WholeNumber, Field(ge=1, le=MAX_SEEDS)]
     scheduler: str = "sync"
     tie_break: str | None = None
     pruner: Literal["successive_halving", "hyperband", "wilcoxon"] = "successive_halving"
@@ -82,7 +91,7 @@ class SeedCullSpec(BaseSpec):
     """Train N seeds, cull at a milestone, select the best survivor."""
 
     kind: Literal["seed_cull"]
-    seeds: list[Annotated[int, Field(ge=0)]]
+    seeds: list[Seed]
     cull: CullSpec
     select: SelectSpec
 

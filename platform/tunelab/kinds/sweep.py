@@ -13,7 +13,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from tunelab._spec import BaseSpec, ConfigUse, Domain, Strict
+from tunelab._spec import (
+    MAX_BUDGET,
+    MAX_SAMPLES,
+    BaseSpec,
+    ConfigUse,
+    Domain,
+    Finite,
+    Strict,
+    WholeNumber,
+)
 from tunelab.kinds._base import ExperimentKind, FinalizeContext
 from tunelab.names import ITERATION, Role, TrialStatus
 from tunelab.outcome import TrialOutcome
@@ -25,16 +34,21 @@ class SchedulerSpec(Strict):
     """Early stopping for sweeps: ``fifo`` (none) or Tune's ASHA on ``metric``."""
 
     type: Literal["fifo", "asha"] = "fifo"
-    grace_period: Annotated[int, Field(ge=1)] = 1
-    reduction_factor: Annotated[float, Field(gt=1)] = 3.0
+    grace_period: Annotated[WholeNumber, Field(ge=1, le=MAX_BUDGET)] = 1
+    reduction_factor: Annotated[Finite, Field(gt=1, le=1000)] = 3.0
 
 
 class SweepSpec(BaseSpec):
-    """Search a space of family configs (Tune search algorithms and schedulers)."""
+    """Search a space of family configs (Tune search algorithms and schedulers).
+
+    ``num_samples`` is 1..10 000 (:data:`~tunelab._spec.MAX_SAMPLES`);
+    ``search_alg: optuna_tpe`` runs on one seed (the searcher needs one result
+    per suggestion).
+    """
 
     kind: Literal["sweep"]
     search: dict[str, Domain]
-    num_samples: Annotated[int, Field(ge=1)] = 1
+    num_samples: Annotated[WholeNumber, Field(ge=1, le=MAX_SAMPLES)] = 1
     search_alg: Literal["random", "optuna_tpe"] = "random"
     scheduler: SchedulerSpec = SchedulerSpec()
 
@@ -51,7 +65,18 @@ class SweepSpec(BaseSpec):
             )
         if self.search_alg == "optuna_tpe" and any(d.kind == "grid" for d in self.search.values()):
             raise ValueError("search: grid domains cannot be used with search_alg optuna_tpe")
+        if self.search_alg == "optuna_tpe" and len(self.seeds) > 1:
+            raise ValueError(
+                f"search_alg: optuna_tpe runs each suggestion on one seed, but seeds lists "
+                f"{len(self.seeds)}; give one seed (seeds: [{self.seeds[0]}]) or use "
+                f"search_alg: random"
+            )
         return self
+
+    def planned_trials(self) -> tuple[int, str, str]:
+        grid = math.prod(len(d.grid) for d in self.search.values() if d.grid is not None)
+        how = f"{len(self.seeds)} seeds x {self.num_samples} samples x {grid} grid points"
+        return len(self.seeds) * self.num_samples * grid, "num_samples", how
 
     def family_configs(self) -> Iterator[ConfigUse]:
         yield ConfigUse("config", dict(self.config))
