@@ -20,6 +20,18 @@ Levers (every one defaults to "off", so the default config is the control):
 ``gaussianize``, ``lds_alpha`` (LDS, Yang et al. 2021), ``chunk_delta_weight``,
 ``time_sampling`` and ``readout``.
 
+Evaluation splits: train, val and test are windows cut from three separate sets
+of simulated episodes (one ``SeedSequence(data_seed)`` child stream each, so no
+window, episode or maneuver is shared between splits; the same for every trial
+seed). Training fits everything it fits (condition normalisation, the
+Gaussianising transform, LDS weights) on train only. Every iteration scores the
+val windows (``val/*``: what sweeps, culls and lever verdicts see); the test
+windows are scored only by ``export`` (the manifest's ``test/*`` metrics), never
+as an iteration metric. There is no early stopping. The trial seed feeds two
+generators, one for the batch order and one for the flow noise (times and
+eps), so lever arms that draw different amounts of noise see the same batches.
+The data is generated in memory (nothing read from disk, so no data check).
+
 Quick size (under 1 s per iteration on one CPU core, 10 iterations a trial;
 LDS at lds_alpha 0.5 lowers val/spike_l1 by about 0.2 paired, raising
 val/flat_l1 by about 0.03)::
@@ -42,7 +54,7 @@ import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -97,48 +109,57 @@ METRICS = (
 # ---------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------
-@dataclass(config=ConfigDict(extra="forbid", use_attribute_docstrings=True))
+Amplitude = Annotated[float, Field(gt=0, le=1e3)]
+"""A maneuver pulse amplitude (m/s^2)."""
+
+
+@dataclass(config=ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False))
 class Config:
-    """flow_policy hyperparameters. Every lever defaults to off (the control)."""
+    """flow_policy hyperparameters. Every lever defaults to off (the control).
+
+    Every field carries its domain: floats are finite, sizes and rates positive,
+    and each has an upper bound far above any sane run, so ``lr: -0.002``,
+    ``hidden: 1e9`` or ``lr: .nan`` is refused at spec validation naming the field.
+    """
 
     # --- data (synthetic, identical for every trial seed) ---
-    data_seed: int = 0
+    data_seed: int = Field(default=0, ge=0)
     """Seed of the synthetic corpus; the trial seed never changes the data."""
-    n_train: int = Field(default=4096, ge=16)
+    n_train: int = Field(default=4096, ge=16, le=10_000_000)
     """Training windows (condition, action chunk)."""
-    n_val: int = Field(default=1024, ge=16)
+    n_val: int = Field(default=1024, ge=16, le=10_000_000)
     """Validation windows (fixed; scored every iteration)."""
-    n_test: int = Field(default=1024, ge=16)
+    n_test: int = Field(default=1024, ge=16, le=10_000_000)
     """Test windows (scored by export only)."""
-    episode_len: int = Field(default=256, ge=64)
+    episode_len: int = Field(default=256, ge=64, le=1_000_000)
     """Simulated steps per episode; windows are cut from episodes."""
-    horizon: int = Field(default=8, ge=2)
+    horizon: int = Field(default=8, ge=2, le=1024)
     """H: actions per predicted chunk."""
-    hist_len: int = Field(default=8, ge=1)
+    hist_len: int = Field(default=8, ge=1, le=1024)
     """Steps of state/action history in the condition."""
-    route_len: int = Field(default=12, ge=1)
+    route_len: int = Field(default=12, ge=1, le=1024)
     """Steps of route preview (planned feedforward acceleration) in the condition."""
-    dt: float = Field(default=0.1, gt=0)
+    dt: float = Field(default=0.1, gt=0, le=10)
     """Simulation step in seconds."""
-    kp: float = Field(default=4.0, gt=0)
+    kp: float = Field(default=4.0, gt=0, le=1e4)
     """Expert PD position gain."""
-    kd: float = Field(default=4.0, gt=0)
+    kd: float = Field(default=4.0, gt=0, le=1e4)
     """Expert PD velocity gain."""
-    disturbance_std: float = Field(default=0.3, ge=0)
+    disturbance_std: float = Field(default=0.3, ge=0, le=1e3)
     """Stationary std of the Ornstein-Uhlenbeck force disturbance (m/s^2)."""
-    disturbance_tau: float = Field(default=0.5, gt=0)
+    disturbance_tau: float = Field(default=0.5, gt=0, le=1e4)
     """Correlation time of the disturbance in seconds."""
-    expert_noise: float = Field(default=0.05, ge=0)
+    expert_noise: float = Field(default=0.05, ge=0, le=1e3)
     """Std of white noise on the expert's actions."""
     maneuver_rate: float = Field(default=0.05, gt=0, lt=0.5)
     """Target fraction of action values (step x channel) inside a maneuver pulse."""
-    maneuver_len: int = Field(default=8, ge=2)
+    maneuver_len: int = Field(default=8, ge=2, le=1024)
     """Steps per maneuver pulse (half sine longitudinal, full sine lateral)."""
-    maneuver_amp: tuple[float, float] = (2.0, 4.0)
+    maneuver_amp: tuple[Amplitude, Amplitude] = (2.0, 4.0)
     """Uniform range of the pulse amplitude (m/s^2); the sign is random."""
-    route_jitter: int = Field(default=1, ge=0)
+    route_jitter: int = Field(default=1, ge=0, le=1024)
     """The route shows a pulse up to this many steps early/late (uniform)."""
-    route_amp_noise: float = Field(default=0.1, ge=0)
+    route_amp_noise: float = Field(default=0.1, ge=0, le=10)
     """Relative amplitude noise of a pulse as the route shows it."""
     route_phantom_rate: float = Field(default=0.3, ge=0, lt=1)
     """Fraction of route-announced pulses the expert does not execute (ambiguous maneuvers)."""
@@ -146,69 +167,69 @@ class Config:
     # --- model ---
     head: Literal["flow", "regression"] = "flow"
     """flow: flow-matching velocity net; regression: deterministic chunk regressor (control)."""
-    hidden: int = Field(default=128, ge=8)
+    hidden: int = Field(default=128, ge=8, le=8192)
     """Width of the condition encoder and the AdaLN MLP blocks."""
-    n_layers: int = Field(default=3, ge=1)
+    n_layers: int = Field(default=3, ge=1, le=64)
     """AdaLN residual MLP blocks."""
-    time_embed_dim: int = Field(default=64, ge=4)
+    time_embed_dim: int = Field(default=64, ge=4, le=4096)
     """Width of the sinusoidal flow-time embedding (even)."""
 
     # --- optimisation ---
-    steps_per_iter: int = Field(default=100, ge=1)
+    steps_per_iter: int = Field(default=100, ge=1, le=1_000_000)
     """Optimizer steps per tunelab iteration (then one validation pass)."""
-    batch_size: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=256, ge=1, le=65_536)
     """Windows per optimizer step (sampled with replacement by the seeded data generator)."""
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0, le=1.0)
     """AdamW learning rate (constant)."""
-    weight_decay: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0, le=10.0)
     """AdamW weight decay."""
-    grad_clip: float = Field(default=1.0, gt=0)
+    grad_clip: float = Field(default=1.0, gt=0, le=1e6)
     """Gradient-norm clip applied after measuring health/grad_norm."""
 
     # --- flow ---
     time_sampling: Literal["logit_normal", "beta"] = "logit_normal"
     """Training flow-time law: logit-normal (SD3) or pi0's Beta skewed to the noisy end."""
-    time_ln_mean: float = 0.0
+    time_ln_mean: float = Field(default=0.0, ge=-10.0, le=10.0)
     """Logit-normal location (median sigmoid(mean))."""
-    time_ln_std: float = Field(default=1.0, gt=0)
+    time_ln_std: float = Field(default=1.0, gt=0, le=10.0)
     """Logit-normal scale."""
-    time_beta_alpha: float = Field(default=1.5, gt=0)
+    time_beta_alpha: float = Field(default=1.5, gt=0, le=100.0)
     """pi0 Beta: t = s (1 - x), x ~ Beta(alpha, 1)."""
     time_beta_s: float = Field(default=0.999, gt=0, le=1)
     """pi0 Beta cutoff s (t < s)."""
-    n_steps: int = Field(default=8, ge=1)
+    n_steps: int = Field(default=8, ge=1, le=1000)
     """Heun integration steps at sampling time (2 network calls each)."""
 
     # --- levers (all off by default) ---
     gaussianize: bool = False
     """Map each standardised action channel through its empirical CDF to N(0, 1) (train-fitted knots)."""
-    gaussianize_knots: int = Field(default=64, ge=4)
+    gaussianize_knots: int = Field(default=64, ge=4, le=100_000)
     """Quantile knots of the Gaussianising transform."""
-    lds_alpha: float = Field(default=0.0, ge=0)
+    lds_alpha: float = Field(default=0.0, ge=0, le=10.0)
     """LDS exponent: weight = (1 / smoothed label density)^alpha; 0 = off."""
-    lds_cap: float = Field(default=10.0, ge=1)
+    lds_cap: float = Field(default=10.0, ge=1, le=1e6)
     """Cap on LDS weights (applied with mean-1 normalisation)."""
-    lds_bins: int = Field(default=50, ge=4)
+    lds_bins: int = Field(default=50, ge=4, le=100_000)
     """Histogram bins of the LDS label (peak |action| over the chunk)."""
-    lds_sigma: float = Field(default=2.0, gt=0)
+    lds_sigma: float = Field(default=2.0, gt=0, le=1e4)
     """Gaussian smoothing kernel width in bins (Yang et al. 2021)."""
-    chunk_delta_weight: float = Field(default=0.0, ge=0)
+    chunk_delta_weight: float = Field(default=0.0, ge=0, le=1e6)
     """Weight of the loss on successive-step deltas within the chunk; 0 = off."""
     readout: Literal["single", "mean_of_k", "mode_aware"] = "single"
     """Flow readout: one draw, mean of K draws, or the dominant-mode mean of K draws."""
-    readout_k: int = Field(default=8, ge=1)
+    readout_k: int = Field(default=8, ge=1, le=1024)
     """K draws for mean_of_k / mode_aware (ignored by single and regression)."""
     mode_channel: int = Field(default=1, ge=0, le=1)
     """Channel whose chunk mean splits draws into modes (1 = lateral)."""
-    mode_gap: float = Field(default=0.5, ge=0)
+    mode_gap: float = Field(default=0.5, ge=0, le=1e6)
     """Smallest gap (raw units) between sorted draw means that counts as two modes."""
     mode_min_frac: float = Field(default=0.2, gt=0, le=0.5)
     """Minority mode must hold at least this fraction of draws (outlier guard)."""
 
     # --- evaluation ---
-    eval_seed: int = 12345
+    eval_seed: int = Field(default=12345, ge=0)
     """Seed of the evaluation noise generator, re-created for every evaluation."""
-    plot_chunks: int = Field(default=4, ge=1)
+    plot_chunks: int = Field(default=4, ge=1, le=64)
     """Chunks drawn in export's PNG."""
 
     @model_validator(mode="after")

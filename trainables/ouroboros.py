@@ -22,6 +22,26 @@ its tail) from a noise initial condition over held-out (silence lead-in +
 vocalisation) windows and scores ``autonomy = spec_corr - amp_pen - pitch_pen``;
 a divergent rollout scores the sentinel -5.0.
 
+Evaluation splits (file-level holdout by ``data_seed``, the same for every trial
+seed; train, val and test are disjoint sets of recordings, and every segment
+and window of a split is cut from that split's files only):
+
+- train: ``n_train_files`` recordings; the training segments (``max_segs``) and
+  the Var(d2x) normaliser come from them alone.
+- val: ``n_val_files`` recordings, scored every iteration: ``val/autonomy`` and
+  its breakdown on cold-start windows, ``val/loss`` on edge-biased segments.
+  These are what culls, selection and search see.
+- test: ``n_test_files`` recordings, scored only by ``export`` (at the trial's
+  budget and for the selected seed): the manifest's ``test/*`` block
+  (autonomy breakdown and ``test/loss``), never an iteration metric.
+
+Randomness: the trial seed feeds two generators on separate streams, one for
+the batch order and one for the cold-start noise, so the arms of a lever A/B
+see the same batches in the same order. Evaluation noise is a fixed draw
+(``EVAL_SEED``). Before any trial starts, tunelab runs ``FAMILY.check_data``
+over the data folder: a garbage or truncated WAV, or a missing, empty or
+non-numeric annotation, stops the experiment naming the file (exit 2).
+
 Run it (tunelab owns the loop)::
 
     platform sweep search_spaces/seed_cull.yaml            # seed cull, 4 seeds
@@ -32,7 +52,8 @@ CPU-seconds per iteration, 6 iterations); the defaults are a CPU-minutes size
 (about 4.5 CPU-seconds per iteration at H = 1024); the seed document's A100 size
 is ``{sample_rate: 44100, hidden: 64, n_layers: 2, H_min: 512, H_max: 2048,
 h_schedule: pow2, lr: 1.0e-4, batch_size: 32, steps_per_iter: 200,
-curriculum_epochs: 50, n_train_files: 500, silence_prefix_ms: 25}``.
+curriculum_epochs: 50, n_train_files: 500, silence_prefix_ms: 10}`` (the
+silence prefix must be shorter than H_min: 441 < 512 samples).
 """
 
 from __future__ import annotations
@@ -43,20 +64,22 @@ import hashlib
 import json
 import math
 import shutil
+import struct
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
 from tunelab import Family, atomic_write_json, data_lock
+from tunelab.errors import DataError
 
-__all__ = ["FAMILY", "QUICK_CONFIG", "Config", "OuroborosExperiment", "build"]
+__all__ = ["FAMILY", "QUICK_CONFIG", "Config", "OuroborosExperiment", "build", "check_data"]
 
 # --------------------------------------------------------------------------- #
 # Metric names (dashboards depend on them)
@@ -134,7 +157,25 @@ QUICK_CONFIG: dict[str, Any] = {
 # --------------------------------------------------------------------------- #
 # Config
 # --------------------------------------------------------------------------- #
-@dataclass(config=ConfigDict(extra="forbid"))
+# Domains of the config fields: every float is finite (``allow_inf_nan=False`` on
+# the config), sizes and rates are positive, and every size has an upper bound
+# far above the seed document's A100 size, so a typo (``hidden: 1e9``) is refused
+# at spec validation with a message that names the field.
+Ms = Annotated[float, Field(ge=0.0, le=10_000.0)]
+"""A duration in milliseconds (0 allowed)."""
+PosMs = Annotated[float, Field(gt=0.0, le=10_000.0)]
+"""A positive duration in milliseconds."""
+Hz = Annotated[float, Field(gt=0.0, le=200_000.0)]
+"""A positive frequency in Hz."""
+Weight = Annotated[float, Field(ge=0.0, le=1e6)]
+"""A non-negative loss weight or scale."""
+Frac = Annotated[float, Field(ge=0.0, le=1.0)]
+"""A fraction in [0, 1]."""
+Epochs = Annotated[int, Field(ge=0, le=1_000_000)]
+"""A count of epochs (0 = off)."""
+
+
+@dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
 class Config:
     """Every key of an ``ouroboros`` spec's ``config``; all have defaults.
 
@@ -147,156 +188,161 @@ class Config:
     """Folder of ``{stem}.wav`` + ``{stem}.txt`` (one "onset offset" pair in seconds
     per line). None: generate the synthetic corpus once under
     ``data_root/ouroboros/<hash of the data-generation fields>``."""
-    data_seed: int = 1234
+    data_seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 1234
     """Seed of the synthetic corpus, the file holdout and the segment sampler: the
     data is the same for every trial seed."""
-    sample_rate: int = 16000
+    sample_rate: Annotated[int, Field(ge=1000, le=384_000)] = 16000
     """Working sample rate (Hz); files at another rate are resampled on load."""
-    n_train_files: int = 48
-    """Training files (synthetic: generated; real folder: cap, 0 = all left over)."""
-    n_val_files: int = 6
-    """Held-out validation files (file-level holdout)."""
-    n_test_files: int = 6
-    """Held-out test files (file-level holdout)."""
-    norm_peak: float = 0.5
+    n_train_files: Annotated[int, Field(ge=0, le=1_000_000)] = 48
+    """Training files (synthetic: generated, >= 1; real folder: cap, 0 = all left over)."""
+    n_val_files: Annotated[int, Field(ge=1, le=1_000_000)] = 6
+    """Held-out validation files (file-level holdout): the val/* metrics."""
+    n_test_files: Annotated[int, Field(ge=1, le=1_000_000)] = 6
+    """Held-out test files (file-level holdout): the test/* block of export only."""
+    norm_peak: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
     """Each file is peak-normalised to this amplitude on load."""
     # --- data: synthetic syllables (harmonic chirps) --------------------------
-    syllables_per_file: int = 3
+    syllables_per_file: Annotated[int, Field(ge=1, le=10_000)] = 3
     """Syllable renditions per synthetic file."""
-    syllable_ms: tuple[float, float] = (90.0, 130.0)
+    syllable_ms: tuple[PosMs, PosMs] = (90.0, 130.0)
     """Range of syllable durations (ms)."""
-    lead_silence_ms: tuple[float, float] = (40.0, 80.0)
+    lead_silence_ms: tuple[Ms, Ms] = (40.0, 80.0)
     """Range of the leading silence before the first syllable (ms)."""
-    gap_ms: tuple[float, float] = (40.0, 80.0)
+    gap_ms: tuple[Ms, Ms] = (40.0, 80.0)
     """Range of the silent gap between syllables (ms); also the trailing silence."""
-    f0_start_hz: float = 650.0
+    f0_start_hz: Hz = 650.0
     """Fundamental at the syllable start (Hz)."""
-    f0_end_hz: float = 900.0
+    f0_end_hz: Hz = 900.0
     """Fundamental at the syllable end (Hz)."""
-    f0_bend_hz: float = 150.0
+    f0_bend_hz: Annotated[float, Field(ge=-200_000.0, le=200_000.0)] = 150.0
     """Mid-syllable upward bend of the fundamental, f0 += bend * sin(pi * tau) (Hz)."""
-    f0_jitter: float = 0.05
+    f0_jitter: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     """Relative per-rendition jitter of the fundamental contour."""
-    n_harmonics: int = 3
+    n_harmonics: Annotated[int, Field(ge=1, le=256)] = 3
     """Harmonics per chirp (those above 0.45 * sample_rate are dropped)."""
-    harmonic_decay: float = 0.45
+    harmonic_decay: Annotated[float, Field(gt=0.0, le=10.0)] = 0.45
     """Amplitude ratio between consecutive harmonics."""
-    attack_ms: float = 8.0
+    attack_ms: Ms = 8.0
     """Raised-cosine attack of the syllable envelope (ms)."""
-    release_ms: float = 15.0
+    release_ms: Ms = 15.0
     """Raised-cosine release of the syllable envelope (ms)."""
-    noise_rms: float = 2e-3
+    noise_rms: Frac = 2e-3
     """Background noise RMS relative to the syllable peak (the near-silence floor)."""
     # --- data: edge-biased segment sampler ------------------------------------
-    max_segs: int = 384
-    """Training segments drawn from the train files (before the stratified split)."""
-    segment_ratio: tuple[float, float, float] = (0.4, 0.4, 0.2)
+    max_segs: Annotated[int, Field(ge=1, le=10_000_000)] = 384
+    """Training segments drawn from the train files."""
+    segment_ratio: tuple[Frac, Frac, Frac] = (0.4, 0.4, 0.2)
     """ONSET / OFFSET / MID sampling ratio (PR #5 default 0.4 / 0.4 / 0.2)."""
-    silence_prefix_ms: float = 12.0
+    silence_prefix_ms: Ms = 12.0
     """Silence kept before the onset in ONSET segments (ms)."""
-    silence_suffix_ms: float = 12.0
+    silence_suffix_ms: Ms = 12.0
     """Silence kept after the offset in OFFSET segments (ms)."""
-    edge_ms: float = 10.0
+    edge_ms: Ms = 10.0
     """MID windows stay this far inside [onset, offset] (ms)."""
-    seg_val_frac: float = 0.1
-    """Stratified per-category fraction of segments held out for ``val/loss``."""
-    seg_test_frac: float = 0.1
-    """Stratified per-category fraction of segments held out for ``test/loss``."""
+    seg_val_frac: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    """Segments for ``val/loss``, as a fraction of ``max_segs``: cut from the val files
+    with the same category ratio (at least one per category that fits, so val always
+    holds ONSET examples; without replacement, so capped by what fits)."""
+    seg_test_frac: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    """Segments for ``test/loss`` (export only), as a fraction of ``max_segs``: cut from
+    the test files like ``seg_val_frac``."""
     # --- autonomy windows (validation / test) ---------------------------------
-    eval_lead_ms: float = 20.0
+    eval_lead_ms: Ms = 20.0
     """Silence lead-in before the onset in autonomy windows (ms)."""
-    eval_voc_ms: float = 80.0
+    eval_voc_ms: PosMs = 80.0
     """Vocalisation part of autonomy windows (ms)."""
-    n_eval_windows: int = 16
+    n_eval_windows: Annotated[int, Field(ge=1, le=1_000_000)] = 16
     """Autonomy windows from the val files (and, separately, from the test files)."""
-    eval_nfft_ms: float = 16.0
+    eval_nfft_ms: PosMs = 16.0
     """STFT window of the autonomy score (ms, rounded to a power of two samples)."""
-    diverge_frac: float = 0.95
+    diverge_frac: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
     """A rollout whose peak |x| reaches this fraction of ``sat_x`` is divergent."""
     # --- model ----------------------------------------------------------------
-    hidden: int = 32
+    hidden: Annotated[int, Field(ge=1, le=4096)] = 32
     """Encoder width (channels of the SSM layers)."""
-    n_layers: int = 2
+    n_layers: Annotated[int, Field(ge=1, le=64)] = 2
     """Causal SSM encoder layers."""
-    ssm_state: int = 8
+    ssm_state: Annotated[int, Field(ge=1, le=1024)] = 8
     """Diagonal SSM states per channel."""
-    ssm_tau_ms: tuple[float, float] = (0.25, 40.0)
+    ssm_tau_ms: tuple[PosMs, PosMs] = (0.25, 40.0)
     """Range of the SSM decay time constants at init (ms, log-uniform)."""
-    enc_input_gain: float = 4.0
+    enc_input_gain: Annotated[float, Field(gt=0.0, le=1e6)] = 4.0
     """Gain on (x, x') before the encoder's (x, x', x^2, x'^2) features."""
-    head_init_scale: float = 0.1
+    head_init_scale: Weight = 0.1
     """Scale of the drive head's initial weights (drives start near constants)."""
-    poly_degree: int = 3
+    poly_degree: Annotated[int, Field(ge=1, le=12)] = 3
     """Total degree P of the polynomial kernel sum_{i+j<=P} w_ij x^i x'^j."""
     keep_const: bool = False
     """Keep the (0, 0) constant term of the kernel (PR #5: zeroed by default)."""
-    omega_min_hz: float = 150.0
+    omega_min_hz: Hz = 150.0
     """Lower bound of omega / 2pi (Hz)."""
-    omega_max_hz: float = 2000.0
+    omega_max_hz: Hz = 2000.0
     """Upper bound of omega / 2pi (Hz)."""
-    gamma_max: float = 1.0
+    gamma_max: Annotated[float, Field(gt=0.0, le=1e6)] = 1.0
     """|gamma| bound in 1/ms (gamma = gamma_max * tanh(.))."""
-    w_scale: float = 0.1
+    w_scale: Weight = 0.1
     """Kernel weights are w_scale * omega_mid^2 * head output."""
-    drive_lowpass_ms: float = 0.0
+    drive_lowpass_ms: Ms = 0.0
     """Zero-phase Gaussian low-pass of the drives, sigma in ms (0 = off). Closed-loop
     generation can only use the causal half of the kernel."""
     osc_init: bool = True
     """Seed a bounded limit cycle (small negative damping, x^2 x' re-damping,
     hardening x^3) so a noise IC ignites; head rows of those terms start at zero
     (PR #5 --osc-init; the seed's default was off)."""
-    osc_tau_ms: float = 4.0
+    osc_tau_ms: PosMs = 4.0
     """osc_init: e-folding time of the noise-IC growth (ms); gamma0 = -2 / tau."""
-    osc_amp: float = 0.35
+    osc_amp: Annotated[float, Field(gt=0.0, le=1e3)] = 0.35
     """osc_init: limit-cycle amplitude set by the x^2 x' re-damping term."""
-    osc_cubic: float = 0.2
+    osc_cubic: Weight = 0.2
     """osc_init: hardening x^3 coefficient relative to omega_mid^2 / osc_amp^2."""
-    sat_x: float = 1.0
+    sat_x: Annotated[float, Field(gt=0.0, le=1e3)] = 1.0
     """Soft-tanh saturation level of x after each RK4 step."""
-    sat_v: float = 1.0
+    sat_v: Annotated[float, Field(gt=0.0, le=1e3)] = 1.0
     """Soft-tanh saturation level of x' (per sample) after each RK4 step."""
-    ic_noise_rms: float = 1e-3
+    ic_noise_rms: Frac = 1e-3
     """Cold-start initial condition: (x, x') ~ N(0, ic_noise_rms^2)."""
     # --- loss -------------------------------------------------------------------
-    lam_spec: float = 1.0
+    lam_spec: Weight = 1.0
     """Weight of the multi-resolution STFT magnitude loss."""
-    lam_tf: float = 1.0
+    lam_tf: Weight = 1.0
     """Weight of the teacher-forced acceleration MSE / Var(d2x)."""
-    lam_env: float = 1.0
+    lam_env: Weight = 1.0
     """Weight of the envelope L1 loss."""
-    lam_env_log: float = 0.1
+    lam_env_log: Weight = 0.1
     """Weight of the log-ratio envelope loss |log((env(a)+eps)/(env(g)+eps))|."""
-    env_ms: float = 4.0
+    env_ms: PosMs = 4.0
     """Gaussian envelope smoothing sigma (ms)."""
-    env_log_eps: float = 1e-3
+    env_log_eps: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
     """Noise floor eps of the log-ratio envelope loss."""
-    spec_warmup_epochs: int = 2
+    spec_warmup_epochs: Epochs = 2
     """lam_spec ramps linearly from 0 over this many epochs (0 = no ramp)."""
-    env_warmup_epochs: int = 2
+    env_warmup_epochs: Epochs = 2
     """lam_env and lam_env_log ramp linearly from 0 over this many epochs."""
-    mrstft_ffts: tuple[int, ...] = (64, 128, 256, 512)
+    mrstft_ffts: Annotated[
+        tuple[Annotated[int, Field(ge=8, le=1 << 16)], ...], Field(min_length=1, max_length=16)
+    ] = (64, 128, 256, 512)
     """FFT sizes of the MRSTFT loss (hop = n_fft / 4); sizes > H are dropped."""
-    spec_log_eps: float = 1e-2
+    spec_log_eps: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-2
     """eps of the MRSTFT log-magnitude term log(|S| + eps); near the data's noise-floor
     magnitude so between-harmonic bins do not dominate (DDSP used 1e-7)."""
     # --- optimisation -----------------------------------------------------------
-    lr: float = 2e-3
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 2e-3
     """AdamW learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
     """AdamW weight decay."""
-    grad_clip: float = 5.0
+    grad_clip: Annotated[float, Field(gt=0.0, le=1e6)] = 5.0
     """Total gradient-norm clip (PR #5: 5.0)."""
-    batch_size: int = 16
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 16
     """Segments per optimizer step."""
-    steps_per_iter: int = 12
+    steps_per_iter: Annotated[int, Field(ge=1, le=1_000_000)] = 12
     """Optimizer steps per iteration (epoch)."""
     h_schedule: Literal["const", "linear", "geom", "pow2"] = "pow2"
     """Rollout horizon curriculum from H_min to H_max."""
-    H_min: int = 256
+    H_min: Annotated[int, Field(ge=16, le=1 << 22)] = 256
     """First rollout horizon (samples)."""
-    H_max: int = 1024
+    H_max: Annotated[int, Field(ge=16, le=1 << 22)] = 1024
     """Final rollout horizon (samples); also the training segment length."""
-    curriculum_epochs: int = 12
+    curriculum_epochs: Epochs = 12
     """Epochs over which the horizon ramps from H_min to H_max."""
 
     @model_validator(mode="after")
@@ -311,6 +357,14 @@ class Config:
         ratio = self.segment_ratio
         if min(ratio) < 0 or abs(sum(ratio) - 1.0) > 1e-6 or ratio[ONSET] <= 0:
             raise bad("segment_ratio", f"is {ratio}, but must be >= 0, sum to 1, ONSET > 0")
+        for key in ("syllable_ms", "lead_silence_ms", "gap_ms", "ssm_tau_ms"):
+            lo, hi = getattr(self, key)
+            if lo > hi:
+                raise bad(key, f"is ({lo}, {hi}), but must be a range (low, high) with low <= high")
+        if self.attack_ms + self.release_ms > self.syllable_ms[0]:
+            raise bad(
+                "attack_ms", "plus release_ms must fit in the shortest syllable (syllable_ms)"
+            )
         if not 0 < self.omega_min_hz < self.omega_max_hz < self.sample_rate / 2:
             raise bad(
                 "omega_max_hz", "must satisfy 0 < omega_min_hz < omega_max_hz < sample_rate/2"
@@ -325,6 +379,10 @@ class Config:
             raise bad("silence_prefix_ms", "must be shorter than H_min samples")
         if self.n_val_files < 1 or self.n_test_files < 1 or self.n_eval_windows < 1:
             raise bad("n_val_files", "n_val_files, n_test_files and n_eval_windows must be >= 1")
+        if self.data_dir is None and self.n_train_files < 1:
+            raise bad(
+                "n_train_files", "must be >= 1 for the synthetic corpus (0 = all: real folders)"
+            )
         return self
 
     def ms(self, milliseconds: float) -> int:
@@ -378,15 +436,116 @@ def write_recording(
     (folder / f"{stem}.txt").write_text(lines)
 
 
-def read_annotations(path: Path) -> np.ndarray:
-    """(K, 2) onset/offset seconds from a ``.txt`` file (blank and ``#`` lines skipped)."""
+def read_annotations(path: Path, duration_s: float | None = None) -> np.ndarray:
+    """(K, 2) onset/offset seconds from a ``.txt`` file (blank and ``#`` lines skipped).
+
+    Each line starts with two numbers, "onset offset" in seconds (comma or
+    whitespace separated; further columns, e.g. a label, are ignored), with
+    0 <= onset < offset (<= ``duration_s`` plus one millisecond when given).
+
+    Raises:
+        DataError: the file is missing, unreadable, empty (no annotation line), or a
+            line is not two finite numbers in that order (the message names the line).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "missing annotation file (each {stem}.wav needs a {stem}.txt)")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DataError(
+            path, "not a text file (expected 'onset offset' seconds per line)"
+        ) from None
     rows = []
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].replace(",", " ").strip()
-        if line:
-            on, off = (float(tok) for tok in line.split()[:2])
-            rows.append((on, off))
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].replace(",", " ").strip()
+        if not line:
+            continue
+        toks = line.split()
+        try:
+            on, off = float(toks[0]), float(toks[1])
+        except (IndexError, ValueError):
+            on = off = math.nan
+        if not (math.isfinite(on) and math.isfinite(off)):
+            raise DataError(
+                path,
+                f"line {number}: {raw.strip()!r} is not 'onset offset' (two numbers in seconds)",
+            )
+        if not 0.0 <= on < off:
+            raise DataError(
+                path, f"line {number}: needs 0 <= onset < offset, got onset {on:g}, offset {off:g}"
+            )
+        if duration_s is not None and off > duration_s + 1e-3:
+            raise DataError(
+                path,
+                f"line {number}: offset {off:g} s is past the end of the recording ({duration_s:g} s)",
+            )
+        rows.append((on, off))
+    if not rows:
+        raise DataError(path, "empty annotation file (no 'onset offset' line)")
     return np.asarray(rows, dtype=np.float64).reshape(-1, 2)
+
+
+def wav_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete WAV file, or None (reads the chunk headers only).
+
+    Catches what decoders let through: a file cut short (the ``data`` chunk declares
+    more bytes than the file holds; libsndfile silently reads what is there), an
+    empty file, and a file that is not RIFF/WAVE at all.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    with path.open("rb") as f:
+        head = f.read(12)
+        if (
+            len(head) < 12
+            or head[:4] not in (b"RIFF", b"RIFX", b"RF64", b"BW64")
+            or head[8:12] != b"WAVE"
+        ):
+            return "not a WAV file (no RIFF/WAVE header)"
+        if head[:4] in (b"RF64", b"BW64"):
+            return None  # 64-bit sizes live in the ds64 chunk; the decoder checks them
+        endian = "<" if head[:4] == b"RIFF" else ">"
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk_id, chunk_len = struct.unpack(endian + "4sI", f.read(8))
+            if chunk_id == b"data":
+                if chunk_len != 0xFFFFFFFF and pos + 8 + chunk_len > size:
+                    return (
+                        f"truncated: its data chunk declares {chunk_len} bytes of audio, "
+                        f"the file holds {size - pos - 8}"
+                    )
+                return None
+            pos += 8 + chunk_len + (chunk_len & 1)
+    return "truncated or not audio: no 'data' chunk"
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """A WAV file as a mono float64 waveform (channels averaged) and its sample rate.
+
+    Raises:
+        DataError: missing, garbage, truncated, empty, non-finite or all-zero audio.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "missing recording")
+    problem = wav_problem(path)
+    if problem is not None:
+        raise DataError(path, problem)
+    try:
+        audio, sr = sf.read(path, dtype="float64", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, ValueError) as err:
+        raise DataError(path, f"cannot decode the audio ({err})") from None
+    if audio.shape[0] == 0:
+        raise DataError(path, "no audio samples")
+    x = audio.mean(axis=1)
+    if not np.isfinite(x).all():
+        raise DataError(path, "holds non-finite (NaN or infinite) samples")
+    if not np.abs(x).max() > 0:
+        raise DataError(path, "silent: every sample is 0")
+    return x, int(sr)
 
 
 def synth_syllable_file(cfg: Config, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -459,14 +618,32 @@ def ensure_corpus(cfg: Config, data_root: Path) -> Path:
 
 
 def list_stems(folder: Path) -> list[str]:
-    """Stems with both a ``.wav`` and a ``.txt`` in ``folder``, sorted."""
-    return sorted(p.stem for p in Path(folder).glob("*.wav") if p.with_suffix(".txt").exists())
+    """The stems of the ``{stem}.wav`` + ``{stem}.txt`` pairs in ``folder``, sorted.
+
+    Raises:
+        DataError: the folder is missing, or a ``.wav`` has no ``.txt`` (or a ``.txt``
+            no ``.wav``): an unpaired file would silently change the file holdout.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(folder, "data folder does not exist")
+    wavs = {p.stem for p in folder.glob("*.wav")}
+    txts = {p.stem for p in folder.glob("*.txt")}
+    for stem in sorted(wavs - txts):
+        raise DataError(folder / f"{stem}.txt", f"missing annotation file for {stem}.wav")
+    for stem in sorted(txts - wavs):
+        raise DataError(folder / f"{stem}.wav", f"missing recording for the annotations {stem}.txt")
+    return sorted(wavs)
 
 
 def load_recording(folder: Path, stem: str, sample_rate: int, norm_peak: float) -> Recording:
-    """Read one ``{stem}.wav`` + ``{stem}.txt`` (int16 or float WAV, any rate, mono mix)."""
-    audio, sr = sf.read(Path(folder) / f"{stem}.wav", dtype="float32", always_2d=True)
-    x = audio.mean(axis=1).astype(np.float64)
+    """Read one ``{stem}.wav`` + ``{stem}.txt`` (int16 or float WAV, any rate, mono mix).
+
+    Raises:
+        DataError: a bad WAV (:func:`read_wav`) or annotation (:func:`read_annotations`).
+    """
+    x, sr = read_wav(Path(folder) / f"{stem}.wav")
+    annotations = read_annotations(Path(folder) / f"{stem}.txt", duration_s=len(x) / sr)
     if sr != sample_rate:
         from scipy.signal import resample_poly  # slow import, only for real recordings
 
@@ -474,7 +651,7 @@ def load_recording(folder: Path, stem: str, sample_rate: int, norm_peak: float) 
         x = resample_poly(x, sample_rate // g, sr // g)
     x = norm_peak * x / max(float(np.abs(x).max()), 1e-12)
     v = np.gradient(x)
-    syl = np.rint(read_annotations(Path(folder) / f"{stem}.txt") * sample_rate).astype(np.int64)
+    syl = np.rint(annotations * sample_rate).astype(np.int64)
     return Recording(
         stem, x.astype(np.float32), v.astype(np.float32), np.gradient(v).astype(np.float32), syl
     )
@@ -554,25 +731,31 @@ def sample_segments(
     return out
 
 
-def stratified_split(
-    cats: np.ndarray, val_frac: float, test_frac: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-category split of segment indices (PR #5, _stratified_split).
+def heldout_segments(
+    pools: dict[int, list[tuple[int, int]]],
+    ratio: tuple[float, float, float],
+    total: int,
+    rng: np.random.Generator,
+) -> list[tuple[int, int, int]]:
+    """Draw about ``total`` held-out (recording, start, category) with the category ratio.
 
-    Every category with >= 3 members puts at least one in val and one in test,
-    so val/test always hold ONSET examples even at a low ONSET ratio.
+    Stratified like PR #5's _stratified_split: every category with a positive
+    ratio and a non-empty pool gets at least one segment, so val/test always
+    hold ONSET examples even at a low ONSET ratio. Without replacement (a
+    held-out set never repeats a segment), so a small pool caps its category.
     """
-    parts: tuple[list[int], list[int], list[int]] = ([], [], [])
-    for cat in np.unique(cats):
-        idx = rng.permutation(np.flatnonzero(cats == cat))
-        n = len(idx)
-        n_val, n_test = round(val_frac * n), round(test_frac * n)
-        if n >= 3:
-            n_val, n_test = max(1, n_val), max(1, n_test)
-        parts[1].extend(idx[:n_val])
-        parts[2].extend(idx[n_val : n_val + n_test])
-        parts[0].extend(idx[n_val + n_test :])
-    return tuple(np.sort(np.asarray(p, dtype=np.int64)) for p in parts)  # type: ignore[return-value]
+    out: list[tuple[int, int, int]] = []
+    for cat, n in zip((ONSET, OFFSET, MID), ratio_counts(ratio, total), strict=True):
+        pool = pools[cat]
+        n = min(max(n, 1 if ratio[cat] > 0 else 0), len(pool))
+        if cat == ONSET and n == 0:
+            raise ValueError(
+                "no ONSET segment fits in the held-out files: lengthen the leading silence "
+                "or shorten H_max"
+            )
+        idx = np.sort(rng.choice(len(pool), size=n, replace=False))
+        out += [(*pool[i], cat) for i in idx]
+    return out
 
 
 @dataclasses.dataclass
@@ -628,10 +811,22 @@ class Corpus:
     files: dict[str, list[str]]
 
 
+#: Generator streams of the data sampler (``default_rng([data_seed, stream])``;
+#: training keeps ``default_rng(data_seed)``, PR #5's sampler seed).
+_STREAM_VAL_SEGS, _STREAM_TEST_SEGS = 1, 2
+
+
 def load_corpus(cfg: Config, data_root: Path) -> Corpus:
-    """Folder -> file holdout -> edge-biased segments (stratified) + autonomy windows."""
-    folder = Path(cfg.data_dir) if cfg.data_dir is not None else ensure_corpus(cfg, data_root)
-    stems = list_stems(folder)
+    """Folder -> file holdout -> edge-biased segments per split + autonomy windows.
+
+    train / val / test are disjoint files (:func:`split_files`); every segment
+    and window of a split is cut from that split's files only.
+
+    Raises:
+        DataError: a bad file in the folder (see :func:`check_corpus`).
+    """
+    folder = corpus_folder(cfg, data_root, create=True)
+    stems = _enough_files(folder, cfg)
     train_f, val_f, test_f = split_files(
         stems, cfg.n_val_files, cfg.n_test_files, cfg.n_train_files, cfg.data_seed
     )
@@ -639,28 +834,99 @@ def load_corpus(cfg: Config, data_root: Path) -> Corpus:
     def load(names: list[str]) -> list[Recording]:
         return [load_recording(folder, s, cfg.sample_rate, cfg.norm_peak) for s in names]
 
-    train_recs = load(train_f)
-    pools = segment_pools(
-        train_recs,
-        cfg.H_max,
-        cfg.ms(cfg.silence_prefix_ms),
-        cfg.ms(cfg.silence_suffix_ms),
-        cfg.ms(cfg.edge_ms),
-    )
+    def pools(recs: list[Recording]) -> dict[int, list[tuple[int, int]]]:
+        prefix, suffix = cfg.ms(cfg.silence_prefix_ms), cfg.ms(cfg.silence_suffix_ms)
+        return segment_pools(recs, cfg.H_max, prefix, suffix, cfg.ms(cfg.edge_ms))
+
+    def heldout(recs: list[Recording], frac: float, stream: int) -> Segments:
+        rng = np.random.default_rng([cfg.data_seed, stream])
+        total = max(1, round(frac * cfg.max_segs))
+        picks = heldout_segments(pools(recs), cfg.segment_ratio, total, rng)
+        return gather_segments(recs, picks, cfg.H_max)
+
+    train_recs, val_recs, test_recs = load(train_f), load(val_f), load(test_f)
     rng = np.random.default_rng(cfg.data_seed)
-    segs = gather_segments(
-        train_recs, sample_segments(pools, cfg.segment_ratio, cfg.max_segs, rng), cfg.H_max
-    )
-    tr, va, te = stratified_split(segs.cat.numpy(), cfg.seg_val_frac, cfg.seg_test_frac, rng)
+    picks = sample_segments(pools(train_recs), cfg.segment_ratio, cfg.max_segs, rng)
     lead, voc = cfg.ms(cfg.eval_lead_ms), cfg.ms(cfg.eval_voc_ms)
     return Corpus(
-        train=segs.subset(tr),
-        val=segs.subset(va),
-        test=segs.subset(te),
-        val_windows=autonomy_windows(load(val_f), lead, voc, cfg.n_eval_windows),
-        test_windows=autonomy_windows(load(test_f), lead, voc, cfg.n_eval_windows),
+        train=gather_segments(train_recs, picks, cfg.H_max),
+        val=heldout(val_recs, cfg.seg_val_frac, _STREAM_VAL_SEGS),
+        test=heldout(test_recs, cfg.seg_test_frac, _STREAM_TEST_SEGS),
+        val_windows=autonomy_windows(val_recs, lead, voc, cfg.n_eval_windows),
+        test_windows=autonomy_windows(test_recs, lead, voc, cfg.n_eval_windows),
         files={"train": train_f, "val": val_f, "test": test_f},
     )
+
+
+# --------------------------------------------------------------------------- #
+# Data check (tunelab calls FAMILY.check_data before any trial starts)
+# --------------------------------------------------------------------------- #
+def corpus_folder(cfg: Config, data_root: Path, *, create: bool = False) -> Path:
+    """The folder ``cfg`` trains on: ``data_dir``, or the synthetic corpus (made if ``create``)."""
+    if cfg.data_dir is not None:
+        return Path(cfg.data_dir)
+    return ensure_corpus(cfg, data_root) if create else corpus_dir(cfg, data_root)
+
+
+def _enough_files(folder: Path, cfg: Config) -> list[str]:
+    stems = list_stems(folder)
+    need = cfg.n_val_files + cfg.n_test_files + 1
+    if len(stems) < need:
+        raise DataError(
+            folder,
+            f"holds {len(stems)} annotated recording(s); the file holdout needs at least {need} "
+            "(n_val_files + n_test_files + 1 for training)",
+        )
+    return stems
+
+
+#: Folders :func:`check_corpus` passed, by (folder, file names, sizes and mtimes).
+_CHECKED: set[tuple[Any, ...]] = set()
+
+
+def check_corpus(folder: Path) -> None:
+    """Read every ``{stem}.wav`` + ``{stem}.txt`` pair of ``folder`` as a trial would.
+
+    Raises:
+        DataError: the folder is missing; a ``.wav`` without its ``.txt`` (or the
+            reverse); a garbage, truncated, empty, non-finite or silent WAV; a
+            missing, empty or non-numeric annotation, or one past the end of its
+            recording. The message names the file and the reason.
+    """
+    folder = Path(folder)
+    stems = list_stems(folder)
+    signature = (
+        str(folder.resolve()),
+        tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())),
+    )
+    if signature in _CHECKED:
+        return
+    for stem in stems:
+        x, sr = read_wav(folder / f"{stem}.wav")
+        read_annotations(folder / f"{stem}.txt", duration_s=len(x) / sr)
+    _CHECKED.add(signature)
+
+
+def check_data(cfg: Config, data_root: Path) -> None:
+    """The family's data check: the folder ``cfg`` trains on, before any trial starts.
+
+    A real folder (``data_dir``) is checked file by file and must hold enough
+    annotated recordings for the file holdout. The synthetic corpus is checked
+    once generated (before that, trials generate it); a damaged one names the
+    file and says to delete the folder so it is generated again.
+    """
+    folder = corpus_folder(cfg, data_root)
+    if cfg.data_dir is None and not (folder / _CORPUS_MARKER).exists():
+        return  # not generated yet: the first trial generates it
+    try:
+        check_corpus(folder)
+        _enough_files(folder, cfg)
+    except DataError as err:
+        if cfg.data_dir is not None:
+            raise
+        raise DataError(
+            err.file, f"{err.reason} (synthetic corpus: delete {folder} to generate it again)"
+        ) from None
 
 
 # --------------------------------------------------------------------------- #
@@ -1195,6 +1461,15 @@ def autonomy_scores(gen: Tensor, target: Tensor, lead: int, cfg: Config) -> dict
 # --------------------------------------------------------------------------- #
 # The experiment
 # --------------------------------------------------------------------------- #
+def _stream_seed(seed: int, stream: int) -> int:
+    """A 64-bit seed for the trial generator ``stream`` (SeedSequence spawn key ``stream``)."""
+    child = np.random.SeedSequence(seed, spawn_key=(stream,))
+    return int(child.generate_state(1, dtype=np.uint64)[0])
+
+
+_STREAM_DATA_ORDER, _STREAM_NOISE = 0, 1
+
+
 class OuroborosExperiment:
     """One trial: data, model, optimizer, own RNG; tunelab drives the loop."""
 
@@ -1205,7 +1480,9 @@ class OuroborosExperiment:
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
-        self.gen = torch.Generator().manual_seed(seed)  # batch order + cold-start noise
+        # Separate streams: a lever that draws more (or less) noise never shifts the data order.
+        self.data_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_DATA_ORDER))
+        self.noise_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_NOISE))
         self.epoch = 0
         self.tf_var = accel_variance(self.data.train.a)  # once, over the training set
         self.env_kernel = gaussian_kernel(cfg.ms(cfg.env_ms))
@@ -1282,8 +1559,8 @@ class OuroborosExperiment:
         nan_skipped = 0
         params = list(self.model.parameters())
         for _ in range(cfg.steps_per_iter):
-            idx = torch.randint(len(self.data.train), (cfg.batch_size,), generator=self.gen)
-            parts = self.loss_terms(self.data.train.subset(idx.numpy()), horizon, self.gen)
+            idx = torch.randint(len(self.data.train), (cfg.batch_size,), generator=self.data_gen)
+            parts = self.loss_terms(self.data.train.subset(idx.numpy()), horizon, self.noise_gen)
             total = torch.stack([lam[k] * parts[k] for k in lam]).sum()
             self.opt.zero_grad(set_to_none=True)
             if not torch.isfinite(total):
@@ -1323,14 +1600,16 @@ class OuroborosExperiment:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
-            "generator": self.gen.get_state(),
+            "data_gen": self.data_gen.get_state(),
+            "noise_gen": self.noise_gen.get_state(),
             "epoch": self.epoch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["generator"])
+        self.data_gen.set_state(state["data_gen"])
+        self.noise_gen.set_state(state["noise_gen"])
         self.epoch = int(state["epoch"])
 
     def export(self, out_dir: Path) -> dict[str, Any]:
@@ -1360,7 +1639,10 @@ class OuroborosExperiment:
         test_loss = self.segment_loss(self.data.test)
         return {
             "sample_rate": cfg.sample_rate,
-            "val": {f"val/{k}": val[k] for k in SCORE_KEYS},
+            "val": {
+                **{f"val/{k}": val[k] for k in SCORE_KEYS},
+                M_VAL_LOSS: self.segment_loss(self.data.val),
+            },
             "test": {**{f"test/{k}": test[k] for k in SCORE_KEYS}, "test/loss": test_loss},
             "deployed": {f"deployed/{k}": deployed_scores[k] for k in SCORE_KEYS},
             "files": ["generated.wav", "target.wav", "spectrogram.png"],
@@ -1416,6 +1698,7 @@ FAMILY = Family(
     config_cls=Config,
     build=build,
     metrics=METRICS,
+    data_check=check_data,
     description=(
         "Polynomial neural-ODE birdsong synthesizer (poly Ouroboros) trained with a "
         "spectral-rollout loss and cold-start ONSET segments; selected by closed-loop "

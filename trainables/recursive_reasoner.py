@@ -25,7 +25,10 @@ Evaluation: three maze sets from separate generator streams, pairwise disjoint. 
 iteration scores the validation mazes (``val/*``: what TPE, ASHA, lever verdicts and the
 best-checkpoint tracking see); the test mazes are scored only by ``export`` (at the trial's
 budget), as the manifest's ``test`` block (``test/*``), never as an iteration metric, so no
-spec can select on them.
+spec can select on them. Train mazes come from stream ``[data_seed, 0]``, test from
+``[data_seed, 1]`` minus every training maze, val from ``[data_seed, 2]`` minus every training
+and test maze. The mazes are cached once under ``data_root``; ``FAMILY.check_data`` checks a
+cached file before any trial starts (a damaged one stops the experiment naming the file).
 
 Randomness: the trial seed feeds two generators on separate streams, one for the data order
 (epoch permutations) and one for the trajectory noise. Arms of a lever A/B that draw different
@@ -68,6 +71,7 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
 import tunelab
+from tunelab.errors import DataError
 
 __all__ = [
     "FAMILY",
@@ -77,12 +81,15 @@ __all__ = [
     "RecursiveReasoner",
     "TrajectoryNoise",
     "build",
+    "check_data",
     "evaluate_exact_match",
     "generate_maze",
     "load_or_generate_mazes",
     "make_maze_example",
     "make_mazes",
+    "maze_file",
     "n_trajectories",
+    "read_mazes",
     "sample_trajectory_sigmas",
     "shortest_path_labels",
     "sigma_scale",
@@ -129,45 +136,50 @@ METRICS = (
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-@dataclass(config=ConfigDict(extra="forbid", use_attribute_docstrings=True))
+@dataclass(config=ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False))
 class Config:
-    """Recursive reasoner config; every field has a CPU-sized default."""
+    """Recursive reasoner config; every field has a CPU-sized default.
+
+    Every field carries its domain: floats are finite, sizes and rates positive,
+    and each has an upper bound far above any sane run, so ``lr: -0.002``,
+    ``hidden: 1e9`` or ``lr: .nan`` is refused at spec validation naming the field.
+    """
 
     # --- data --------------------------------------------------------------------------------
-    maze_size: Annotated[int, Field(ge=5)] = 7
+    maze_size: Annotated[int, Field(ge=5, le=255)] = 7
     """Maze side S in cells, outer walls included; rooms sit at odd coordinates (7 on a CPU,
     30 on a GPU)."""
     loop_frac: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
     """Fraction of the inner walls left by the DFS spanning tree that are knocked down, so the
     maze has loops and the *shortest* path matters."""
-    n_train: Annotated[int, Field(ge=1)] = 4096
+    n_train: Annotated[int, Field(ge=1, le=10_000_000)] = 4096
     """Training mazes."""
-    n_val: Annotated[int, Field(ge=1)] = 256
+    n_val: Annotated[int, Field(ge=1, le=10_000_000)] = 256
     """Validation mazes (own generator stream, none equal to a training or test maze): the
     val/* metrics, scored every iteration (three times: clean, band max, 10x), which tuning,
     culling and the best checkpoint select on."""
-    n_test: Annotated[int, Field(ge=1)] = 512
+    n_test: Annotated[int, Field(ge=1, le=10_000_000)] = 512
     """Held-out test mazes (own generator stream, none equal to a training maze), scored once
     by export (the manifest's test/* block); nothing selects on them."""
-    data_seed: int = 0
+    data_seed: Annotated[int, Field(ge=0)] = 0
     """Seed of the maze data; the same for every trial seed (the trial seed fixes init, data
     order and noise, the last two on separate streams)."""
 
     # --- model -------------------------------------------------------------------------------
     arch: Literal["trm", "hrm"] = "trm"
     """trm: one network updates both latents; hrm: separate L and H modules."""
-    hidden: Annotated[int, Field(ge=1)] = 32
+    hidden: Annotated[int, Field(ge=1, le=4096)] = 32
     """Channels D of the latents and of the conv network."""
-    n_layers: Annotated[int, Field(ge=1)] = 2
+    n_layers: Annotated[int, Field(ge=1, le=64)] = 2
     """Residual conv layers (conv3x3-GELU-conv3x3, post RMSNorm) per network call."""
-    H_cycles: Annotated[int, Field(ge=1)] = 2
+    H_cycles: Annotated[int, Field(ge=1, le=64)] = 2
     """H cycles per segment (TRM's T); all but the last run without gradient."""
-    L_cycles: Annotated[int, Field(ge=1)] = 2
+    L_cycles: Annotated[int, Field(ge=1, le=64)] = 2
     """z_L updates per H cycle (TRM's n)."""
-    halt_max_steps: Annotated[int, Field(ge=1)] = 3
+    halt_max_steps: Annotated[int, Field(ge=1, le=1000)] = 3
     """Deep-supervision segments per training batch (TRM's N_sup, HRM's halt_max_steps): the
     ACT cap; parallel_fixed always runs exactly this many."""
-    n_sup: Annotated[int, Field(ge=1)] = 3
+    n_sup: Annotated[int, Field(ge=1, le=1000)] = 3
     """Segments unrolled at evaluation (test-time depth, no halting); above halt_max_steps
     tests thinking longer than trained."""
     act: bool = False
@@ -178,16 +190,16 @@ class Config:
     sigma_mode: Literal["fixed", "loguniform", "none"] = "loguniform"
     """fixed: sigma for every trajectory; loguniform: per trajectory LogUniform(sigma_min,
     sigma_max); none: clean training (val/perturbed_success still probes at `sigma`)."""
-    sigma: Annotated[float, Field(ge=0.0)] = 0.1
+    sigma: Annotated[float, Field(ge=0.0, le=1e3)] = 0.1
     """Noise std of sigma_mode=fixed, and the probe band of sigma_mode=none."""
-    sigma_min: Annotated[float, Field(gt=0.0)] = 0.01
+    sigma_min: Annotated[float, Field(gt=0.0, le=1e3)] = 0.01
     """Lower end of the LogUniform band."""
-    sigma_max: Annotated[float, Field(gt=0.0)] = 0.3
+    sigma_max: Annotated[float, Field(gt=0.0, le=1e3)] = 0.3
     """Upper end of the LogUniform band (the band max that train/sigma reports)."""
-    ramp_steps: Annotated[int, Field(ge=0)] = 0
+    ramp_steps: Annotated[int, Field(ge=0, le=1_000_000_000)] = 0
     """Training batches over which sigma ramps linearly from 0 to the band, counted after the
     clean warmup (0: no ramp)."""
-    clean_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    clean_warmup_steps: Annotated[int, Field(ge=0, le=1_000_000_000)] = 0
     """Training batches at the start with no noise at all."""
     p_clean: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     """Probability that a trajectory is clean (mixture p_clean * delta_0 + (1 - p_clean) * band)."""
@@ -196,24 +208,24 @@ class Config:
     loss_mode: Literal["single_perturbed_ce", "multi_perturbed_ce"] = "multi_perturbed_ce"
     """single_perturbed_ce: one perturbed trajectory per maze (K is ignored);
     multi_perturbed_ce: K trajectories (the first clean, K - 1 perturbed), mean CE."""
-    K: Annotated[int, Field(ge=1)] = 2
+    K: Annotated[int, Field(ge=1, le=1024)] = 2
     """Trajectories per maze in multi_perturbed_ce."""
 
     # --- training ----------------------------------------------------------------------------
     rollout: Literal["parallel_fixed", "serial_act"] = "parallel_fixed"
     """parallel_fixed: B -> B*K in one batch, exactly halt_max_steps segments; serial_act: the
     K trajectories one by one through ACT halting."""
-    lr: Annotated[float, Field(gt=0.0)] = 2e-3
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 2e-3
     """AdamW learning rate (constant)."""
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
     """AdamW weight decay."""
-    grad_clip: Annotated[float, Field(gt=0.0)] = 1.0
+    grad_clip: Annotated[float, Field(gt=0.0, le=1e6)] = 1.0
     """Clip of the total gradient norm per optimizer step."""
-    batch_size: Annotated[int, Field(ge=1)] = 32
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     """Mazes per training batch (B, before the K trajectories)."""
-    steps_per_iter: Annotated[int, Field(ge=1)] = 30
+    steps_per_iter: Annotated[int, Field(ge=1, le=1_000_000)] = 30
     """Training batches per iteration (each batch = halt_max_steps optimizer steps)."""
-    eval_batch_size: Annotated[int, Field(ge=1)] = 512
+    eval_batch_size: Annotated[int, Field(ge=1, le=1_048_576)] = 512
     """Mazes per evaluation chunk."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the latents and the network (bfloat16 via autocast). In bfloat16,
@@ -401,6 +413,64 @@ class MazeData:
     test_labels: Tensor
 
 
+def maze_file(config: Config, data_root: Path) -> Path:
+    """Where the mazes of ``config`` are cached under ``data_root`` (one file per data config)."""
+    name = (
+        f"mazes_v{_DATA_VERSION}_s{config.maze_size}_loop{config.loop_frac:g}"
+        f"_train{config.n_train}_val{config.n_val}_test{config.n_test}"
+        f"_seed{config.data_seed}.npz"
+    )
+    return Path(data_root) / "recursive_reasoner" / name
+
+
+def read_mazes(path: Path, config: Config) -> dict[str, np.ndarray]:
+    """The cached maze arrays of ``config``, checked.
+
+    Raises:
+        DataError: the file is not a readable ``.npz``, lacks an array, or holds arrays
+            of the wrong shape, token or label values, or a maze without exactly one
+            start and one goal (the message names the file; delete it to generate it
+            again).
+    """
+    path = Path(path)
+    again = "; delete it to generate it again"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as err:  # truncated zip, bad CRC, not a zip, pickled object arrays ...
+        raise DataError(
+            path, f"unreadable maze file ({type(err).__name__}: {err}){again}"
+        ) from None
+    size = config.maze_size
+    for split, n in (("train", config.n_train), ("val", config.n_val), ("test", config.n_test)):
+        x, y = arrays.get(f"{split}_x"), arrays.get(f"{split}_y")
+        if x is None or y is None:
+            raise DataError(path, f"no {split}_x / {split}_y arrays{again}")
+        for key, a in ((f"{split}_x", x), (f"{split}_y", y)):
+            if a.shape != (n, size, size) or a.dtype.kind not in "iu":
+                raise DataError(
+                    path,
+                    f"{key} is {a.dtype} {a.shape}, expected integer ({n}, {size}, {size}){again}",
+                )
+        if x.min(initial=0) < 0 or x.max(initial=0) >= N_TOKENS or not np.isin(y, (0, 1)).all():
+            raise DataError(path, f"{split} mazes hold token or label values out of range{again}")
+        one = ((x == START).sum((1, 2)) == 1) & ((x == GOAL).sum((1, 2)) == 1)
+        if not one.all():
+            bad = int(np.flatnonzero(~one)[0])
+            raise DataError(path, f"{split} maze {bad} has no single start and goal{again}")
+    return arrays
+
+
+def check_data(config: Config, data_root: Path) -> None:
+    """The family's data check (before any trial starts): a cached maze file must be sound.
+
+    A file that does not exist yet is fine (the first trial generates it).
+    """
+    path = maze_file(config, data_root)
+    if path.exists():
+        read_mazes(path, config)
+
+
 def load_or_generate_mazes(config: Config, data_root: Path) -> MazeData:
     """Generate the mazes of ``config`` once under ``data_root`` (shared by all trials).
 
@@ -408,13 +478,11 @@ def load_or_generate_mazes(config: Config, data_root: Path) -> MazeData:
     ``[data_seed, 1]`` with every maze equal to a training maze rejected, validation mazes
     from ``[data_seed, 2]`` with every maze equal to a training or test maze rejected. The
     three sets are pairwise disjoint, and train and test do not depend on ``n_val``.
+
+    Raises:
+        DataError: the cached file is damaged (:func:`read_mazes`).
     """
-    name = (
-        f"mazes_v{_DATA_VERSION}_s{config.maze_size}_loop{config.loop_frac:g}"
-        f"_train{config.n_train}_val{config.n_val}_test{config.n_test}"
-        f"_seed{config.data_seed}.npz"
-    )
-    path = Path(data_root) / "recursive_reasoner" / name
+    path = maze_file(config, data_root)
     with tunelab.data_lock(path):
         if not path.exists():
             size, loop = config.maze_size, config.loop_frac
@@ -434,8 +502,8 @@ def load_or_generate_mazes(config: Config, data_root: Path) -> MazeData:
                 buf, train_x=tr_x, train_y=tr_y, val_x=va_x, val_y=va_y, test_x=te_x, test_y=te_y
             )
             tunelab.atomic_write_bytes(path, buf.getvalue())
-        with np.load(path) as z:
-            arrays = {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
+        mazes = read_mazes(path, config)
+    arrays = {k: torch.from_numpy(v.astype(np.int64)) for k, v in mazes.items()}
     return MazeData(
         arrays["train_x"],
         arrays["train_y"],
@@ -1087,6 +1155,7 @@ FAMILY = tunelab.Family(
     config_cls=Config,
     build=build,
     metrics=METRICS,
+    data_check=check_data,
     description=(
         "TRM/HRM recursive reasoner on procedural mazes (exact-match shortest path) with "
         "centered initial-latent noise (trajectory augmentation), parallel_fixed vs serial_act."

@@ -25,11 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from tunelab._checkpoint import atomic_write_json, read_json, sorted_checkpoints, strict_json
+from tunelab._family import check_family_data
 from tunelab._spec import AnySpec, load_spec, parse_spec, spec_hash
 from tunelab._trial import TrialSetup, run_trial
 from tunelab.errors import ExperimentInterrupted
 from tunelab.kinds import ExperimentKind, FinalizeContext, get_kind
-from tunelab.layout import ExperimentLayout, RunState, read_state, write_table
+from tunelab.layout import (
+    ExperimentLayout,
+    RunState,
+    read_state,
+    shared_data_root,
+    write_table,
+)
 from tunelab.names import (
     TAG_CULLED_AT,
     TAG_EXPERIMENT_DIR,
@@ -100,6 +107,8 @@ def run_experiment(
     """
     spec = load_spec(spec_file, quick=quick, overrides=overrides)
     storage = Path(storage).resolve()
+    # bad data fails here, before any folder, run or trial exists (exit 2, naming the file)
+    _check_data(spec, shared_data_root(storage))
     storage.mkdir(parents=True, exist_ok=True)
     if tracker is None:
         tracking_uri = (
@@ -165,9 +174,15 @@ def resume_experiment(
         )
         return dict(finished)
     spec = parse_spec(state.spec, source=state.spec_file)
+    _check_data(spec, state.data_root)
     tracker = tracker or MlflowTracker(state.tracking_uri)
     with _fail_parent_on_error(tracker, state.parent_run_id):
         return _run(state, spec, tracker, address=address, progress=progress, restore=True)
+
+
+def _check_data(spec: AnySpec, data_root: Path) -> None:
+    """The family's check of its data folder for every config the spec runs (DataError)."""
+    check_family_data(spec.family, data_root, [use.values for use in spec.family_configs()])
 
 
 @contextlib.contextmanager
@@ -191,23 +206,53 @@ def _fail_parent_on_error(tracker: Tracker, parent_run_id: str) -> Iterator[None
 def init_ray(address: str | None) -> None:
     """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local Ray with one CPU per core.
 
+    Ray's token authentication is on unless ``RAY_AUTH_MODE=disabled``. The
+    local Ray listens on 127.0.0.1 only; its token file (``$RAY_AUTH_TOKEN_PATH``,
+    default ``~/.ray/auth_token``) is created user-only (0600) where Ray would
+    create it readable by everyone. A driver connecting to ``address`` sends a
+    token when one is available (Ray itself does so only for ``address="auto"``).
+
     ``TUNELAB_METRICS_EXPORT_PORT`` serves Ray's and tunelab's metrics to
     Prometheus from the local Ray (dashboards/README.md).
     """
-    import ray
+    import secrets
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray._private import ray_constants
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+    from ray._raylet import Config  # type: ignore[attr-defined]
+
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         ray.init(address=address, log_to_driver=False)
-    else:
-        port = os.environ.get("TUNELAB_METRICS_EXPORT_PORT")
-        extra: dict[str, Any] = {"_metrics_export_port": int(port)} if port else {}
+        return
+    if "RAY_AUTH_MODE" not in os.environ:  # Ray's own default, set here without its warning
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")
+    if os.environ["RAY_AUTH_MODE"].lower() == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
+        token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        with contextlib.suppress(FileExistsError), open(os.open(token, flags, 0o600), "w") as f:
+            f.write(secrets.token_hex(32))
+        if token.stat().st_mode & 0o077 and token.stat().st_uid == os.getuid():
+            token.chmod(0o600)
+    port = os.environ.get("TUNELAB_METRICS_EXPORT_PORT")
+    extra: dict[str, Any] = {"_metrics_export_port": int(port)} if port else {}
+    # Ray binds its servers to 127.0.0.1 when that is the node's address, which it
+    # picks only where it does not expect a multi-node cluster (ENABLE_RAY_CLUSTER).
+    on_network, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
         ray.init(
             num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=False, **extra
         )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = on_network
 
 
 # -- running ----------------------------------------------------------------------------

@@ -40,6 +40,16 @@ metadata, so a new or renamed entry needs a reinstall) and write
 without importing any family module; a family module is imported only when its
 name is looked up. The entry point's name must equal ``FAMILY.name``.
 
+Checking data before trials start. A family that reads files (a corpus folder,
+a cached data set under ``data_root``) sets ``Family(data_check=...)``:
+``data_check(config, data_root)`` reads what the trials would read and raises
+:class:`tunelab.errors.DataError` (exit code 2) naming the file and the reason
+(a garbage or truncated file, a missing or non-numeric annotation). The driver
+calls :func:`check_family_data` with every config a spec would run before any
+trial starts, so bad data stops the experiment with one clear message instead
+of failing every trial (or, worse, silently changing the split). A family's
+loader raises the same errors inside a trial.
+
 A spec may instead name the object directly, ``family: "my_lab.my_family:FAMILY"``
 (no registration needed). Either way a family name is code: looking it up
 imports the module it names and runs its top-level code, so only run specs you
@@ -51,15 +61,19 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from tunelab.errors import DataError
 
 __all__ = [
     "FAMILY_GROUP",
     "Experiment",
     "Family",
     "FamilyConflictError",
+    "check_family_data",
     "family_names",
     "get_family",
 ]
@@ -108,6 +122,10 @@ class Family:
             are the family's config keys, each with a default and a docstring.
         build: ``build(config, seed, data_root) -> Experiment``.
         metrics: The metric names ``train_iteration`` returns.
+        data_check: Optional ``data_check(config, data_root) -> None``: check the
+            files the family would read for ``config`` and raise
+            :class:`tunelab.errors.DataError` (file and reason) on bad data. None:
+            the family reads no files (or has nothing to check).
     """
 
     name: str
@@ -115,10 +133,50 @@ class Family:
     build: Callable[[Any, int, Path], Experiment]
     metrics: tuple[str, ...]
     description: str = ""
+    data_check: Callable[[Any, Path], None] | None = None
 
     def make_config(self, values: Mapping[str, Any]) -> Any:
-        """Validate ``values`` into ``config_cls`` (raises pydantic.ValidationError)."""
+        """Validate ``values`` into ``config_cls`` (raises pydantic.ValidationError).
+
+        Booleans are not numbers: ``true`` for an ``int`` or ``float`` field is refused
+        (pydantic's lax mode would read it as 1), naming the field like any other error.
+        """
+        _refuse_bools_for_numbers(self.config_cls, values)
         return self.config_cls(**dict(values))
+
+    def check_data(self, data_root: Path, config: Any) -> None:
+        """Check the data ``config`` (a config object or a mapping) would train on.
+
+        Raises:
+            tunelab.errors.DataError: a bad file (the message names it and says why).
+            pydantic.ValidationError: ``config`` is a mapping that is not a valid config.
+        """
+        if self.data_check is None:
+            return
+        cfg = self.make_config(config) if isinstance(config, Mapping) else config
+        try:
+            self.data_check(cfg, Path(data_root))
+        except OSError as err:  # unreadable file or folder: name it like any other bad data
+            where = err.filename if err.filename is not None else data_root
+            raise DataError(where, f"cannot read: {err.strerror or err}") from err
+
+
+def _refuse_bools_for_numbers(config_cls: type, values: Mapping[str, Any]) -> None:
+    """Raise pydantic.ValidationError for a bool given to an int or float field."""
+    fields = getattr(config_cls, "__pydantic_fields__", None) or {}
+    errors: list[Any] = []
+    for key, value in values.items():
+        info = fields.get(key)
+        if not isinstance(value, bool) or info is None:
+            continue
+        types = set(typing.get_args(info.annotation)) - {type(None)} or {info.annotation}
+        if types <= {int, float}:
+            kind = "int_type" if int in types else "float_type"
+            errors.append({"type": kind, "loc": (key,), "input": value})
+    if errors:
+        import pydantic_core
+
+        raise pydantic_core.ValidationError.from_exception_data(config_cls.__name__, errors)
 
 
 class FamilyConflictError(ImportError):
@@ -205,3 +263,28 @@ def get_family(name: str) -> Family:
             f"Family named {family.name!r}; register it under {family.name!r}"
         )
     return family
+
+
+def check_family_data(family: str | Family, data_root: Path, configs: Iterable[Any]) -> None:
+    """Check a family's data for every config an experiment would run, before trials start.
+
+    Args:
+        family: A registered name or ``"package.module:ATTR"`` (as in a spec), or a
+            :class:`Family`.
+        data_root: The experiment's data root (the ``data_root`` trials get).
+        configs: Family configs, as config objects or mappings (e.g. the ``values``
+            of ``spec.family_configs()``); equal configs are checked once.
+
+    Raises:
+        tunelab.errors.DataError: the first bad file found (exit code 2).
+    """
+    fam = get_family(family) if isinstance(family, str) else family
+    if fam.data_check is None:
+        return
+    seen: set[str] = set()
+    for config in configs:
+        cfg = fam.make_config(config) if isinstance(config, Mapping) else config
+        key = repr(cfg)
+        if key not in seen:
+            seen.add(key)
+            fam.check_data(data_root, cfg)

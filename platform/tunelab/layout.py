@@ -8,6 +8,8 @@ so files inside Tune's folder would go stale), tunelab's own files::
 
     tunelab.json            the resolved spec and where its runs live (RunState)
     tunelab_runs.json       trial id -> MLflow run id
+    tunelab_pending_runs.json  trials whose MLflow run could not be created yet (tracking down)
+    tunelab_tracking_spool.jsonl  tracking writes not sent yet (tracking down), replayed later
     tunelab_nonfinite.json  trial id -> first iteration with a NaN / inf metric
     tunelab_cull.json       sync cull arrivals and decision
     tunelab_lever.json      the lever searcher's state
@@ -74,6 +76,16 @@ class ExperimentLayout:
     @property
     def runs_file(self) -> Path:
         return self.root / "tunelab_runs.json"
+
+    @property
+    def pending_runs_file(self) -> Path:
+        """trial id -> the run to create for it, while tracking is unavailable."""
+        return self.root / "tunelab_pending_runs.json"
+
+    @property
+    def tracking_spool_file(self) -> Path:
+        """Tracking writes (metrics, tags, params, artifacts) not sent yet, as JSON lines."""
+        return self.root / "tunelab_tracking_spool.jsonl"
 
     @property
     def nonfinite_file(self) -> Path:
@@ -220,7 +232,12 @@ class RunState:
     @property
     def data_root(self) -> Path:
         """The storage's shared data folder (generated corpora, shared by experiments)."""
-        return Path(self.storage) / "data"
+        return shared_data_root(Path(self.storage))
+
+
+def shared_data_root(storage: Path) -> Path:
+    """``<storage>/data``: data shared by every experiment under ``storage``."""
+    return Path(storage) / "data"
 
 
 def read_result_lines(path: Path) -> list[dict[str, Any]]:

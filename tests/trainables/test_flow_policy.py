@@ -290,3 +290,43 @@ def test_export_writes_metrics_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "chunks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"val/spike_l1", "test/spike_l1", "test/flat_l1"} <= set(saved["metrics"])
     assert manifest["metrics"] == saved["metrics"]
+
+
+# --- evaluation honesty -------------------------------------------------------
+
+
+def test_train_val_test_share_no_window() -> None:
+    # three separately simulated episode sets: no window (condition + chunk) is in two splits
+    data = fp.make_dataset(fp.FAMILY.make_config(TINY))
+
+    def rows(split: fp.Split) -> set[bytes]:
+        flat = torch.cat([split.cond, split.actions.flatten(1)], 1)
+        return {r.numpy().tobytes() for r in flat}
+
+    train, val, test = rows(data["train"]), rows(data["val"]), rows(data["test"])
+    assert train.isdisjoint(val) and train.isdisjoint(test) and val.isdisjoint(test)
+
+
+def test_iterations_score_only_the_val_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # val/* (what sweeps, culls and verdicts see) never touches the test windows
+    exp = _build()
+    seen: list[fp.Split] = []
+    real = exp.evaluate
+    monkeypatch.setattr(
+        exp, "evaluate", lambda split, prefix: seen.append(split) or real(split, prefix)
+    )
+    metrics = exp.train_iteration()
+    assert seen == [exp.val]
+    assert not any(k.startswith("test/") for k in metrics)
+
+
+@pytest.mark.parametrize(
+    "arm", [{"head": "regression"}, {"readout": "mean_of_k"}, {"lds_alpha": 0.5}]
+)
+def test_lever_arms_see_the_same_batches(arm: dict[str, Any]) -> None:
+    # data order has its own generator: an arm that draws no (or more) noise is still paired
+    control, lever = _build(), _build(**arm)
+    for _ in range(2):
+        control.train_iteration()
+        lever.train_iteration()
+    assert torch.equal(control.data_gen.get_state(), lever.data_gen.get_state())
