@@ -92,3 +92,22 @@ def test_seed_cull_quick_selects_a_bounded_seed_and_reloads_it(tmp_path: Path) -
     manifest = json.loads(Path(sel["manifest"]).read_text())
     assert manifest["selected_seed"] == sel["seed"] and manifest["sample_rate"] == 8000
     assert manifest["test"]["test/bounded_frac"] >= 0.9 and "hidden" in manifest["hyperparameters"]
+
+
+def test_the_a100_overrides_in_a_spec_comment_validate() -> None:
+    """The full-size command a shipped spec documents in its comment is a valid spec."""
+    import re
+    import shlex
+
+    from tunelab._spec import load_spec
+
+    for path in sorted((ROOT / "search_spaces").glob("*.yaml")):
+        lines = path.read_text().splitlines()
+        comment = " ".join(ln.lstrip("# ") for ln in lines if ln.startswith("#"))
+        match = re.search(r"A100 size[^:]*:(.*?--set [^#]*)", comment)
+        if not match:
+            continue
+        words = shlex.split(match.group(1))
+        overrides = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+        assert overrides, path
+        load_spec(path, overrides=overrides)  # raises SpecError if the documented size is invalid
