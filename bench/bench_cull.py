@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import os
 import random
 import sys
 from pathlib import Path
@@ -145,7 +144,6 @@ def main() -> None:
     parser.add_argument("--at", type=float, default=0.4)
     parser.add_argument("--reps", type=int, default=300)
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     path = ROOT / "bench" / "data" / f"{args.family}_curves.json"
     if args.record or not path.exists():
         record(args.family, args.record_seeds, args.budget, path)

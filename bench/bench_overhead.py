@@ -32,7 +32,6 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
 )
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from trainables.ouroboros import QUICK_CONFIG as OUROBOROS_QUICK  # noqa: E402
 from tunelab import build_experiment  # noqa: E402

@@ -23,7 +23,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 "$py" -m pip install --quiet -e ".[test]"
 
-export RAY_AUTH_MODE=disabled
+# Ray's token authentication stays on (tunelab.init_ray); the tests turn it off for speed.
 
 case "$what" in
   demo)

@@ -13,6 +13,7 @@ import dataclasses
 import multiprocessing
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -463,12 +464,54 @@ def test_head_job_rejects_the_head_node_type(tmp_path: Path) -> None:
         render_head_job(ci_config(tmp_path), node_type="head", nodes=1, command="true")
 
 
+# Runs as the driver command of the head job: the cluster answers with the token and
+# refuses without it; MLflow listens on the head's address only.
+_HEAD_JOB_PROBE = r"""
+import os, time, urllib.error, urllib.request
+import grpc, ray
+from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+ray.init(logging_level="ERROR")
+print("CLUSTER_CPUS", ray.cluster_resources()["CPU"])
+print("AUTH_MODE", os.environ["RAY_AUTH_MODE"])
+with grpc.insecure_channel(os.environ["RAY_ADDRESS"]) as channel:
+    stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+    try:
+        stub.GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(), timeout=10)
+        print("NO_TOKEN OK")
+    except grpc.RpcError as e:
+        print("NO_TOKEN", e.code().name)
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError as e:
+        return type(e).__name__
+
+uri = os.environ["MLFLOW_TRACKING_URI"]
+deadline = time.time() + 120
+while get(uri + "/health") != 200 and time.time() < deadline:
+    time.sleep(0.5)
+print("MLFLOW_HEAD_ADDRESS", get(uri + "/api/2.0/mlflow/experiments/search?max_results=1"))
+port = uri.rsplit(":", 1)[1]
+print("MLFLOW_LOOPBACK", get(f"http://127.0.0.1:{port}/health"))
+"""
+
+
 @slurm
 def test_head_job_runs_a_ray_cluster_inside_one_allocation(slurm: Path, tmp_path: Path) -> None:
-    # the rendered script starts a head in the job, runs the command against it, and cleans up
-    config = ci_config(tmp_path, mlflow_port=None)
-    command = 'python -c \'import ray; ray.init(); print("CLUSTER_CPUS", ray.cluster_resources()["CPU"])\''
-    script = render_head_job(config, node_type=WORKER, nodes=1, command=command)
+    # the rendered script starts a head in the job, runs the command against it, and cleans
+    # up; with the product's security on: Ray's token auth (the CI's RAY_AUTH_MODE=disabled
+    # dropped), MLflow bound to the head's cluster address. (MLflow's basic-auth app needs
+    # mlflow[auth], which the test environment lacks: test_head_job_template_* render it.)
+    env = {k: v for k, v in ci_site(tmp_path)["env"].items() if k != "RAY_AUTH_MODE"}
+    config = ci_config(tmp_path, env=env)
+    probe = tmp_path / "probe.py"
+    probe.write_text(_HEAD_JOB_PROBE)
+    script = render_head_job(config, node_type=WORKER, nodes=1, command=f"python {probe}")
     script_path = tmp_path / "head.sbatch"
     script_path.write_text(script)
     job_id = subprocess.run(
@@ -476,10 +519,21 @@ def test_head_job_runs_a_ray_cluster_inside_one_allocation(slurm: Path, tmp_path
     ).stdout.strip()
     temp_dir, gcs_port = config["provider"]["ray_temp_dir"], config["provider"]["gcs_port"]
     try:
-        wait_for(lambda: job_id not in squeue("-o", "%i").split(), 150, "the head job to end")
+        wait_for(lambda: job_id not in squeue("-o", "%i").split(), 240, "the head job to end")
         log = next(Path(config["provider"]["state_dir"], "logs").glob(f"*-{job_id}.out"))
-        assert "Ray nodes alive: 1 of 1" in log.read_text()
-        assert "CLUSTER_CPUS 1.0" in log.read_text()
+        text = log.read_text()
+        assert "Ray nodes alive: 1 of 1" in text, text[-3000:]
+        assert "CLUSTER_CPUS 1.0" in text, text[-3000:]
+        assert "AUTH_MODE token" in text
+        assert "NO_TOKEN UNAUTHENTICATED" in text, text[-3000:]
+        assert "MLFLOW_HEAD_ADDRESS 200" in text, text[-3000:]
+        if config["provider"]["head_ip"] != "127.0.0.1":
+            assert "MLFLOW_LOOPBACK URLError" in text, text[-3000:]  # not on 0.0.0.0
+        auth = Path(config["provider"]["state_dir"], "auth")
+        assert stat.S_IMODE(auth.stat().st_mode) == 0o700
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in auth.iterdir()} == {
+            "ray_token": 0o600
+        }
         assert cluster_processes(temp_dir, gcs_port) == []
     finally:
         subprocess.run(["scancel", job_id], check=False)

@@ -14,10 +14,12 @@ RAY_ADDRESS set), use `RayCluster.head_exec` (the `platform sweep` tests do).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import textwrap
@@ -125,11 +127,42 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, cluster: R
     raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{_diagnostics(cluster)}")
 
 
+@contextlib.contextmanager
+def ray_token_auth_here(token_path: str) -> Iterator[None]:
+    """Token auth for this process's own Ray clients (ray_nodes), as it was afterwards.
+
+    The suite runs with RAY_AUTH_MODE=disabled (tests/conftest.py); Ray reads the
+    mode into its config once, so the config and the token cache are reloaded.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path)
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 @pytest.fixture(scope="module")
 def cluster(slurm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    """`ray up -y` of the CI variant of cluster.yaml; torn down (and checked) at the end."""
+    """`ray up -y` of the CI variant of cluster.yaml; torn down (and checked) at the end.
+
+    With the product's security: Ray's token authentication on (the CI's
+    RAY_AUTH_MODE=disabled is dropped), so every worker job joins with the token.
+    """
     base = tmp_path_factory.mktemp("ray_up")
-    config = load_cluster_config(CLUSTER_YAML, site=ci_site(base, min_workers=1))
+    site = ci_site(base, min_workers=1)
+    site["env"] = {k: v for k, v in site["env"].items() if k != "RAY_AUTH_MODE"}
+    config = load_cluster_config(CLUSTER_YAML, site=site)
     config_path = base / "cluster.yaml"
     dump_cluster_config(config, config_path)
     booted = SlurmNodeProvider.bootstrap_config(config)
@@ -137,7 +170,8 @@ def cluster(slurm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     env = {
         **os.environ,
         "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-        "RAY_AUTH_MODE": "disabled",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": settings.exports()["RAY_AUTH_TOKEN_PATH"],
         "RAY_UP_enable_autoscaler_v2": "1",
     }
     rc = RayCluster(config_path, config, settings, env)
@@ -145,7 +179,8 @@ def cluster(slurm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     try:
         rc.ray("up", "-y", "--no-config-cache", timeout=300)
         TIMINGS["ray up"] = time.monotonic() - t0
-        yield rc
+        with ray_token_auth_here(env["RAY_AUTH_TOKEN_PATH"]):
+            yield rc
     finally:
         if not rc.down:
             subprocess.run(
@@ -180,6 +215,24 @@ def test_worker_job_joins_as_a_ray_node(cluster: RayCluster) -> None:
     assert len(wait_for(joined, 120, "the worker job to join Ray", cluster)) == 1
     TIMINGS["worker joined after ray up"] = time.monotonic() - t0
     assert cluster.ray_nodes()[cluster.settings.head_node_id] == "head"
+
+
+def test_cluster_refuses_a_client_without_the_token(cluster: RayCluster) -> None:
+    # another user of the login node reaches the GCS port, but has no token: refused
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    token_file = Path(cluster.env["RAY_AUTH_TOKEN_PATH"])
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    request = gcs_service_pb2.GetAllNodeInfoRequest()
+    with grpc.insecure_channel(cluster.settings.gcs_address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetAllNodeInfo(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        bearer = [("authorization", f"Bearer {token_file.read_text().strip()}")]
+        assert len(stub.GetAllNodeInfo(request, timeout=10, metadata=bearer).node_info_list) >= 2
 
 
 def test_request_resources_submits_a_job(cluster: RayCluster) -> None:

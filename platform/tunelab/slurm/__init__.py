@@ -11,6 +11,11 @@ Public surface:
 - render_head_job: an sbatch script that runs a whole Ray cluster inside one
   allocation, for sites that forbid long-running login-node processes.
 - stop_cluster_processes: `ray stop` scoped to one cluster.
+
+Security: Ray's token authentication is on for every cluster (RAY_AUTH_MODE=token);
+the token and, with `mlflow_auth`, MLflow's basic-auth credentials are user-only
+files in `<state_dir>/auth` (tunelab/slurm/_auth.py). The MLflow server listens
+on the head's cluster address only.
 """
 
 from tunelab.slurm._check import check_cluster_config, check_cluster_file, query_partitions

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from tunelab.slurm import _stop
+from tunelab.slurm import _auth, _stop
 from tunelab.slurm._runner import export_lines, job_path
 from tunelab.slurm._settings import JobSpec, ProviderSettings
 from tunelab.slurm._template import render_template
@@ -81,6 +81,7 @@ def render_head_job(
             "exports": "\n".join(export_lines(exports)),
             "env_setup": "\n".join(settings.env_setup) or "# (provider.env_setup is empty)",
             "stop_command": " ".join(shlex.quote(a) for a in stop).replace("'", "'\\''"),
+            "auth_setup": _auth_setup(settings),
             "resource_args": f"--num-cpus={spec.cpus} --num-gpus={spec.gpus}",
             "mlflow_start": _mlflow_start(settings),
             "command": command,
@@ -88,16 +89,33 @@ def render_head_job(
     )
 
 
+def _auth_setup(settings: ProviderSettings) -> str:
+    """Create the auth dir's secrets (Ray's token; MLflow's with mlflow_auth), then read MLflow's."""
+    mlflow_auth = settings.mlflow_port is not None and settings.mlflow_auth
+    argv = [sys.executable, os.path.abspath(_auth.__file__)]
+    create = " ".join(shlex.quote(a) for a in argv) + ' "$TUNELAB_AUTH_DIR"'
+    return "\n".join([create + (" --mlflow" if mlflow_auth else ""), *settings.secret_env_lines()])
+
+
 def _mlflow_start(settings: ProviderSettings) -> str:
+    """Start MLflow on the head's cluster address (never 0.0.0.0), with basic-auth if asked.
+
+    --allowed-hosts: MLflow 3 answers 403 to a Host header other than localhost
+    or a private IP, e.g. the node's name or public address.
+    """
     if settings.mlflow_port is None:
         return "# no MLflow server (provider.mlflow_port is null)"
+    app = "--app-name basic-auth " if settings.mlflow_auth else ""
     return "\n".join(
         [
             'export MLFLOW_TRACKING_URI="http://$TUNELAB_HEAD_IP:$TUNELAB_MLFLOW_PORT"',
             'mkdir -p "$TUNELAB_SHARED_DIR/mlartifacts"',
-            'nohup mlflow server --backend-store-uri "sqlite:///$TUNELAB_SHARED_DIR/mlflow.db" '
-            '--artifacts-destination "$TUNELAB_SHARED_DIR/mlartifacts" --host 0.0.0.0 '
-            '--port "$TUNELAB_MLFLOW_PORT" > "$TUNELAB_RAY_TEMP_DIR/mlflow-server.log" 2>&1 &',
+            f"nohup mlflow server {app}"
+            '--backend-store-uri "sqlite:///$TUNELAB_SHARED_DIR/mlflow.db" '
+            '--artifacts-destination "$TUNELAB_SHARED_DIR/mlartifacts" '
+            '--host "$TUNELAB_HEAD_IP" --port "$TUNELAB_MLFLOW_PORT" '
+            '--allowed-hosts "$TUNELAB_HEAD_IP:$TUNELAB_MLFLOW_PORT,localhost:*,127.0.0.1:*" '
+            '> "$TUNELAB_RAY_TEMP_DIR/mlflow-server.log" 2>&1 &',
             'echo $! > "$TUNELAB_RAY_TEMP_DIR/mlflow-server.pid"',
         ]
     )

@@ -328,7 +328,7 @@ class SlurmNodeProvider(NodeProvider):
                 "log_path": os.path.join(s.state_dir, "logs", "%x-%j.out"),
                 "sbatch_lines": "\n".join(f"#SBATCH {opt}" for opt in spec.sbatch_options()),
                 "path": shlex.quote(job_path()),
-                "exports": "\n".join(export_lines(s.exports())),
+                "exports": "\n".join([*export_lines(s.exports()), *s.secret_env_lines()]),
                 "env_setup": "\n".join(s.env_setup) or "# (provider.env_setup is empty)",
                 "labels": label_line,
                 "gcs_address": s.gcs_address,

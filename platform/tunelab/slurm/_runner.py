@@ -175,7 +175,11 @@ def _script(
     )
     if environment_variables:
         cmd = _with_environment_variables(cmd, environment_variables)
-    lines = [scoped_ray_function(settings), *export_lines(settings.exports())]
+    lines = [
+        scoped_ray_function(settings),
+        *export_lines(settings.exports()),
+        *settings.secret_env_lines(),
+    ]
     if settings.env_setup:
         lines += ["set -e", *settings.env_setup, "set +e"]
     return "\n".join([*lines, cmd])

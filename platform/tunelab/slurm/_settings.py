@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import socket
 from collections.abc import Mapping
 from typing import Any
+
+from tunelab.slurm import _auth
 
 # Keys Ray itself reads or adds to a provider block; they are allowed next to ours.
 _RAY_PROVIDER_KEYS = frozenset(
@@ -37,6 +40,7 @@ _OUR_PROVIDER_KEYS = (
     "dashboard_port",
     "client_port",
     "mlflow_port",
+    "mlflow_auth",
     "ray_temp_dir",
     "shared_dir",
     "state_dir",
@@ -77,13 +81,17 @@ class ProviderSettings:
         dashboard_port: Ray dashboard port on the head.
         client_port: Ray client server port on the head.
         mlflow_port: MLflow tracking server port on the head, or None for no server.
+        mlflow_auth: Run the MLflow server with MLflow's authentication app
+            (`mlflow server --app-name basic-auth`): every request needs a user
+            name and password (see tunelab.slurm._auth for the files).
         ray_temp_dir: Ray's temp dir for this cluster (head and workers); `ray stop`
             is scoped to the processes using it.
         shared_dir: Folder visible from the head and every worker (Tune storage,
             MLflow store).
         state_dir: Folder on the head for node tags, the bootstrap config, job
             scripts and job logs (job logs are written by compute nodes: put it
-            on a shared filesystem, e.g. under the home folder).
+            on a shared filesystem, e.g. under the home folder). The cluster's
+            secrets live in its user-only `auth` folder (auth_dir).
         env_setup: Shell lines run before every head command and in every
             worker job before `ray start` (module loads, venv activation).
         env: Variables exported to every head command and worker job.
@@ -95,6 +103,7 @@ class ProviderSettings:
     dashboard_port: int
     client_port: int
     mlflow_port: int | None
+    mlflow_auth: bool
     ray_temp_dir: str
     shared_dir: str
     state_dir: str
@@ -133,6 +142,7 @@ class ProviderSettings:
             dashboard_port=_port(provider_config, "dashboard_port", 8265),
             client_port=_port(provider_config, "client_port", 10001),
             mlflow_port=_optional_port(provider_config, "mlflow_port"),
+            mlflow_auth=_flag(provider_config, "mlflow_auth"),
             ray_temp_dir=_temp_dir(provider_config.get("ray_temp_dir")),
             shared_dir=_abs_path(provider_config, "shared_dir", None),
             state_dir=_abs_path(provider_config, "state_dir", state_default),
@@ -156,12 +166,23 @@ class ProviderSettings:
         return f"{self.head_ip}:{self.gcs_port}"
 
     @property
+    def auth_dir(self) -> str:
+        """User-only folder of the cluster's secrets (Ray's token, MLflow's auth files)."""
+        return os.path.join(self.state_dir, "auth")
+
+    @property
     def bootstrap_config_path(self) -> str:
         """Where this cluster's copy of `~/ray_bootstrap_config.yaml` lives."""
         return os.path.join(self.state_dir, "ray_bootstrap_config.yaml")
 
     def exports(self) -> dict[str, str]:
-        """Variables exported to head commands and worker jobs, `env` last (it wins)."""
+        """Variables exported to head commands and worker jobs, `env` last (it wins).
+
+        Ray's token authentication is on: RAY_AUTH_MODE=token, with the token in
+        RAY_AUTH_TOKEN_PATH (a path, never the token itself). TUNELAB_AUTH_SCRIPT
+        creates the secrets (`python "$TUNELAB_AUTH_SCRIPT" "$TUNELAB_AUTH_DIR"`);
+        TUNELAB_MLFLOW_APP is `basic-auth` when mlflow_auth is on.
+        """
         out = {
             "TUNELAB_CLUSTER_NAME": self.cluster_name,
             "TUNELAB_HEAD_IP": self.head_ip,
@@ -171,12 +192,29 @@ class ProviderSettings:
             "TUNELAB_RAY_TEMP_DIR": self.ray_temp_dir,
             "TUNELAB_SHARED_DIR": self.shared_dir,
             "TUNELAB_STATE_DIR": self.state_dir,
+            "TUNELAB_AUTH_DIR": self.auth_dir,
+            "TUNELAB_AUTH_SCRIPT": os.path.abspath(_auth.__file__),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": os.path.join(self.auth_dir, _auth.RAY_TOKEN_FILE),
         }
         if self.mlflow_port is not None:
             out["TUNELAB_MLFLOW_PORT"] = str(self.mlflow_port)
             out["MLFLOW_TRACKING_URI"] = f"http://{self.head_ip}:{self.mlflow_port}"
+            if self.mlflow_auth:
+                out["TUNELAB_MLFLOW_APP"] = "basic-auth"
         out.update(self.env)
         return out
+
+    def secret_env_lines(self) -> list[str]:
+        """Shell lines that export MLflow's credentials from the auth dir (mlflow_auth only).
+
+        The file is read where it is needed, so no job script or command line
+        holds a password; a head command that runs before the file exists skips it.
+        """
+        if self.mlflow_port is None or not self.mlflow_auth:
+            return []
+        env_file = shlex.quote(os.path.join(self.auth_dir, _auth.MLFLOW_ENV_FILE))
+        return [f"if [ -r {env_file} ]; then set -a; . {env_file}; set +a; fi"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +348,15 @@ def _checked_port(key: str, value: object) -> int:
             f"provider.{key} is {value}, inside Ray's worker port range 10002-19999; "
             "pick a port outside it (e.g. 8265, 6379 or 20000+)."
         )
+    return value
+
+
+def _flag(cfg: Mapping[str, Any], key: str) -> bool:
+    value = cfg.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"provider.{key} is {value!r}, but must be true or false.")
     return value
 
 
