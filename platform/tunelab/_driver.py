@@ -57,7 +57,9 @@ from tunelab.tracking import (
     Tracker,
     TrackingCallback,
     default_tracking_uri,
+    drain_tracking,
     git_commit,
+    tracking_guard,
 )
 
 __all__ = ["init_ray", "resume_experiment", "run_experiment"]
@@ -102,8 +104,12 @@ def run_experiment(
 
     Raises:
         SpecError: the spec is invalid (nothing has started).
+        DataError: the family's data folder has a bad file (nothing has started).
         ExperimentInterrupted: the driver was stopped (SIGINT / SIGTERM) with
             trials unfinished; nothing was finalized; ``resume_experiment`` continues.
+        TrackingUnavailable: the tracking server is down at the start (nothing
+            started) or still down at the end (writes spooled in the folder,
+            nothing finalized; ``resume_experiment`` sends them and finalizes).
     """
     spec = load_spec(spec_file, quick=quick, overrides=overrides)
     storage = Path(storage).resolve()
@@ -117,15 +123,16 @@ def run_experiment(
         tracker = MlflowTracker(tracking_uri)
     tracking_uri = tracker.uri
     layout = ExperimentLayout.new(storage, spec.name)
-    layout.root.mkdir(parents=True)
     artifact_root = storage / "mlartifacts" if tracking_uri.startswith("sqlite") else None
-    exp_id = tracker.ensure_experiment(spec.name, artifact_root)
     commit = git_commit(Path(spec_file).resolve().parent)
-    parent = tracker.start_run(
-        exp_id,
-        layout.root.name,
-        {**_base_tags(spec, commit), TAG_EXPERIMENT_DIR: str(layout.root)},
-    )
+    with tracking_guard(tracker):  # tracking down now: exit 75, nothing started
+        exp_id = tracker.ensure_experiment(spec.name, artifact_root)
+        parent = tracker.start_run(
+            exp_id,
+            layout.root.name,
+            {**_base_tags(spec, commit), TAG_EXPERIMENT_DIR: str(layout.root)},
+        )
+    layout.root.mkdir(parents=True)
     with _fail_parent_on_error(tracker, parent):
         tracker.log_dict(parent, spec.model_dump(mode="json"), "spec.json")
         state = RunState(
@@ -283,7 +290,12 @@ def _run(
         if stop.signalled or unfinished:
             raise ExperimentInterrupted(root, unfinished)
         stop.finalizing = True  # every trial has ended: a signal now waits for the summary
-        return _finalize(state, spec, kind, tracker, grid)
+        # Every tracking write spooled during an outage is sent first (TrackingUnavailable,
+        # exit 75, resumable, if the server is still down); an outage while finalizing is
+        # the same error, and resume finalizes again from scratch.
+        drain_tracking(state.layout, tracker)
+        with tracking_guard(tracker, root):
+            return _finalize(state, spec, kind, tracker, grid)
 
 
 class _StopSignals:

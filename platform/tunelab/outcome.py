@@ -23,6 +23,7 @@ from tunelab.names import DIVERGED, ITERATION, TrialStatus, as_float
 __all__ = [
     "TrialOutcome",
     "final_metrics",
+    "is_metric_key",
     "outcome_from_result",
     "outcomes_from_folder",
     "result_status",
@@ -70,12 +71,56 @@ def trial_status(
     return _LIVE.get(status, TrialStatus.PENDING)
 
 
+#: What Tune adds to every result (``ray.tune.result``): bookkeeping, never a metric.
+TUNE_RESULT_KEYS = frozenset(
+    {
+        "done",
+        "training_iteration",
+        "trial_id",
+        "experiment_tag",
+        "date",
+        "timestamp",
+        "pid",
+        "hostname",
+        "node_ip",
+        "time_this_iter_s",
+        "time_total_s",
+        "time_since_restore",
+        "iterations_since_restore",
+        "timesteps_total",
+        "timesteps_this_iter",
+        "timesteps_since_restore",
+        "episodes_total",
+        "episodes_this_iter",
+        "checkpoint_dir_name",
+        "should_checkpoint",
+        "config",
+    }
+)
+
+
+def is_metric_key(key: str) -> bool:
+    """Whether a result key is a metric the trial reported (namespaced or not: ``score`` is one).
+
+    Tune's bookkeeping (:data:`TUNE_RESULT_KEYS`) and its flattened config
+    (``config/...``) are not.
+    """
+    return key not in TUNE_RESULT_KEYS and not key.startswith("config/")
+
+
 def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The namespaced metrics (``group/name``) of a result, as floats."""
+    """The metrics of a result (every reported number but the iteration), as floats.
+
+    A family's metric names need no ``group/`` prefix: ``score`` and ``aux``
+    are kept like ``val/score``.
+    """
     return {
         k: float(v)
         for k, v in result.items()
-        if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+        if is_metric_key(k)
+        and k != ITERATION
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
     }
 
 
@@ -88,7 +133,7 @@ class TrialOutcome:
         seed: The trial's seed.
         status: See :func:`trial_status`.
         iterations: The last iteration it reported.
-        metrics: Its last reported namespaced metrics (NaN kept).
+        metrics: Its last reported metrics (:func:`final_metrics`; NaN kept).
         run_id: Its MLflow run (None if none was created).
         arm, round, stage: Lever A/B placement (None for other kinds).
         config: The family config it ran.
