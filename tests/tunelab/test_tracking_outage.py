@@ -246,3 +246,27 @@ def test_outage_longer_than_retries_loses_no_metric(tmp_path: Path, server: _Ser
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"not strict JSON: {name}")
+
+
+def test_tracking_down_at_the_start_exits_75_and_starts_nothing(tmp_path: Path) -> None:
+    from tests.conftest import TOY, run_cli, write_spec
+
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        f'kind: seed_cull\nname: toy-down\nfamily: "{TOY}"\nconfig: {{hidden: 8}}\n'
+        "seeds: 2\nbudget: 2\nmetric: {name: val/score, mode: max}\n"
+        "cull: {at: 1, keep: 1, scheduler: sync}\nselect: {metric: val/score, mode: max}\n",
+    )
+    storage = tmp_path / "res"
+    proc = run_cli(
+        "sweep",
+        str(spec),
+        "--storage",
+        str(storage),
+        "--tracking-uri",
+        f"http://127.0.0.1:{_free_port()}",  # nothing listens there
+        env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"},
+    )
+    assert proc.returncode == EXIT_TRACKING_UNAVAILABLE == 75, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "nothing started" in proc.stderr
+    assert not any(storage.glob("toy-down-*"))  # no experiment folder
