@@ -2,8 +2,9 @@
 
 Thin commands over the ``tunelab`` library. Exit codes: 0 success; 2 invalid
 spec, table or arguments (nothing started); 1 trials failed past the spec's
-failure budget; 130 interrupted (Ctrl-C / SIGTERM) with the state saved for
-``platform resume``.
+failure budget; 74 the disk filled up (or the quota) and 130 interrupted
+(Ctrl-C / SIGTERM), both with the state saved for ``platform resume``.
+Every command printed for pasting is shell-quoted (paths with spaces).
 
     platform sweep search_spaces/seed_cull.yaml --quick
     platform status
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,7 +103,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"MLflow store: {uri} (experiment {summary['mlflow_experiment']!r}, parent run {summary['parent_run_id']})"
     )
     out(
-        f"open the MLflow UI: mlflow ui --backend-store-uri {uri}"
+        f"open the MLflow UI: {shlex.join(['mlflow', 'ui', '--backend-store-uri', uri])}"
         if uri.startswith("sqlite")
         else f"MLflow UI: {uri}"
     )

@@ -24,7 +24,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tunelab._checkpoint import atomic_write_json, read_json, sorted_checkpoints, strict_json
+from tunelab._callback import TrialFailures, disk_full_guard, raise_if_disk_full
+from tunelab._checkpoint import (
+    atomic_write_json,
+    read_json,
+    remove_incomplete_checkpoints,
+    sorted_checkpoints,
+    strict_json,
+)
 from tunelab._family import check_family_data
 from tunelab._spec import AnySpec, load_spec, parse_spec, spec_hash
 from tunelab._trial import TrialSetup, run_trial
@@ -149,7 +156,8 @@ def run_experiment(
             created=layout.root.name.removeprefix(f"{spec.name}-"),
         )
         atomic_write_json(layout.state_file, dataclasses.asdict(state))
-        return _run(state, spec, tracker, address=address, progress=progress, restore=False)
+        with disk_full_guard(layout.root):
+            return _run(state, spec, tracker, address=address, progress=progress, restore=False)
 
 
 def resume_experiment(
@@ -183,7 +191,10 @@ def resume_experiment(
     spec = parse_spec(state.spec, source=state.spec_file)
     _check_data(spec, state.data_root)
     tracker = tracker or MlflowTracker(state.tracking_uri)
-    with _fail_parent_on_error(tracker, state.parent_run_id):
+    with (
+        _fail_parent_on_error(tracker, state.parent_run_id),
+        disk_full_guard(state.layout.root),
+    ):
         return _run(state, spec, tracker, address=address, progress=progress, restore=True)
 
 
@@ -284,6 +295,7 @@ def _run(
         stop.start_tune()
         grid = tuner.fit()
         stop.tune_running = False
+        raise_if_disk_full(root)  # the experiment was stopped for a full disk: exit 74
         # Interrupted is decided by the signal and by tunelab's own count, never by the
         # statuses Tune gives trials while it cleans up after a stop.
         unfinished = _unfinished_trials(grid)
@@ -468,7 +480,10 @@ def _tuner(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     layout = state.layout
     trainable = _trainable(state, spec, kind)
-    if restore and layout.tuner_state_file.exists():
+    # Restore only once Tune has saved experiment state: with tuner.pkl alone, Tune
+    # "restarts" and its trials lose their config (KeyError: 'seed').
+    if restore and layout.tuner_state_file.exists() and layout.tune_state_files:
+        remove_incomplete_checkpoints(layout.tune_dir)  # cut short by a full disk or a kill
         return tune.Tuner.restore(
             str(layout.tune_dir),
             trainable=trainable,
@@ -498,6 +513,8 @@ def _tuner(
             milestones=kind.milestones(),
         ),
         TrialStateMetrics(spec=spec.name, family=spec.family, budget=spec.budget),
+        # last, so Tune's own logger callbacks still run when it stops the experiment
+        TrialFailures(experiment_dir=str(layout.root)),
     ]
     return tune.Tuner(
         trainable,

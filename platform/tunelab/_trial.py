@@ -7,26 +7,41 @@ there is one, then per iteration train, report and (every ``checkpoint_every``
 iterations, at every cull milestone and at the end) checkpoint. At the budget
 the experiment exports its artifacts (before the last report, so a scheduler
 stopping the trial at the budget cannot lose them).
+
+Every checkpoint folder gets its completion marker last (:func:`save_state`);
+before restoring, a trial deletes its incomplete checkpoint folders (a copy
+into storage that a full disk or a crash stopped half way). A full disk or
+quota anywhere in a trial raises :class:`~tunelab.errors.DiskFullError`
+naming the path; the driver's :class:`~tunelab._callback.TrialFailures`
+then stops the experiment for ``platform resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tunelab._checkpoint import (
+    RESERVE_FILE,
     STATE_FILE,
     atomic_write_json,
+    has_marked_checkpoints,
+    is_complete_checkpoint,
     load_state,
     save_state,
     seed_everything,
+    sorted_checkpoints,
 )
 from tunelab._family import Experiment, get_family
+from tunelab.errors import DiskFullError, find_disk_full
 from tunelab.metrics import TrialRecorder, family_label
 from tunelab.names import ITERATION, M_CKPT_BYTES, M_CKPT_TIME, M_ITER_TIME, as_float
 
@@ -83,7 +98,17 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
     ``config`` holds ``seed`` and ``config`` (the family config) plus any
     keys the runner adds (``arm`` for lever A/B).
+
+    Raises:
+        DiskFullError: a write (checkpoint, its copy into storage, artifacts,
+            data) found no space left or the quota used up.
     """
+    trial_dir = _storage_trial_dir()
+    with _disk_full_names(trial_dir or Path(setup.data_root)):
+        _run_trial(config, setup, trial_dir)
+
+
+def _run_trial(config: dict[str, Any], setup: TrialSetup, trial_dir: Path | None) -> None:
     import torch
     from ray import tune
 
@@ -92,6 +117,12 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     data_root = Path(setup.data_root)
     start = 0
     checkpoint = tune.get_checkpoint()
+    # The driver's reserved space (experiment folder = <root>/tune/<trial>): once it is
+    # released, the disk is full and the experiment is stopping: write no more checkpoints.
+    reserve = trial_dir.parent.parent / RESERVE_FILE if trial_dir is not None else None
+    had_reserve = reserve is not None and reserve.is_file()
+    if trial_dir is not None:
+        _remove_incomplete(trial_dir, keep=checkpoint.path if checkpoint is not None else None)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             exp, start = restore_experiment(
@@ -111,14 +142,15 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         recorder.iteration(metrics[M_ITER_TIME], metrics)
         if it == setup.budget and setup.artifacts_root:
             out = Path(setup.artifacts_root) / trial_id
-            manifest = exp.export(out)
-            where = {
-                "hostname": socket.gethostname(),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            }
-            atomic_write_json(
-                out / "manifest.json", {"seed": seed, "iteration": it, **where, **manifest}
-            )
+            with _disk_full_names(out):
+                manifest = exp.export(out)
+                where = {
+                    "hostname": socket.gethostname(),
+                    "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                }
+                atomic_write_json(
+                    out / "manifest.json", {"seed": seed, "iteration": it, **where, **manifest}
+                )
         if it % setup.checkpoint_every == 0 or it in setup.milestones or it == setup.budget:
             with tempfile.TemporaryDirectory(prefix="tunelab-ckpt-") as d:
                 t1 = time.perf_counter()
@@ -126,6 +158,52 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
                 metrics[M_CKPT_TIME] = time.perf_counter() - t1
                 metrics[M_CKPT_BYTES] = float((Path(d) / STATE_FILE).stat().st_size)
                 recorder.checkpoint(metrics[M_CKPT_TIME], metrics[M_CKPT_BYTES])
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+                if had_reserve and reserve is not None and not reserve.exists():
+                    raise DiskFullError(trial_dir or d)
+                # Tune copies the folder into the experiment's storage here.
+                with _disk_full_names(trial_dir or Path(d)):
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(metrics)
+
+
+@contextlib.contextmanager
+def _disk_full_names(path: Path) -> Iterator[None]:
+    """A full disk or quota in the block raises :class:`DiskFullError` (its file, else ``path``)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        full = find_disk_full(err, path)
+        if full is None:
+            raise
+        raise full from err
+
+
+def _storage_trial_dir() -> Path | None:
+    """This trial's folder in the experiment's storage, when that is a local (or shared) path."""
+    try:
+        import pyarrow.fs
+        from ray.train._internal.session import get_storage  # Ray's developer API
+
+        storage = get_storage()
+        if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            return None
+        return Path(storage.trial_fs_path)
+    except Exception:  # no Tune session (a direct call), or Ray moved it: skip the clean-up
+        return None
+
+
+def _remove_incomplete(trial_dir: Path, keep: str | None) -> None:
+    """Delete the trial's incomplete checkpoint folders (a copy that stopped half way).
+
+    Only this trial writes there, and not now: it has not started. The folder
+    Tune restores from is left for :func:`load_state` to refuse by name, and
+    nothing is deleted in an experiment written before markers existed.
+    """
+    if not trial_dir.is_dir() or not has_marked_checkpoints(trial_dir.parent):
+        return
+    for folder in sorted_checkpoints(trial_dir, complete_only=False):
+        if str(folder) != str(keep) and not is_complete_checkpoint(folder):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -221,7 +221,7 @@ class DiskFullError(TunelabError, OSError):
         self.experiment_dir = None if experiment_dir is None else str(experiment_dir)
         self.quota = quota
         what = "disk quota exceeded" if quota else "no space left on device"
-        message = f"disk full ({what}) writing {self.path}; nothing was finalized"
+        message = f"disk full ({what}) at {self.path}; nothing was finalized"
         if self.experiment_dir is not None:
             message += f". Free space, then continue with: {_resume_hint(self.experiment_dir)}"
         self.message = message

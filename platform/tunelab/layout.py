@@ -176,10 +176,15 @@ class ExperimentLayout:
     def tuner_state_file(self) -> Path:
         return self.tune_dir / "tuner.pkl"
 
+    @property
+    def tune_state_files(self) -> list[Path]:
+        """Tune's experiment state snapshots (``tune/experiment_state-*.json``), oldest first."""
+        return sorted(self.tune_dir.glob("experiment_state-*.json"))
+
     def tune_trial_states(self) -> dict[str, str]:
         """trial id -> Tune's last recorded status (RUNNING, PAUSED, ...), from its snapshot."""
         states: dict[str, str] = {}
-        found = sorted(self.tune_dir.glob("experiment_state-*.json"))
+        found = self.tune_state_files
         if not found:
             return states
         try:

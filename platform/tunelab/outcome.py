@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab._checkpoint import read_json
+from tunelab.errors import error_summary
 from tunelab.layout import ExperimentLayout
 from tunelab.names import DIVERGED, ITERATION, TrialStatus, as_float
 
@@ -194,7 +195,7 @@ def outcome_from_result(
     o = _outcome(tid, m, dict(result.config or {}), "ERROR" if failed else "TERMINATED", budget)
     o.run_id = (runs or {}).get(tid)
     o.checkpoint = checkpoint
-    o.error = str(result.error).splitlines()[0][:500] if failed else None
+    o.error = error_summary(result.error) if failed else None
     return o
 
 

@@ -6,6 +6,7 @@ resume can be tested end to end through real Ray and MLflow.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
@@ -30,6 +31,9 @@ class Config:
     nan_seed: int = -1  # with nan_at: only this seed diverges (-1 = every seed)
     crash_once_at: int = 0  # crash once at this iteration (a worker crash Tune retries; 0 = never)
     crash_seed: int = -1  # with crash_once_at: only this seed crashes (-1 = every seed)
+    build_error: str = ""  # building raises ValueError(build_error) (a deterministic setup error)
+    ballast_kb: int = 0  # extra KiB in every checkpoint (fills a small disk)
+    disk_full_once_at: int = 0  # this iteration's checkpoint hits ENOSPC once (0 = never)
 
 
 class Toy:
@@ -87,7 +91,23 @@ class Toy:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "it": self.it}
+        if self._disk_full_now():
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.data_root))
+        state = {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "it": self.it}
+        if self.cfg.ballast_kb:
+            state["ballast"] = torch.zeros(self.cfg.ballast_kb * 256)
+        return state
+
+    def _disk_full_now(self) -> bool:
+        """True the first time the checkpoint of ``disk_full_once_at`` is saved (a marker file)."""
+        if not self.cfg.disk_full_once_at or self.it != self.cfg.disk_full_once_at:
+            return False
+        marker = Path(self.data_root or ".") / f"toy-disk-full-seed{self.seed}"
+        if marker.exists():
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        return True
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
@@ -103,6 +123,12 @@ class Toy:
 
 
 def build(cfg: Config, seed: int, data_root: Path) -> Toy:
+    if cfg.build_error:
+        if data_root is not None:  # count the attempts: one line per build
+            data_root.mkdir(parents=True, exist_ok=True)
+            with open(data_root / f"toy-builds-seed{seed}", "a") as f:
+                f.write("build\n")
+        raise ValueError(cfg.build_error)
     return Toy(cfg, seed, data_root)
 
 

@@ -185,12 +185,15 @@ class LeverAB(ExperimentKind):
         """An upper bound; the searcher ends the experiment when every lever is decided.
 
         Each round runs at most the control and every lever on every seed and
-        every confirmation seed. (Tune's ``-1``, "until the searcher finishes",
-        shows as 9223372036854775807 trials in its start-up box.)
+        every confirmation seed. One more than that: the searcher decides a look
+        in the ``suggest`` call that follows its last trial, and Tune stops
+        calling ``suggest`` once ``num_samples`` trials exist. (Tune's ``-1``,
+        "until the searcher finishes", shows as 9223372036854775807 trials in
+        its start-up box.)
         """
         spec = self.spec
         per_round = (len(spec.seeds) + len(spec.decision.confirm_seeds)) * (1 + len(spec.levers))
-        return spec.rounds * per_round
+        return spec.rounds * per_round + 1
 
     def total_trials(self) -> int | None:
         return None  # decided as the looks go
