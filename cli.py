@@ -74,6 +74,42 @@ def _strict_json(obj: Any) -> str:
     return json.dumps(strict_json(obj), default=str, allow_nan=False)
 
 
+def _num(x: Any, fmt: str = ".4g") -> str:
+    """A number for humans; ``nan`` for a missing / non-finite one (NaN is shown, never dropped)."""
+    return "nan" if x is None else format(float(x), fmt)
+
+
+def _verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per lever verdict of a lever A/B: label, effect with CI, p, n, confirm / stack."""
+    records = summary.get("verdicts")
+    if not records:
+        return []
+    stacked = {(int(r), str(lever)) for r, lever in summary.get("stacked") or []}
+    lines = ["verdicts:"]
+    for rec in records:
+        label = rec["verdict"] + (" (meaningful)" if rec.get("meaningful") else "")
+        level = rec.get("confidence")
+        ci = f"{_num(level * 100, '.3g')}% CI" if level is not None else "CI"
+        p = rec.get("p_adjusted", rec.get("p_value"))
+        p_name = f"p ({rec['correction']})" if "p_adjusted" in rec else "p"
+        text = (
+            f"  {rec['lever']} (round {rec.get('round', 1)}): {label}; effect "
+            f"{_num(rec.get('effect'), '+.4g')} [{_num(rec.get('ci_low'))}, {_num(rec.get('ci_high'))}] "
+            f"{ci}, {p_name} {_num(p)}, n {rec.get('n_pairs', 0)}"
+        )
+        if rec.get("crashed_seeds"):
+            text += f"; crashed seeds {', '.join(str(s) for s in rec['crashed_seeds'])}"
+        if rec.get("confirmed") is not None:
+            text += "; confirmed" if rec["confirmed"] else "; not confirmed"
+        if (int(rec.get("round", 1)), str(rec["lever"])) in stacked:
+            text += "; stacked into the control"
+        lines.append(text)
+    final = summary.get("final_control")
+    if stacked and final is not None:
+        lines.append(f"final control: {final}")
+    return lines
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     out = typer.echo
     out(f"experiment: {summary['experiment_dir']}")
@@ -93,6 +129,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"selected: seed {sel['seed']} ({sel['metric']} = {sel['value']:.4g}), run {sel['run_id']}"
         )
         out(f"manifest: {sel['manifest']}")
+    for line in _verdict_lines(summary):
+        out(line)
     best = summary.get("best")
     if best:
         out(

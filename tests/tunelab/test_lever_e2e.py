@@ -52,6 +52,16 @@ def test_lever_ab_verdicts_tags_and_stack_on_win(tmp_path: Path) -> None:
     assert fast["verdict"] == "win" and fast["meaningful"] and fast["confirmed"]
     assert summary["stacked"] == [[1, "fast"]]
     assert summary["final_control"]["lr"] == 0.03
+    # the end of a run says the answer, per lever (resume of a finished run prints it again)
+    shown = run_cli("resume", summary["experiment_dir"])
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert re.search(
+        r"fast \(round 1\): win \(meaningful\); effect \+[\d.e-]+ \[[\d.e-]+, [\d.e-]+\] "
+        r"[\d.]+% CI, p( \(holm\))? [\d.e-]+, n \d+; confirmed; stacked into the control",
+        shown.stdout,
+    ), shown.stdout
+    assert re.search(r"broken \(round 1\): crashed; .*crashed seeds 1, 2, 3, 4, 5", shown.stdout)
+    assert "final control: " in shown.stdout
     # a lever whose trials fail is crashed, never silently dropped
     broken = verdicts[(1, "broken")]
     assert broken["verdict"] == "crashed" and sorted(broken["crashed_seeds"]) == [1, 2, 3, 4, 5]
