@@ -59,6 +59,7 @@ would run as a script.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.metadata
 import typing
@@ -243,7 +244,9 @@ def get_family(name: str) -> Family:
             f"none (no installed distribution registers entry points in group "
             f"{FAMILY_GROUP!r}; pip install -e the package that does)"
         )
-        raise KeyError(f"unknown family {name!r}; known families: {known}")
+        close = difflib.get_close_matches(name, sorted(registered), n=1, cutoff=0.6)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        raise KeyError(f"unknown family {name!r}{hint}; known families: {known}")
     if len(eps) > 1:
         where = " and ".join(_origin(ep) for ep in eps)
         raise FamilyConflictError(

@@ -4,7 +4,10 @@ A spec names the family, its base config, the budget, the metric and, per
 kind, the seeds / search space / cull / levers. Everything is checked before
 anything starts: unknown keys, wrong types, unknown families, config keys the
 family does not have, impossible culls. A bad spec raises :class:`SpecError`
-whose message names the file, the key path and what was expected.
+whose message names the file, the key path and what was expected. A misspelt
+name gets the closest known one (:func:`did_you_mean`): ``budget: required key
+is missing (found `buget`: did you mean `budget`?)``, ``config.hiden: family
+'toy' has no config key 'hiden' (did you mean `hidden`?); ...``.
 
 Limits (a bad spec never starts and never hangs; each is a module constant):
 
@@ -51,11 +54,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+import types
+import typing
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -100,6 +106,7 @@ __all__ = [
     "Strict",
     "WholeNumber",
     "apply_overrides",
+    "did_you_mean",
     "load_spec",
     "metric_name_problem",
     "parse_spec",
@@ -588,10 +595,12 @@ def _check_quick(block: Any, source: str | Path) -> None:
         raise SpecError(source, "quick", "must be a mapping of overrides, e.g. {budget: 4}")
     unknown = sorted(str(k) for k in set(block) - _QUICK_KEYS)
     if unknown:
+        hint = did_you_mean(unknown[0], _QUICK_KEYS)
         raise SpecError(
             source,
             _join("quick", unknown[0]),
-            f"cannot be overridden in quick; allowed: {sorted(_QUICK_KEYS)}",
+            f"cannot be overridden in quick{f' ({hint})' if hint else ''}; "
+            f"allowed: {sorted(_QUICK_KEYS)}",
         )
 
 
@@ -610,18 +619,39 @@ def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> AnySpe
 
     kind = raw.get("kind")
     if not isinstance(kind, str) or kind not in kind_names():
-        got = "missing" if kind is None else f"got {_short(kind)}"
+        if kind is None:
+            found = _found_instead("kind", raw, _top_level_keys(None))
+            got = f"missing; {found.strip()[1:-1]}" if found else "missing"
+        else:
+            hint = did_you_mean(kind, kind_names()) if isinstance(kind, str) else ""
+            got = f"got {_short(kind)}" + (f"; {hint}" if hint else "")
         raise SpecError(source, _join(prefix, "kind"), f"must be one of {kind_names()} ({got})")
+    model = spec_class(kind)
     try:
-        spec = spec_class(kind).model_validate(raw)
+        spec = model.model_validate(raw)
     except pydantic.ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         msg = first["msg"]
+        loc = tuple(first["loc"])
         if first["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling"
+            known = _keys_at(model, loc[:-1])
+            hint = did_you_mean(str(loc[-1]), known) if known else ""
+            if hint:
+                msg = f"unknown key; {hint}"
+            elif known:
+                msg = f"unknown key; remove it or check its spelling (known keys: {', '.join(sorted(known))})"
+            else:
+                msg = "unknown key; remove it or check its spelling"
         elif first["type"] == "missing":
-            msg = "required key is missing"
+            known = _keys_at(model, loc[:-1]) or set()
+            msg = "required key is missing" + _found_instead(
+                str(loc[-1]), _raw_at(raw, loc[:-1]), known
+            )
+        elif first["type"] == "literal_error" and isinstance(first.get("input"), str):
+            expected = re.findall(r"'([^']*)'", str((first.get("ctx") or {}).get("expected", "")))
+            hint = did_you_mean(first["input"], expected)
+            msg = f"{msg} (got {_short(first['input'])}{f'; {hint}' if hint else ''})"
         elif first["type"] in ("int_type", "int_from_float") and isinstance(
             first.get("input"), bool
         ):
@@ -638,6 +668,88 @@ def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> AnySpe
     return spec
 
 
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """``did you mean `hidden`?`` for the known name closest to ``word``, or ``""`` if none is close.
+
+    Closeness is :func:`difflib.get_close_matches` (ratio >= 0.6), e.g. ``buget`` -> ``budget``,
+    ``hiden`` -> ``hidden``; a case-insensitive match, or the one known name that starts with
+    ``word`` (``grace`` -> ``grace_period``), always counts.
+    """
+    names = sorted({str(k) for k in known})
+    folded = [k for k in names if k.lower() == word.lower() and k != word]
+    prefixed = [k for k in names if len(word) >= 3 and k.startswith(word) and k != word]
+    matches = (
+        folded
+        or difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+        or (prefixed if len(prefixed) == 1 else [])
+    )
+    return f"did you mean `{matches[0]}`?" if matches else ""
+
+
+def _found_instead(missing: str, mapping: Any, known: Iterable[str]) -> str:
+    """`` (found `buget`: did you mean `budget`?)`` when ``mapping`` holds a key misspelling
+    the missing key ``missing`` (a key that is not a known key there), else ``""``."""
+    if not isinstance(mapping, dict):
+        return ""
+    unknown = [str(k) for k in mapping if str(k) not in set(known) and str(k) != missing]
+    close = [k for k in unknown if k.lower() == missing.lower()] or difflib.get_close_matches(
+        missing, unknown, n=1, cutoff=0.6
+    )
+    return f" (found `{close[0]}`: did you mean `{missing}`?)" if close else ""
+
+
+def _top_level_keys(model: type[BaseModel] | None) -> set[str]:
+    """The keys a spec's top level may hold (``quick`` is read before the model)."""
+    fields = set(model.model_fields) if model is not None else set(BaseSpec.model_fields)
+    return fields | {"quick"}
+
+
+def _type_options(tp: Any) -> list[Any]:
+    """``tp`` without ``Annotated`` metadata, a union split into its members."""
+    if typing.get_origin(tp) is Annotated:
+        return _type_options(typing.get_args(tp)[0])
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [opt for arg in typing.get_args(tp) for opt in _type_options(arg)]
+    return [tp]
+
+
+def _keys_at(model: type[BaseModel], loc: Sequence[Any]) -> set[str] | None:
+    """The keys allowed in the mapping at ``loc`` (pydantic's error location) below ``model``.
+
+    None when ``loc`` does not lead to a model (a free mapping such as ``config``).
+    """
+    options: list[Any] = [model]
+    for part in loc:
+        nxt: list[Any] = []
+        for tp in options:
+            origin = typing.get_origin(tp)
+            if isinstance(tp, type) and issubclass(tp, BaseModel):
+                field = tp.model_fields.get(str(part))
+                if field is not None:
+                    nxt += _type_options(field.annotation)
+            elif origin in (list, tuple) and isinstance(part, int):
+                nxt += [o for a in typing.get_args(tp)[:1] for o in _type_options(a)]
+            elif origin is dict and not isinstance(part, int):
+                nxt += [o for a in typing.get_args(tp)[1:2] for o in _type_options(a)]
+        options = nxt
+    for tp in options:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return _top_level_keys(tp) if not loc else set(tp.model_fields)
+    return None
+
+
+def _raw_at(raw: Any, loc: Sequence[Any]) -> Any:
+    """The raw spec value at ``loc`` (None when it is not there)."""
+    for part in loc:
+        if isinstance(raw, dict):
+            raw = raw.get(part, raw.get(str(part)))
+        elif isinstance(raw, list) and isinstance(part, int) and 0 <= part < len(raw):
+            raw = raw[part]
+        else:
+            return None
+    return raw
+
+
 def _short(value: Any, limit: int = 80) -> str:
     """``repr(value)``, cut to ``limit`` characters (a 10 000-element list stays readable)."""
     text = repr(value)
@@ -650,11 +762,7 @@ def _check_family_config(spec: AnySpec, source: str | Path, prefix: str) -> None
     for use in spec.family_configs():
         for path, key in use.keys:
             if key.split(".")[0] not in fields:
-                raise SpecError(
-                    source,
-                    _join(prefix, path),
-                    f"family {family.name!r} has no config key {key!r}; known keys: {sorted(fields)}",
-                )
+                raise SpecError(source, _join(prefix, path), _no_config_key(family, key, fields))
         _make_config(family, use.values, source, _join(prefix, use.key), append_loc=use.append_loc)
     for name in family.metrics:
         problem = metric_name_problem(name)
@@ -668,10 +776,12 @@ def _check_family_config(spec: AnySpec, source: str | Path, prefix: str) -> None
     metrics = set(family.metrics)
     for key, name in spec.metric_refs():
         if name not in metrics:
+            hint = did_you_mean(name, metrics)
             raise SpecError(
                 source,
                 _join(prefix, key),
-                f"family {family.name!r} does not report {name!r}; it reports {sorted(metrics)}",
+                f"family {family.name!r} does not report {name!r}"
+                f"{f' ({hint})' if hint else ''}; it reports {sorted(metrics)}",
             )
 
 
@@ -709,6 +819,15 @@ def _config_fields(family: Family) -> set[str]:
     )
 
 
+def _no_config_key(family: Family, key: str, fields: set[str]) -> str:
+    """``family 'toy' has no config key 'hiden' (did you mean `hidden`?); known keys: [...]``."""
+    hint = did_you_mean(key.split(".")[0], fields)
+    return (
+        f"family {family.name!r} has no config key {key!r}{f' ({hint})' if hint else ''}; "
+        f"known keys: {sorted(fields)}"
+    )
+
+
 def _make_config(
     family: Family, values: dict[str, Any], source: str | Path, key: str, *, append_loc: bool = True
 ) -> Any:
@@ -719,7 +838,7 @@ def _make_config(
         loc = ".".join(str(p) for p in first["loc"])
         msg = first["msg"]
         if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-            msg = f"family {family.name!r} has no config key {loc!r}; known keys: {sorted(_config_fields(family))}"
+            msg = _no_config_key(family, loc, _config_fields(family))
         elif "input" in first:
             msg = f"{msg} (got {_short(first['input'])})"
         raise SpecError(source, _join(key, loc) if append_loc else key, msg) from None

@@ -9,6 +9,18 @@ offending data rows (1-based, header excluded) or columns. A missing, NaN or
 infinite metric value is not an error: that pair becomes ``crashed``
 (shared/VERDICTS.md, "Labels").
 
+tunelab's own lever A/B tables (``results.csv`` / ``results.parquet`` of an
+experiment folder) are read the way the experiment decided: they have the
+columns ``round`` and ``stage`` (``look1``, ``look2``, ..., ``confirm``) and
+``status``. Each round is analysed on its own; ``confirm`` rows never enter
+a verdict (they only say whether a meaningful win was ``confirmed``); a trial
+whose status is not ``finished`` is a missing pair; a lever decided at an
+early look has only that look's seeds and is analysed on them; levers are
+corrected across a round as the experiment did (only when a round has more
+than one lever). With the experiment's own settings (:func:`table_settings`
+reads them from the ``tunelab.json`` beside the table) the records equal
+``verdicts.json``.
+
 Example:
 
     .. code::
@@ -24,6 +36,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +50,10 @@ import pandas as pd
 from tunelab.errors import TableError
 from tunelab.verdicts import (
     MODES,
+    WIN,
     Decision,
     Guardrail,
+    LeverVerdict,
     adjust_family,
     analyze_lever,
     verdict_to_dict,
@@ -44,17 +61,29 @@ from tunelab.verdicts import (
 
 __all__ = [
     "COL_ARM",
+    "COL_ROUND",
     "COL_SEED",
+    "COL_STAGE",
+    "COL_STATUS",
     "PairedArm",
     "PairedTable",
     "TableError",
+    "TableSettings",
     "load_paired_table",
     "parse_guardrail",
+    "table_settings",
     "verdict_table",
 ]
 
 COL_SEED = "seed"
 COL_ARM = "arm"
+COL_ROUND = "round"
+COL_STAGE = "stage"
+COL_STATUS = "status"
+STAGE_CONFIRM = "confirm"
+STATUS_FINISHED = "finished"
+_LOOK_STAGE = re.compile(r"look([1-9][0-9]*)")
+_RUN_STATE_FILE = "tunelab.json"  # tunelab.layout.RUN_STATE_FILE
 _SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _MAX_ROWS_NAMED = 20
 
@@ -85,6 +114,62 @@ class PairedTable:
     levers: dict[str, PairedArm]
 
 
+@dataclasses.dataclass(frozen=True)
+class TableSettings:
+    """The decision settings of the lever A/B experiment a results table belongs to.
+
+    Read by :func:`table_settings` from the experiment folder's ``tunelab.json``
+    (the resolved spec); ``guardrails`` are ``"name:mode:margin"`` strings,
+    ``seeds`` / ``confirm_seeds`` the spec's seed order.
+    """
+
+    source: Path
+    metric: str
+    mode: str
+    min_effect: float
+    alpha: float
+    looks: tuple[int, ...] | None
+    correction: str
+    guardrails: tuple[str, ...]
+    seeds: tuple[Any, ...]
+    confirm_seeds: tuple[Any, ...]
+
+
+def table_settings(path: str | Path) -> TableSettings | None:
+    """The settings of the lever A/B whose experiment folder holds the table ``path``.
+
+    Returns None when the folder has no ``tunelab.json`` or it records another kind.
+
+    Raises:
+        TableError: ``tunelab.json`` exists but cannot be read.
+    """
+    state = Path(path).parent / _RUN_STATE_FILE
+    if not state.is_file():
+        return None
+    try:
+        spec = json.loads(state.read_text())["spec"]
+        if spec.get("kind") != "lever_ab":
+            return None
+        decision = spec["decision"]
+        return TableSettings(
+            source=state,
+            metric=str(spec["metric"]["name"]),
+            mode=str(spec["metric"]["mode"]),
+            min_effect=float(decision["min_effect"]),
+            alpha=float(decision.get("alpha", 0.05)),
+            looks=tuple(int(n) for n in decision["looks"]) if decision.get("looks") else None,
+            correction=str(decision.get("correction", "holm")),
+            guardrails=tuple(
+                f"{g['name']}:{g['mode']}:{float(g.get('margin', 0.0))!r}"
+                for g in spec.get("guardrails") or []
+            ),
+            seeds=tuple(spec.get("seeds") or ()),
+            confirm_seeds=tuple(decision.get("confirm_seeds") or ()),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise TableError(f"{state}: cannot read the experiment's spec ({err!r})") from None
+
+
 def load_paired_table(
     path: str | Path,
     *,
@@ -111,7 +196,12 @@ def load_paired_table(
             paired between a lever and the control.
     """
     p = Path(path)
-    df = _read(p)
+    return _paired(p, _read(p), metric=metric, control=control, guardrails=guardrails)
+
+
+def _paired(
+    p: Path, df: pd.DataFrame, *, metric: str, control: str, guardrails: Sequence[str]
+) -> PairedTable:
     metrics = list(dict.fromkeys([metric, *guardrails]))
     _check_columns(p, df, [COL_SEED, COL_ARM, *metrics])
     if df.empty:
@@ -185,11 +275,16 @@ def verdict_table(
     control: str = "control",
     looks: Sequence[int] | None = None,
     correction: str = "holm",
+    round_no: int | None = None,
+    seeds: Sequence[Any] | None = None,
+    confirm_seeds: Sequence[Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Verdicts of every lever in a results table, corrected as one family.
 
     Args:
-        path: Results table (see :func:`load_paired_table`).
+        path: Results table (see :func:`load_paired_table`), or a tunelab
+            lever A/B table (columns ``round`` and ``stage``; see the module
+            docstring).
         metric: Primary metric column.
         mode: ``"max"`` or ``"min"`` for the primary metric.
         min_effect: Keep bar ``delta`` in the metric's raw units.
@@ -198,9 +293,18 @@ def verdict_table(
         control: Control arm name.
         looks: Planned pairs per look (group-sequential), or ``None``.
         correction: ``"holm"``, ``"bh"`` or ``"none"`` across the levers.
+        round_no: A tunelab table: analyse only this round (default: every round).
+        seeds: A tunelab table: the spec's seed order (looks take seeds in this
+            order; default: by look, then by seed).
+        confirm_seeds: A tunelab table: the spec's confirmation seeds, in order
+            (default: the table's, sorted).
 
     Returns:
-        One :func:`~tunelab.verdicts.verdict_to_dict` dict per lever.
+        One :func:`~tunelab.verdicts.verdict_to_dict` dict per lever; for a
+        tunelab table one per (round, lever), sorted by round and lever, with
+        ``round``, ``look_no``, ``n_seeds`` and, for a meaningful win with
+        confirmation rows, ``confirmed`` and ``confirm_diffs`` (the records of
+        ``verdicts.json``).
     """
     parsed = [parse_guardrail(s) for s in guardrails]
     decision = Decision(
@@ -211,9 +315,24 @@ def verdict_table(
     )
     if mode not in MODES:
         raise ValueError(f"The value of `mode` is {mode!r}, but must be one of {MODES}.")
-    table = load_paired_table(
-        path, metric=metric, control=control, guardrails=[g.name for g in parsed]
-    )
+    p = Path(path)
+    df = _read(p)
+    if _is_lever_ab_table(df):
+        return _lever_ab_verdicts(
+            p,
+            df,
+            metric=metric,
+            mode=mode,
+            decision=decision,
+            guardrails=parsed,
+            control=control,
+            round_no=round_no,
+            seed_order=seeds,
+            confirm_order=confirm_seeds,
+        )
+    if round_no is not None:
+        raise TableError(f"{p}: --round needs a tunelab lever A/B table (columns round, stage).")
+    table = _paired(p, df, metric=metric, control=control, guardrails=[g.name for g in parsed])
     if decision.looks is not None and len(table.seeds) > decision.looks[-1]:
         raise TableError(
             f"{table.path}: {len(table.seeds)} paired seeds, but the looks {decision.looks} "
@@ -232,6 +351,215 @@ def verdict_table(
         for arm in table.levers.values()
     ]
     return [verdict_to_dict(v) for v in adjust_family(verdicts, decision.correction)]
+
+
+# ----------------------------------------------------------------------------
+# tunelab's own lever A/B tables (round, stage, status)
+# ----------------------------------------------------------------------------
+
+
+def _is_lever_ab_table(df: pd.DataFrame) -> bool:
+    """A table written by a tunelab lever A/B: a ``stage`` column of ``lookN`` / ``confirm``."""
+    if COL_STAGE not in df.columns or df.empty:
+        return False
+    stages = [v.strip() if isinstance(v, str) else v for v in df[COL_STAGE].tolist()]
+    return all(
+        isinstance(v, str) and (v == STAGE_CONFIRM or _LOOK_STAGE.fullmatch(v)) for v in stages
+    )
+
+
+def _lever_ab_verdicts(
+    p: Path,
+    df: pd.DataFrame,
+    *,
+    metric: str,
+    mode: str,
+    decision: Decision,
+    guardrails: Sequence[Guardrail],
+    control: str,
+    round_no: int | None,
+    seed_order: Sequence[Any] | None,
+    confirm_order: Sequence[Any] | None,
+) -> list[dict[str, Any]]:
+    """Verdicts of a tunelab lever A/B table, decided as its experiment decided them."""
+    metrics = list(dict.fromkeys([metric, *(g.name for g in guardrails)]))
+    _check_columns(p, df, [COL_SEED, COL_ARM, COL_STAGE, *metrics])
+    row_no = np.arange(1, len(df) + 1)  # 1-based data rows
+    arms = _clean_keys(p, df[COL_ARM], COL_ARM, row_no)
+    seeds = _seed_values(_clean_keys(p, df[COL_SEED], COL_SEED, row_no))
+    stages = [str(v).strip() for v in df[COL_STAGE].tolist()]
+    rounds = _round_values(p, df, row_no)
+    values = {m: _numeric(p, df[m], m, row_no).copy() for m in metrics}
+    if COL_STATUS in df.columns:  # a trial that did not finish is a missing pair
+        status = df[COL_STATUS].map(lambda v: v.strip() if isinstance(v, str) else v)
+        unfinished = np.array(status != STATUS_FINISHED, dtype=bool)
+        for m in metrics:
+            values[m][unfinished] = math.nan
+    confirm = np.array([s == STAGE_CONFIRM for s in stages], dtype=bool)
+    keys = [(r, s, a, c) for r, s, a, c in zip(rounds, seeds, arms, confirm, strict=True)]
+    dup = pd.Series(keys).duplicated(keep=False).to_numpy()
+    if dup.any():
+        pairs = sorted({f"(round={r}, seed={s}, arm={a})" for r, s, a, _ in pd.Series(keys)[dup]})
+        raise TableError(
+            f"{p}: duplicate {', '.join(pairs)} at {_rows(row_no, dup)} "
+            "(1-based, header excluded); keep one row per round, seed and arm."
+        )
+    present = sorted(set(rounds))
+    if round_no is not None and round_no not in present:
+        raise TableError(f"{p}: no round {round_no}; the table has rounds {present}.")
+    out: list[dict[str, Any]] = []
+    for rnd in present if round_no is None else [round_no]:
+        in_round = np.array([r == rnd for r in rounds], dtype=bool)
+        look_idx = {  # (arm, seed) -> row of a look trial of this round
+            (arms[i], seeds[i]): int(i) for i in np.flatnonzero(in_round & ~confirm)
+        }
+        confirm_idx = {(arms[i], seeds[i]): int(i) for i in np.flatnonzero(in_round & confirm)}
+        order = _round_seed_order(p, rnd, control, look_idx, stages, seed_order)
+        levers = list(dict.fromkeys(a for a, _ in look_idx if a != control))
+        verdicts = [
+            _lever_ab_lever(
+                p, rnd, lever, control, order, look_idx, values, metric, mode, decision, guardrails
+            )
+            for lever in levers
+        ]
+        if decision.correction != "none" and len(verdicts) > 1:
+            verdicts = adjust_family(verdicts, decision.correction)
+        for v in sorted(verdicts, key=lambda v: v.lever):
+            rec = verdict_to_dict(v)
+            rec["round"] = rnd
+            rec["look_no"], rec["n_seeds"] = _look_no(v, decision)
+            if rec["verdict"] == WIN and rec["meaningful"]:
+                _confirm(rec, control, confirm_idx, values[metric], mode, confirm_order)
+            out.append(rec)
+    return out
+
+
+def _round_values(p: Path, df: pd.DataFrame, row_no: npt.NDArray[np.int64]) -> list[int]:
+    if COL_ROUND not in df.columns:
+        return [1] * len(df)
+    raw = _seed_values(_clean_keys(p, df[COL_ROUND], COL_ROUND, row_no))
+    bad = np.array([not isinstance(r, int) or r < 1 for r in raw], dtype=bool)
+    if bad.any():
+        raise TableError(
+            f"{p}: column {COL_ROUND!r} holds a value that is not a round number (1, 2, ...) at "
+            f"{_rows(row_no, bad)} (1-based, header excluded)."
+        )
+    return [int(r) for r in raw]
+
+
+def _round_seed_order(
+    p: Path,
+    rnd: int,
+    control: str,
+    look_idx: dict[tuple[Any, Any], int],
+    stages: list[str],
+    seed_order: Sequence[Any] | None,
+) -> list[Any]:
+    """The control's look seeds of a round, in the order the looks took them."""
+    look_of = {s: _look_number(stages[i]) for (a, s), i in look_idx.items() if a == control}
+    if not look_of:
+        arms = sorted({str(a) for a, _ in look_idx})
+        raise TableError(
+            f"{p}: round {rnd} has no control arm {control!r} in column {COL_ARM!r} "
+            f"(arms: {arms}). Pass the control's name (--control)."
+        )
+    spec_rank = {s: i for i, s in enumerate(seed_order or ())}
+    return sorted(
+        look_of,
+        key=lambda s: (look_of[s], spec_rank.get(s, len(spec_rank)), isinstance(s, str), s),
+    )
+
+
+def _look_number(stage: str) -> int:
+    found = _LOOK_STAGE.fullmatch(stage)
+    return int(found.group(1)) if found else 0
+
+
+def _lever_ab_lever(
+    p: Path,
+    rnd: int,
+    lever: str,
+    control: str,
+    order: list[Any],
+    look_idx: dict[tuple[Any, Any], int],
+    values: dict[str, npt.NDArray[np.float64]],
+    metric: str,
+    mode: str,
+    decision: Decision,
+    guardrails: Sequence[Guardrail],
+) -> LeverVerdict:
+    """One lever of one round, on the control's seeds it ran (a prefix of ``order``)."""
+    ran = [s for s in order if (lever, s) in look_idx]
+    known = set(order)
+    extra = _sorted_seeds(s for a, s in look_idx if a == lever and s not in known)
+    if extra:
+        raise TableError(
+            f"{p}: round {rnd}: lever {lever!r} has seeds {extra} with no {control!r} row. "
+            "Every lever runs on the control's seeds; a failed trial is a row whose status "
+            "is not finished or whose metric is empty."
+        )
+    if ran != order[: len(ran)]:
+        gaps = [s for s in order[: order.index(ran[-1])] if (lever, s) not in look_idx]
+        raise TableError(
+            f"{p}: round {rnd}: lever {lever!r} has no rows for seeds {gaps}, which come "
+            f"before seeds it ran (looks take the control's seeds in order); a failed trial "
+            "is a row whose status is not finished or whose metric is empty."
+        )
+    if decision.looks is not None and len(ran) > decision.looks[-1]:
+        raise TableError(
+            f"{p}: round {rnd}: lever {lever!r} has {len(ran)} paired seeds, but the looks "
+            f"{decision.looks} plan at most {decision.looks[-1]}; give the experiment's looks "
+            f"(--looks)."
+        )
+    ci = np.array([look_idx[(control, s)] for s in ran])  # (N,) control rows
+    vi = np.array([look_idx[(lever, s)] for s in ran])  # (N,) lever rows
+    return analyze_lever(
+        values[metric][ci],
+        values[metric][vi],
+        mode=mode,
+        decision=decision,
+        guardrails={g.name: (values[g.name][ci], values[g.name][vi], g) for g in guardrails},
+        lever=lever,
+        seeds=ran,
+    )
+
+
+def _look_no(v: LeverVerdict, decision: Decision) -> tuple[int, int]:
+    """``(look_no, n_seeds)`` of a verdict as the experiment records them."""
+    n = len(v.seeds) + len(v.crashed_seeds)  # the seeds analysed (crashed ones too)
+    if decision.looks is None:
+        return 1, n
+    if v.look:  # decided (or last reached) at this 1-based look
+        return v.look, decision.looks[v.look - 1]
+    reached = [k for k, n_k in enumerate(decision.looks, start=1) if n_k <= n]
+    return (reached[-1], decision.looks[reached[-1] - 1]) if reached else (0, n)
+
+
+def _confirm(
+    rec: dict[str, Any],
+    control: str,
+    confirm_idx: dict[tuple[Any, Any], int],
+    metric: npt.NDArray[np.float64],
+    mode: str,
+    confirm_order: Sequence[Any] | None,
+) -> None:
+    """Add ``confirmed`` / ``confirm_diffs`` from the confirmation rows, as the experiment did."""
+    lever = rec["lever"]
+    table_seeds = {s for a, s in confirm_idx if a in (control, lever)}
+    if not any(a == lever for a, _ in confirm_idx):
+        return
+    ordered = list(confirm_order or ()) or sorted(
+        table_seeds, key=lambda s: (isinstance(s, str), s)
+    )
+    sign = 1.0 if mode == "max" else -1.0
+    diffs = []
+    for seed in ordered:
+        c, v = confirm_idx.get((control, seed)), confirm_idx.get((lever, seed))
+        diffs.append(
+            math.nan if c is None or v is None else sign * (float(metric[v]) - float(metric[c]))
+        )
+    rec["confirmed"] = bool(diffs) and all(math.isfinite(d) and d > 0 for d in diffs)
+    rec["confirm_diffs"] = diffs
 
 
 # ----------------------------------------------------------------------------
