@@ -224,7 +224,7 @@ def status(
     ),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Trials, their states, iterations and the best metric."""
+    """Trials (pending ones too), their states, iterations, the selection and the best metric."""
     from tunelab import experiment_status, latest_experiment
 
     with _exit_codes():
@@ -233,66 +233,176 @@ def status(
         typer.echo(_strict_json(info))
         return
     from rich.console import Console
+
+    # Without a terminal (a log, a pipe) print the whole table rather than cut columns to 80.
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 200))
+    console.print(_status_table(info))
+    for line in _status_lines(info):
+        console.print(line, highlight=False, markup=False)
+
+
+def _status_table(info: dict[str, Any]) -> Any:
+    """The trials of ``platform status`` as a rich table (columns per kind)."""
     from rich.table import Table
 
+    metric, placement = info["metric"], info["placement"]
+    show_cull = info["cull"] is not None or any(t["culled_at"] is not None for t in info["trials"])
+    show_selected = info["kind"] == "seed_cull"
     table = Table(title=f"{info['spec']} ({info['kind']}, budget {info['budget']})")
-    for col in ("trial", "seed", "status", "iterations", info["metric"], "run"):
-        table.add_column(col)
+    cols = ["trial", *placement, "seed", "status", "iterations"]
+    cols += ["culled at"] if show_cull else []
+    cols += [metric, "best"] + (["selected"] if show_selected else []) + ["run"]
+    for col in cols:
+        table.add_column(col, no_wrap=col != "run")
     for t in info["trials"]:
-        value = t[info["metric"]]
-        table.add_row(
-            t["trial_id"],
-            str(t["seed"]),
-            t["status"],
-            str(t["iterations"]),
-            "-" if value is None else f"{value:.4g}",
-            str(t["run_id"]),
+        row = [t["trial_id"] or "-", *(_cell(t.get(k)) for k in placement), _cell(t["seed"])]
+        row += [t["status"], str(t["iterations"])]
+        row += [_cell(t["culled_at"])] if show_cull else []
+        row += [t["value_text"], "yes" if t["best"] else ""]
+        row += ["yes" if t["selected"] else ""] if show_selected else []
+        row += [_cell(t["run_id"])]
+        table.add_row(*row)
+    return table
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _status_lines(info: dict[str, Any]) -> list[str]:
+    """What ``platform status`` prints under the table: counts, cull, selection, best, pending."""
+    metric = info["metric"]
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(info["counts"].items()))
+    planned = f" of {info['planned']} planned" if info["planned"] is not None else ""
+    lines = [f"trials: {counts or 'none'}{planned}"]
+    cull = info["cull"]
+    if cull:
+        culled = [t for t in info["trials"] if t["culled_at"] is not None]
+        stops = ", ".join(f"seed {t['seed']} at {t['culled_at']}" for t in culled)
+        lines.append(
+            f"cull: {cull['scheduler']} at iteration {cull['at']}, keep {cull['keep']}"
+            + (f"; culled: {stops}" if stops else "")
         )
-    console = Console()
-    console.print(table)
-    console.print(
-        f"best {info['metric']}: {info['best']}  finished: {info['finished']}  folder: {info['experiment_dir']}"
+    sel = info["selected"]
+    if info["kind"] == "seed_cull":
+        lines.append(
+            f"selected: seed {sel['seed']} (trial {sel['trial_id']}, {sel['metric']} = "
+            f"{sel['value_text']}), run {sel['run_id']}"
+            if sel
+            else "selected: none" + ("" if info["finished"] else " yet (not finished)")
+        )
+    if info["best_by_arm"]:
+        lines.append(f"best {metric} ({info['mode']}) per arm:")
+        for b in info["best_by_arm"]:
+            lines.append(
+                f"  round {b['round']} {b['arm']}: {b['value_text']} (seed {b['seed']}, trial {b['trial_id']})"
+            )
+    elif not info["placement"]:
+        best = next((t for t in info["trials"] if t["best"]), None)
+        lines.append(
+            f"best {metric} ({info['mode']}): "
+            + (
+                f"{best['value_text']} (seed {best['seed']}, trial {best['trial_id']})"
+                if best
+                else "none"
+            )
+        )
+    waiting = [t for t in info["trials"] if t["trial_id"] is None]
+    if waiting:
+        seeds = ", ".join(
+            f"{t['arm']}/{t['seed']}" if t.get("arm") else str(t["seed"]) for t in waiting
+        )
+        lines.append(f"not started: {len(waiting)} trial(s), seeds {seeds}")
+    lines.append(
+        f"finished: {'yes' if info['finished'] else 'no'}  folder: {info['experiment_dir']}"
     )
+    return lines
 
 
 @app.command()
 def verdict(
     results: Annotated[
-        Path, typer.Argument(help="CSV or Parquet with columns seed, arm and metric columns.")
+        Path,
+        typer.Argument(
+            help="CSV or Parquet with columns seed, arm and metric columns; or a lever A/B's "
+            "results.csv / results.parquet (its experiment's settings are the defaults)."
+        ),
     ],
-    metric: Annotated[str, typer.Option(help="Primary metric column.")] = "",
-    mode: Annotated[str, typer.Option(help="max or min: which direction is better.")] = "max",
+    metric: Annotated[
+        str, typer.Option(help="Primary metric column (default: the experiment's metric).")
+    ] = "",
+    mode: Annotated[
+        str | None,
+        typer.Option(help="max or min: which direction is better (default: max or the spec's)."),
+    ] = None,
     min_effect: Annotated[
-        float,
+        float | None,
         typer.Option("--min-effect", help="Keep bar: smallest effect of interest (raw units)."),
-    ] = 0.0,
-    alpha: Annotated[float, typer.Option(help="Two-sided type I error rate.")] = 0.05,
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Two-sided type I error rate (default: 0.05).")
+    ] = None,
     guardrail: Annotated[
         list[str] | None,
         typer.Option(help="NAME:MODE:MARGIN, repeatable, e.g. val/flat_l1:min:0.005."),
     ] = None,
     control: Annotated[str, typer.Option(help="Name of the control arm.")] = "control",
     looks: Annotated[
-        str | None, typer.Option(help="Planned looks, comma-separated seed counts, e.g. 5,10,20.")
+        str | None,
+        typer.Option(
+            help="Planned looks, comma-separated seed counts, e.g. 5,10,20; 'none' for one analysis."
+        ),
     ] = None,
-    correction: Annotated[str, typer.Option(help="holm, bh or none across the levers.")] = "holm",
+    correction: Annotated[
+        str | None, typer.Option(help="holm, bh or none across the levers (default: holm).")
+    ] = None,
+    round_no: Annotated[
+        int | None,
+        typer.Option("--round", help="A lever A/B table: only this round (default: every round)."),
+    ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print JSON (one object per lever).")
+        bool, typer.Option("--json", help="Print JSON (one object per lever and round).")
     ] = False,
 ) -> None:
-    """Paired-seed verdicts on any results table (from tunelab or elsewhere)."""
-    from tunelab.paired_table import TableError, verdict_table
+    """Paired-seed verdicts on any results table (from tunelab or elsewhere).
+
+    A lever A/B's own results table (in its experiment folder) is decided as the
+    experiment decided it: per round, look by look, confirmation rows left out;
+    settings not given come from the folder's tunelab.json, and the verdicts then
+    equal verdicts.json.
+    """
+    from tunelab.paired_table import TableError, table_settings, verdict_table
 
     try:
+        settings = table_settings(results)
+        same_metric = settings is not None and metric in ("", settings.metric)
+        if settings is not None:
+            metric = metric or settings.metric
+            if same_metric:  # the keep bar and direction are the spec's metric's
+                mode = mode or settings.mode
+                min_effect = settings.min_effect if min_effect is None else min_effect
+            alpha = settings.alpha if alpha is None else alpha
+            correction = correction or settings.correction
+            if looks is None and settings.looks:
+                looks = ",".join(str(n) for n in settings.looks)
+            if guardrail is None:
+                guardrail = list(settings.guardrails)
         if not metric:
             raise TableError(
                 "--metric is required: the primary metric column, e.g. --metric val/spike_l1"
             )
-        if min_effect <= 0:
+        if min_effect is None or min_effect <= 0:
             raise TableError(
                 "--min-effect must be > 0: the smallest effect of interest in the metric's units"
             )
-        plan = [int(x) for x in looks.split(",")] if looks else None
+        mode, alpha, correction = (
+            mode or "max",
+            0.05 if alpha is None else alpha,
+            correction or "holm",
+        )
+        plan = [int(x) for x in looks.split(",")] if looks and looks != "none" else None
         rows = verdict_table(
             results,
             metric=metric,
@@ -303,6 +413,9 @@ def verdict(
             control=control,
             looks=plan,
             correction=correction,
+            round_no=round_no,
+            seeds=settings.seeds if settings else None,
+            confirm_seeds=settings.confirm_seeds if settings else None,
         )
     except (TableError, ValueError) as err:
         _err(str(err))
@@ -313,12 +426,17 @@ def verdict(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{metric} ({mode}), keep bar {min_effect}, alpha {alpha}")
+    title = f"{metric} ({mode}), keep bar {min_effect}, alpha {alpha}"
+    if settings is not None:
+        title += f" (defaults from {settings.source})"
+    table = Table(title=title)
     # The CI's level is 1 - alpha, or the look's threshold with planned looks (may differ by lever).
     levels = {r["confidence"] for r in rows}
     one_level = len(levels) == 1 and None not in levels
     ci_header = f"{_pct(next(iter(levels)))} CI" if one_level else "CI (level)"
-    for col in ("lever", "verdict", "effect", ci_header, "p", "n", "dz", "rho", "guardrails"):
+    by_round = any("round" in r for r in rows)
+    cols = ("lever", "verdict", "effect", ci_header, "p", "n", "dz", "rho", "guardrails")
+    for col in ("round", *cols) if by_round else cols:
         table.add_column(col)
     for r in rows:
         guards = " ".join(f"{k}={g['status']}" for k, g in r["guardrails"].items())
@@ -326,7 +444,10 @@ def verdict(
         ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
         if not one_level:
             ci += f" ({_pct(r['confidence'])})"
+        if r.get("confirmed") is not None:
+            verdict_text += "; confirmed" if r["confirmed"] else "; not confirmed"
         table.add_row(
+            *([str(r["round"])] if by_round else []),
             r["lever"],
             verdict_text,
             _fmt(r["effect"]),
@@ -337,7 +458,10 @@ def verdict(
             _fmt(r["rho"]),
             guards,
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: the whole table, not columns cut to 80
+        console = Console(width=max(console.width, 160))
+    console.print(table)
 
 
 @app.command()
@@ -352,7 +476,7 @@ def report(
         "tunelab_results"
     ),
 ) -> None:
-    """Write a self-contained HTML report of a lever A/B experiment."""
+    """Write a self-contained HTML report: a lever A/B, seed cull or sweep page by the kind."""
     from tunelab.report import find_experiment, write_report
 
     with _exit_codes():

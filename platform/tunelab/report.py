@@ -1,4 +1,16 @@
-"""Self-contained HTML report of a lever A/B experiment (``platform report NAME``).
+"""Self-contained HTML report of an experiment (``platform report NAME``), one page per kind.
+
+:func:`render_report` dispatches on the experiment's kind (``summary.json``'s
+``kind``, else the spec's): the lever A/B page is rendered here, the seed-cull
+page by :mod:`tunelab.report_seed_cull` and the sweep page by
+:mod:`tunelab.report_sweep`. The HTML skeleton and CSS (:func:`_page`), the
+header (:func:`top_html`), the footer, tables, and the inline SVG curve panels
+(:func:`lines_svg`: one line per trial, a marked iteration, NaN / inf marked
+where a line breaks, never dropped) live here and are shared by every kind.
+Per-iteration curves come from Tune's ``result.json``, completed from the
+trial's ``progress.csv`` where Tune rewrote ``result.json`` at a restore.
+
+The rest of this docstring describes the lever A/B page.
 
 One HTML file that opens offline and can be attached or archived as is: inline
 CSS and inline SVG charts drawn here, no script, font, stylesheet or image
@@ -10,11 +22,14 @@ verdict chips, key-metric table with best-per-column highlighting"):
    (keep bar ``min_effect``, ``alpha``, looks, correction), guardrails, seeds,
    rounds, trial counts and a summary of the verdicts.
 2. One card per lever and round: verdict chip, effect, CI, p, n_pairs, dz, rho,
-   seed wins, guardrail chips, sensitivity figures, crashed seeds, and a strip
+   seed wins, guardrail chips, sensitivity figures, crashed seeds, the confirmation
+   seeds' result (``p.confirm`` with ``data-confirmed`` yes / no / pending / none;
+   confirmation rows, ``stage == "confirm"``, are not pairs of the verdict), and a strip
    plot of the per-seed paired differences (signed so that positive is better,
    shared/VERDICTS.md "Why paired") with the CI, the zero line and the keep bar.
 3. The key-metric table: arms x metrics, mean ± sd over the finished seeds, the
-   best arm of each round marked per column.
+   best arm of each round marked per column; metrics only (no ``config.*`` values, no
+   ``sys/*`` timings).
 4. Training curves of the primary metric and the guardrails, one line per arm
    (mean over seeds) over thin per-seed lines.
 5. Every trial with its status: crashed trials stay visible.
@@ -79,6 +94,7 @@ __all__ = [
     "REPORT_FILE",
     "VERDICT_COLOURS",
     "ReportError",
+    "experiment_kind",
     "find_experiment",
     "render_report",
     "write_report",
@@ -86,6 +102,11 @@ __all__ = [
 
 #: Default file name of the report inside an experiment folder.
 REPORT_FILE = "report.html"
+
+#: The experiment kinds with a report page (the spec's ``kind``).
+KIND_LEVER_AB = "lever_ab"
+KIND_SEED_CULL = "seed_cull"
+KIND_SWEEP = "sweep"
 
 COL_TRIAL = "trial_id"
 COL_RUN = "run_id"
@@ -95,9 +116,24 @@ COL_ROUND = "round"
 COL_STATUS = "status"
 COL_ITERATIONS = "iterations"
 _TEXT_COLS = (COL_TRIAL, COL_RUN, COL_ARM, COL_STATUS)
+COL_STAGE = "stage"  # a lever A/B trial's stage: look1, look2, ... or confirm
+COL_CULLED_AT = "culled_at"
+STAGE_CONFIRM = "confirm"
 _META_COLS = frozenset(
-    {COL_TRIAL, COL_RUN, COL_SEED, COL_ARM, COL_ROUND, COL_STATUS, COL_ITERATIONS}
+    {
+        COL_TRIAL,
+        COL_RUN,
+        COL_SEED,
+        COL_ARM,
+        COL_ROUND,
+        COL_STATUS,
+        COL_ITERATIONS,
+        COL_STAGE,
+        COL_CULLED_AT,
+    }
 )
+#: Column prefixes that are not metrics (the trial's config values, system timings).
+_NOT_METRIC_PREFIXES = ("config.", "sys/")
 #: Columns not named by the spec: lower is better when the name ends with one of these.
 _LOWER_BETTER_SUFFIXES = ("l1", "loss", "mse", "err")
 
@@ -162,14 +198,51 @@ def find_experiment(name_or_dir: str, storage: Path) -> Path:
     return max(found, key=lambda f: (f[0], f[1]))[2].resolve()
 
 
+def experiment_kind(experiment_dir: Path | str) -> str:
+    """The kind of the experiment in ``experiment_dir``: ``summary.json``'s ``kind``, else the
+    spec's (``tunelab.json``), else ``lever_ab``.
+
+    Raises:
+        ReportError: No ``tunelab.json`` in the folder.
+    """
+    layout = ExperimentLayout(Path(experiment_dir))
+    state = _read_state(layout)
+    summary = read_summary(layout)
+    kind = (summary or {}).get("kind") or (state.get("spec") or {}).get("kind")
+    return str(kind or KIND_LEVER_AB)
+
+
 def render_report(experiment_dir: Path | str) -> str:
     """The HTML report of the experiment in ``experiment_dir``, as a string.
 
+    Dispatches on the experiment's kind (:func:`experiment_kind`): a lever A/B
+    page (this module), a seed-cull page (:mod:`tunelab.report_seed_cull`) or a
+    sweep page (:mod:`tunelab.report_sweep`).
+
     Raises:
-        ReportError: No ``tunelab.json`` in the folder, or an unreadable
-            ``verdicts.json`` / results table.
+        ReportError: No ``tunelab.json`` in the folder, an unreadable
+            ``verdicts.json`` / results table, or a kind without a report.
     """
-    data = _load(Path(experiment_dir))
+    kind = experiment_kind(experiment_dir)
+    if kind == KIND_LEVER_AB:
+        return _render_lever(Path(experiment_dir))
+    if kind == KIND_SEED_CULL:
+        from tunelab.report_seed_cull import render_seed_cull
+
+        return render_seed_cull(Path(experiment_dir))
+    if kind == KIND_SWEEP:
+        from tunelab.report_sweep import render_sweep
+
+        return render_sweep(Path(experiment_dir))
+    raise ReportError(
+        f"{experiment_dir}: no report for experiment kind {kind!r} "
+        f"(reports exist for {KIND_LEVER_AB}, {KIND_SEED_CULL} and {KIND_SWEEP})."
+    )
+
+
+def _render_lever(exp_dir: Path) -> str:
+    """The lever A/B page."""
+    data = _load(exp_dir)
     name = str(data.spec.get("name", data.exp_dir.name))
     body = "\n".join(
         [
@@ -226,11 +299,33 @@ class _Data:
         return sorted(found)
 
 
+def _read_state(layout: ExperimentLayout) -> dict[str, Any]:
+    """``tunelab.json`` as a dict."""
+    if not layout.is_experiment():
+        raise ReportError(
+            f"{layout.root} is not a tunelab experiment folder (no {RUN_STATE_FILE})."
+        )
+    try:
+        state = json.loads(layout.state_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{layout.state_file}: unreadable ({err})") from err
+    if not isinstance(state, dict):
+        raise ReportError(f"{layout.state_file}: expected a JSON object.")
+    return state
+
+
+def read_summary(layout: ExperimentLayout) -> dict[str, Any] | None:
+    """``summary.json`` (written when the experiment is finalized), or None."""
+    try:
+        summary = json.loads(layout.summary_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def _load(exp_dir: Path) -> _Data:
     layout = ExperimentLayout(exp_dir)
-    if not layout.is_experiment():
-        raise ReportError(f"{exp_dir} is not a tunelab experiment folder (no {RUN_STATE_FILE}).")
-    state = json.loads(layout.state_file.read_text())
+    state = _read_state(layout)
     spec = dict(state.get("spec") or {})
     metric_spec = spec.get("metric") or {}
     results = _read_results(layout)
@@ -296,7 +391,7 @@ def _read_curves(
     for tid in trial_ids:
         path = layout.trial_result_file(tid)
         if path.is_file():
-            curves[tid] = read_result_lines(path)
+            curves[tid] = _with_progress(read_result_lines(path), path.parent)
             read.add(path)
     missing = set(trial_ids) - curves.keys()
     if missing:  # Tune's own trial folder names: match on the trial_id key inside
@@ -306,8 +401,37 @@ def _read_curves(
             rows = read_result_lines(path)
             tid = next((str(r["trial_id"]) for r in rows if "trial_id" in r), "")
             if tid in missing:
-                curves[tid] = rows
+                curves[tid] = _with_progress(rows, path.parent)
     return curves
+
+
+_PROGRESS_CSV = "progress.csv"
+
+
+def _with_progress(rows: list[dict[str, Any]], trial_dir: Path) -> list[dict[str, Any]]:
+    """``rows`` completed with the iterations only Tune's ``progress.csv`` still holds.
+
+    Tune rewrites a trial's ``result.json`` when a paused trial is restored from
+    its checkpoint (a sync cull pauses every seed at the milestone), so the
+    iterations before the restore survive in the appended ``progress.csv`` only.
+    Their rows come first; ``result.json``'s rows win where both have an iteration.
+    """
+    path = trial_dir / _PROGRESS_CSV
+    if not path.is_file():
+        return rows
+    have = {r.get(ITERATION) for r in rows}
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError):
+        return rows
+    if ITERATION not in table:
+        return rows
+    table[ITERATION] = pd.to_numeric(table[ITERATION], errors="coerce")
+    extra = [
+        {k: _plain(v) for k, v in rec.items()}
+        for rec in table[table[ITERATION].notna() & ~table[ITERATION].isin(have)].to_dict("records")
+    ]
+    return [*extra, *rows] if extra else rows
 
 
 def _arm_colours(
@@ -320,6 +444,137 @@ def _arm_colours(
     order = [a for a in dict.fromkeys(arms) if a != ARM_CONTROL]
     colours = {a: _ARM_PALETTE[i % len(_ARM_PALETTE)] for i, a in enumerate(order)}
     return {ARM_CONTROL: _CONTROL_COLOUR, **colours}
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A seed cull's or sweep's folder, read once for its page (the lever page has :class:`_Data`)."""
+
+    exp_dir: Path
+    layout: ExperimentLayout
+    state: dict[str, Any]  # tunelab.json
+    spec: dict[str, Any]
+    summary: dict[str, Any] | None  # summary.json; None while running
+    results: pd.DataFrame  # one row per trial (the results table, or the curves while running)
+    curves: dict[str, list[dict[str, Any]]]  # trial_id -> result.json rows
+    metric: str
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return str(self.spec.get("name", self.exp_dir.name))
+
+    def trial_series(self, trial_id: str, metric: str | None = None) -> list[tuple[int, float]]:
+        """The trial's curve of ``metric`` (default: the spec's), NaN kept (:func:`series`)."""
+        return series(self.curves.get(trial_id, []), metric or self.metric)
+
+    def status_text(self) -> str:
+        """``"4 (2 culled, 2 finished)"``: the trial count by status."""
+        if self.results.empty:
+            return "none yet"
+        counts = self.results[COL_STATUS].replace("", "unknown").value_counts().to_dict()
+        return f"{len(self.results)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})"
+
+
+def load_experiment(exp_dir: Path) -> Experiment:
+    """Read a seed cull's or sweep's folder. Before the results table exists (a running
+    experiment) the trials are those with a ``result.json``, status ``running``.
+
+    Raises:
+        ReportError: Not an experiment folder, or an unreadable results table.
+    """
+    layout = ExperimentLayout(exp_dir)
+    state = _read_state(layout)
+    spec = dict(state.get("spec") or {})
+    metric_spec = spec.get("metric") or {}
+    results = _read_results(layout)
+    if results.empty:
+        curves = layout.trial_results()
+        rows = []
+        for tid, lines in sorted(curves.items()):
+            found = lines[-1].get("config")
+            cfg: dict[str, Any] = found if isinstance(found, dict) else {}
+            rows.append(
+                {
+                    COL_TRIAL: tid,
+                    COL_RUN: "",
+                    COL_SEED: cfg.get(COL_SEED, ""),
+                    COL_STATUS: TrialStatus.RUNNING.value,
+                    COL_ITERATIONS: max((int(r.get(ITERATION, 0) or 0) for r in lines), default=0),
+                }
+            )
+        if rows:
+            results = pd.DataFrame(rows)
+    else:
+        trial_ids = [t for t in results[COL_TRIAL].tolist() if t]
+        curves = _read_curves(layout, trial_ids)
+    return Experiment(
+        exp_dir=exp_dir,
+        layout=layout,
+        state=state,
+        spec=spec,
+        summary=read_summary(layout),
+        results=results,
+        curves=curves,
+        metric=str(metric_spec.get("name", "")),
+        mode=str(metric_spec.get("mode", "max")),
+    )
+
+
+def table_html(
+    head: Sequence[str],
+    rows: Sequence[tuple[str, Sequence[str]]],
+    cls: str,
+    *,
+    first_left: bool = True,
+) -> str:
+    """A ``table.<cls>``; ``rows`` are (attributes of the ``<tr>``, cell HTML) pairs."""
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    body = []
+    for attrs, cells in rows:
+        tds = "".join(
+            f'<td class="left">{c}</td>' if i == 0 and first_left else f"<td>{c}</td>"
+            for i, c in enumerate(cells)
+        )
+        body.append(f"<tr {attrs}>{tds}</tr>")
+    return (
+        f'<div class="scroll"><table class="{_e(cls)}"><thead><tr>{th}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def trials_section_html(exp: Experiment) -> str:
+    """Every trial with its status and final metrics, folded (crashed trials stay visible)."""
+    df = exp.results
+    if df.empty:
+        return ""
+    cols = [
+        c
+        for c in (COL_TRIAL, COL_RUN, COL_SEED, COL_STATUS, COL_ITERATIONS, "culled_at")
+        if c in df
+    ]
+    cols += [c for c in df.columns if str(c).startswith("config.")]
+    metrics = [
+        c
+        for c in df.columns
+        if c not in cols and c not in _META_COLS and not str(c).startswith(("sys/", "config."))
+    ]
+    cols += sorted(metrics, key=lambda c: (c != exp.metric, str(c)))
+    rows = []
+    for rec in df[cols].to_dict("records"):
+        status = str(rec.get(COL_STATUS, ""))
+        cells = [value_text(rec[c]) if c in metrics else _e(_blank_nan(rec[c])) for c in cols]
+        rows.append((f'class="status-{_css(status)}"', cells))
+    return (
+        f"<section><details><summary><h2>Trials ({len(rows)})</h2></summary>"
+        f"{table_html([str(c) for c in cols], rows, 'trials')}</details></section>"
+    )
+
+
+def _blank_nan(x: Any) -> Any:
+    """A table cell's plain value; a missing one (NaN in a text column) reads as empty."""
+    x = _plain(x)
+    return "" if isinstance(x, float) and math.isnan(x) else x
 
 
 # ----------------------------------------------------------------------------
@@ -341,6 +596,8 @@ def _finished_values(df: pd.DataFrame, metric: str) -> dict[Any, float]:
 def _paired_diffs(data: _Data, lever: str, rnd: int) -> list[tuple[Any, float]]:
     """Per-seed differences of the primary metric, signed so that positive is better."""
     df = data.results[data.results[COL_ROUND] == rnd] if not data.results.empty else data.results
+    if COL_STAGE in df:  # the confirmation seeds are not pairs of the verdict (shown apart)
+        df = df[df[COL_STAGE].astype(str) != STAGE_CONFIRM]
     if df.empty:
         return []
     control = _finished_values(df[df[COL_ARM] == ARM_CONTROL], data.metric)
@@ -363,7 +620,9 @@ def _metric_columns(data: _Data) -> list[str]:
     numeric = [
         c
         for c in df.columns
-        if c not in _META_COLS and pd.to_numeric(df[c], errors="coerce").notna().any()
+        if c not in _META_COLS
+        and not str(c).startswith(_NOT_METRIC_PREFIXES)
+        and pd.to_numeric(df[c], errors="coerce").notna().any()
     ]
     first = [
         m for m in [data.metric, *(str(g.get("name")) for g in data.guardrails)] if m in numeric
@@ -395,7 +654,9 @@ def _curve(rows: Iterable[Mapping[str, Any]], metric: str) -> list[tuple[int, fl
 class _ArmCurves:
     arm: str
     colour: str
-    seeds: list[tuple[Any, list[tuple[int, float]]]]  # per-seed curves
+    seeds: list[tuple[Any, list[tuple[int, float]]]]  # per-seed curves, finite values
+    # (seed, first iteration with a NaN / inf, that value): marked, never dropped silently
+    nonfinite: list[tuple[Any, int, float]] = dataclasses.field(default_factory=list)
 
     @property
     def mean(self) -> list[tuple[int, float]]:
@@ -417,8 +678,15 @@ def _arm_curves(data: _Data, rnd: int, metric: str) -> list[_ArmCurves]:
             for s, t in zip(rows[COL_SEED], rows[COL_TRIAL], strict=True)
         ]
         seeds = [(s, pts) for s, pts in seeds if pts]
+        nonfinite = []
+        for s, t in zip(rows[COL_SEED], rows[COL_TRIAL], strict=True):
+            full = series(data.curves.get(t, []), metric)
+            bad = first_nonfinite(full)
+            if bad is not None:
+                nonfinite.append((_plain(s), bad, value_at(full, bad) or math.nan))
         if seeds:
-            out.append(_ArmCurves(arm, data.colours.get(arm, _UNKNOWN_COLOUR), seeds))
+            colour = data.colours.get(arm, _UNKNOWN_COLOUR)
+            out.append(_ArmCurves(arm, colour, seeds, nonfinite))
     return out
 
 
@@ -462,17 +730,6 @@ def _header_html(data: _Data) -> str:
         ("rounds", _e(len(data.rounds))),
         ("trials", f"{len(data.results)} ({trials})" if trials else "none yet"),
     ]
-    meta = " · ".join(
-        _e(x)
-        for x in [
-            f"family {spec['family']}" if spec.get("family") else "",
-            f"kind {spec.get('kind', '?')}",
-            f"budget {spec['budget']}" if spec.get("budget") is not None else "",
-            f"created {data.state['created']}" if data.state.get("created") else "",
-            f"git {str(data.state['git_commit'])[:10]}" if data.state.get("git_commit") else "",
-        ]
-        if x
-    )
     summary = ""
     if data.verdicts:
         counts: dict[str, int] = {}
@@ -486,12 +743,8 @@ def _header_html(data: _Data) -> str:
             )
             + "</p>"
         )
-    return (
-        f'<header class="top"><h1>{_e(spec.get("name", data.exp_dir.name))}</h1>'
-        f'<p class="meta">{meta}</p>'
-        f'<dl class="rule">{"".join(f"<div><dt>{k}</dt><dd>{v}</dd></div>" for k, v in rule)}</dl>'
-        f"{summary}</header>"
-    )
+    name = str(spec.get("name", data.exp_dir.name))
+    return top_html(name, meta_items(spec, data.state), rule, summary)
 
 
 def _cards_html(data: _Data) -> str:
@@ -576,6 +829,7 @@ def _card_html(data: _Data, v: Mapping[str, Any], rnd: int, min_effect: float | 
         if crashed
         else ""
     )
+    confirm_html = _confirm_html(data, v, lever, rnd)
     levers = data.spec.get("levers")
     override = levers.get(lever) if isinstance(levers, Mapping) else None
     override_html = (
@@ -597,8 +851,35 @@ def _card_html(data: _Data, v: Mapping[str, Any], rnd: int, min_effect: float | 
         f'<div class="guards">{guards or "<span class=dim>no guardrails</span>"}</div>'
         f"{_diff_svg(diffs, v, min_effect, colour)}"
         f'<p class="dim small">{len(diffs)} finished pairs in results · sensitivity: {sens_text}</p>'
-        f"{crashed_html}</section>"
+        f"{confirm_html}{crashed_html}</section>"
     )
+
+
+def _confirm_html(data: _Data, v: Mapping[str, Any], lever: str, rnd: int) -> str:
+    """The confirmation-seed result of a verdict (``p.confirm`` with ``data-confirmed``)."""
+    seeds = list((data.spec.get("decision") or {}).get("confirm_seeds") or [])
+    stacked = any(
+        isinstance(x, list) and len(x) == 2 and x[0] == rnd and str(x[1]) == lever
+        for x in (read_summary(ExperimentLayout(data.exp_dir)) or {}).get("stacked") or []
+    )
+    if "confirmed" in v and v.get("confirmed") is not None:
+        ok = bool(v["confirmed"])
+        diffs = v.get("confirm_diffs") or []
+        per_seed = ", ".join(
+            f"seed {s}: {value_text(d) if _float(d) is None else _num(d, signed=True)}"
+            for s, d in zip(seeds, diffs, strict=False)
+        ) or ", ".join(value_text(d) for d in diffs)
+        text = f"confirmation: {'confirmed' if ok else 'not confirmed'}"
+        text += f" ({per_seed})" if per_seed else ""
+        text += " · stacked into the next round's control" if stacked else ""
+        state = "yes" if ok else "no"
+    elif not seeds:
+        text, state = "confirmation: none (no decision.confirm_seeds in the spec)", "none"
+    elif _label_key(v) == "meaningful-win":
+        text, state = "confirmation: pending (confirmation seeds not finished)", "pending"
+    else:
+        text, state = "confirmation: not run (only a meaningful win is confirmed)", "none"
+    return f'<p class="confirm confirm-{state} small" data-confirmed="{state}">{_e(text)}</p>'
 
 
 _LABEL_HELP = {
@@ -679,7 +960,7 @@ def _curves_html(data: _Data) -> str:
         )
     note = (
         '<p class="note">Thick line: mean over the seeds that reached each iteration; thin lines: '
-        "one per seed.</p>"
+        "one per seed; a red × at the top edge: a seed reported NaN / inf there (its line ends).</p>"
     )
     return head + note + "".join(parts) + "</section>"
 
@@ -709,12 +990,7 @@ def _trials_html(data: _Data) -> str:
 
 
 def _footer_html(data: _Data) -> str:
-    bits = [f"experiment folder {data.state.get('experiment_dir', data.exp_dir)}"]
-    if data.state.get("tracking_uri"):
-        bits.append(f"MLflow {data.state['tracking_uri']}")
-    if data.state.get("parent_run_id"):
-        bits.append(f"parent run {data.state['parent_run_id']}")
-    return f'<footer class="dim small">{_e(" · ".join(str(b) for b in bits))}</footer>'
+    return footer_html(data.exp_dir, data.state)
 
 
 # ----------------------------------------------------------------------------
@@ -799,15 +1075,62 @@ def _curves_svg(
     arms: Sequence[_ArmCurves], metric: str, mode: str, rnd: int, *, primary: bool
 ) -> str:
     """Learning curves of one metric: per-seed thin lines and the per-arm mean."""
-    w, h = 560, 300
-    left, right, top, bottom = 64, 14, 28, 40
     its = [it for a in arms for _, pts in a.seeds for it, _ in pts]
+    its += [it for a in arms for _, it, _ in a.nonfinite]
     vals = [v for a in arms for _, pts in a.seeds for _, v in pts]
-    x = _Axis(min(its), max(its) if max(its) > min(its) else min(its) + 1, left, w - right)
-    y_lo, y_hi = _padded(vals)
+    title = f"{metric} ({_direction(mode)}){' · primary' if primary else ''}"
+    x, y, frame = _plot_frame(its, vals, title, "curves", metric)
+    out = [frame]
+    for a in arms:
+        for seed, pts in a.seeds:
+            out.append(
+                f'<polyline class="seed" data-arm="{_e(a.arm)}" data-seed="{_e(seed)}" points="{_points(pts, x, y)}" '
+                f'fill="none" stroke="{a.colour}" stroke-opacity="0.3" stroke-width="1"><title>{_e(a.arm)}, seed {_e(seed)}</title></polyline>'
+            )
+    for a in arms:
+        for seed, it, v in a.nonfinite:
+            out.append(
+                _nonfinite_mark(
+                    x(it),
+                    f"{a.arm}, seed {seed}: {value_text(v)} at iteration {it}",
+                    it,
+                    f' data-arm="{_e(a.arm)}" data-seed="{_e(seed)}"',
+                )
+            )
+    for a in arms:
+        mean = a.mean
+        it_last, v_last = mean[-1]
+        out.append(
+            f'<polyline class="mean" data-arm="{_e(a.arm)}" data-round="{rnd}" data-metric="{_e(metric)}" '
+            f'points="{_points(mean, x, y)}" fill="none" stroke="{a.colour}" stroke-width="2.4" '
+            f'stroke-linejoin="round"><title>{_e(a.arm)}: mean of {len(a.seeds)} seeds, last {v_last:.4g}</title></polyline>'
+            f'<circle cx="{x(it_last):.1f}" cy="{y(v_last):.1f}" r="3" fill="{a.colour}"/>'
+        )
+    out.append("</svg>")
+    return "".join(out)
+
+
+_PLOT_W, _PLOT_H = 560, 300
+_ANCHOR_END = ' text-anchor="end"'
+_PLOT_LEFT, _PLOT_RIGHT, _PLOT_TOP, _PLOT_BOTTOM = 64, 14, 28, 40
+
+
+def _plot_frame(
+    iterations: Sequence[float], values: Sequence[float], title: str, cls: str, label: str
+) -> tuple[_Axis, _Axis, str]:
+    """The axes of a curve panel (iteration on x) and the opening ``<svg>`` with grid and title.
+
+    Only finite ``values`` set the y range. The caller closes the ``</svg>``.
+    """
+    w, h = _PLOT_W, _PLOT_H
+    left, right, top, bottom = _PLOT_LEFT, _PLOT_RIGHT, _PLOT_TOP, _PLOT_BOTTOM
+    lo_it = min(iterations) if iterations else 0
+    hi_it = max(iterations) if iterations else 1
+    x = _Axis(lo_it, hi_it if hi_it > lo_it else lo_it + 1, left, w - right)
+    y_lo, y_hi = _padded(values)
     y = _Axis(y_lo, y_hi, h - bottom, top)
     out = [
-        f'<svg class="curves" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="{_e(metric)}">'
+        f'<svg class="{_e(cls)}" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="{_e(label)}">'
     ]
     y_ticks, y_step = _ticks(y_lo, y_hi)
     for t in y_ticks:
@@ -825,25 +1148,203 @@ def _curves_svg(
         f'<line x1="{left}" x2="{w - right}" y1="{h - bottom}" y2="{h - bottom}" stroke="#444"/>'
     )
     out.append(f'<text x="{w - right}" y="{h - 4}" text-anchor="end" class="lbl">iteration</text>')
-    title = f"{metric} ({'lower' if mode == 'min' else 'higher'} is better){' · primary' if primary else ''}"
     out.append(f'<text x="{left}" y="16" class="ttl">{_e(title)}</text>')
-    for a in arms:
-        for seed, pts in a.seeds:
-            out.append(
-                f'<polyline class="seed" data-arm="{_e(a.arm)}" data-seed="{_e(seed)}" points="{_points(pts, x, y)}" '
-                f'fill="none" stroke="{a.colour}" stroke-opacity="0.3" stroke-width="1"><title>{_e(a.arm)}, seed {_e(seed)}</title></polyline>'
-            )
-    for a in arms:
-        mean = a.mean
-        it_last, v_last = mean[-1]
+    return x, y, "".join(out)
+
+
+def series(rows: Iterable[Mapping[str, Any]], metric: str) -> list[tuple[int, float]]:
+    """``[(iteration, value)]`` of ``metric`` sorted by iteration, non-finite values kept.
+
+    A repeated iteration (after a resume) keeps the last row; a row without the
+    metric or with a non-numeric value is skipped; NaN and inf stay (a diverged
+    trial's curve must show where it diverged, never end silently).
+    """
+    points: dict[int, float] = {}
+    for r in rows:
+        it, v = r.get(ITERATION), r.get(metric)
+        if isinstance(it, (int, float)) and isinstance(v, (int, float)) and not isinstance(v, bool):
+            points[int(it)] = float(v)
+    return sorted(points.items())
+
+
+def value_at(points: Sequence[tuple[int, float]], iteration: int) -> float | None:
+    """The value at ``iteration`` (None: never reported there)."""
+    return next((v for it, v in points if it == iteration), None)
+
+
+def first_nonfinite(points: Sequence[tuple[int, float]]) -> int | None:
+    """The first iteration whose value is NaN or inf (None: all finite)."""
+    return next((it for it, v in points if not math.isfinite(v)), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """One trial's curve in :func:`lines_svg`.
+
+    ``points`` may hold NaN / inf: the line breaks there and the first such
+    iteration is marked with a red cross at the top edge (``path.nonfinite``).
+    """
+
+    points: list[tuple[int, float]]
+    colour: str
+    label: str  # tooltip, e.g. "seed 3 (selected)"
+    cls: str = ""  # extra classes of the line's <g class="curve ...">
+    attrs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # data-* attributes
+    width: float = 1.5
+    dashed: bool = False
+    opacity: float = 0.9
+    tag: str = ""  # a short label drawn at the line's end ("" = none)
+
+
+def lines_svg(
+    lines: Sequence[Line],
+    title: str,
+    *,
+    cls: str = "curves",
+    label: str = "",
+    mark_at: int | None = None,
+    mark_label: str = "",
+) -> str:
+    """A curve panel of one metric, one line per trial.
+
+    Each line is ``g.curve`` (with the line's class and ``data-*`` attributes)
+    holding ``path.line`` (the finite stretches), ``circle.end`` at its last
+    finite point, and, where the trial reported a non-finite value,
+    ``path.nonfinite`` with ``data-iteration``. With ``mark_at``, a vertical
+    ``line.mark`` (``data-iteration``) and, per line, ``circle.at-mark`` with
+    ``data-value`` where it has a finite value there.
+    """
+    its = [it for ln in lines for it, _ in ln.points] + ([mark_at] if mark_at is not None else [])
+    vals = [v for ln in lines for _, v in ln.points]
+    x, y, frame = _plot_frame(its, vals, title, cls, label or title)
+    top, bottom = _PLOT_TOP, _PLOT_H - _PLOT_BOTTOM
+    out = [frame]
+    if mark_at is not None:
+        xm = x(mark_at)
         out.append(
-            f'<polyline class="mean" data-arm="{_e(a.arm)}" data-round="{rnd}" data-metric="{_e(metric)}" '
-            f'points="{_points(mean, x, y)}" fill="none" stroke="{a.colour}" stroke-width="2.4" '
-            f'stroke-linejoin="round"><title>{_e(a.arm)}: mean of {len(a.seeds)} seeds, last {v_last:.4g}</title></polyline>'
-            f'<circle cx="{x(it_last):.1f}" cy="{y(v_last):.1f}" r="3" fill="{a.colour}"/>'
+            f'<line class="mark" data-iteration="{mark_at}" x1="{xm:.1f}" x2="{xm:.1f}" y1="{top}" '
+            f'y2="{bottom}" stroke="#b35c00" stroke-width="1.4" stroke-dasharray="5 3">'
+            f"<title>{_e(mark_label or f'iteration {mark_at}')}</title></line>"
+            f'<text x="{xm + 4:.1f}" y="{bottom - 6}" class="lbl mark-label">{_e(mark_label)}</text>'
         )
+    # Thin lines first, the thickest (highlighted) last so it is drawn on top.
+    for ln in sorted(lines, key=lambda ln: ln.width):
+        data = "".join(f' data-{k}="{_e(v)}"' for k, v in ln.attrs.items())
+        dash = ' stroke-dasharray="5 3"' if ln.dashed else ""
+        parts = [f'<g class="curve {_e(ln.cls)}"{data}><title>{_e(ln.label)}</title>']
+        parts.append(
+            f'<path class="line" d="{_path_d(ln.points, x, y)}" fill="none" stroke="{ln.colour}" '
+            f'stroke-width="{ln.width}" stroke-opacity="{ln.opacity}" stroke-linejoin="round"{dash}/>'
+        )
+        finite = [(it, v) for it, v in ln.points if math.isfinite(v)]
+        if finite:
+            it_end, v_end = finite[-1]
+            parts.append(
+                f'<circle class="end" cx="{x(it_end):.1f}" cy="{y(v_end):.1f}" r="{1.5 + ln.width / 2:.1f}" '
+                f'fill="{ln.colour}"/>'
+            )
+            if ln.tag:  # right of the end point, or above it to its left at the right edge
+                xe, ye = x(it_end), y(v_end)
+                at_edge = xe > _PLOT_W - _PLOT_RIGHT - 48
+                parts.append(
+                    f'<text class="lbl tag" x="{xe - 6 if at_edge else xe + 5:.1f}" '
+                    f'y="{ye - 7 if at_edge else ye + 3:.1f}"'
+                    f"{_ANCHOR_END if at_edge else ''}>{_e(ln.tag)}</text>"
+                )
+        if mark_at is not None:
+            v = value_at(ln.points, mark_at)
+            if v is not None and math.isfinite(v):
+                parts.append(
+                    f'<circle class="at-mark" data-value="{v!r}" cx="{x(mark_at):.1f}" cy="{y(v):.1f}" '
+                    f'r="3.5" fill="#fff" stroke="{ln.colour}" stroke-width="2"/>'
+                )
+        bad = first_nonfinite(ln.points)
+        if bad is not None:
+            v_bad = value_at(ln.points, bad)
+            parts.append(
+                _nonfinite_mark(x(bad), f"{ln.label}: {value_text(v_bad)} at iteration {bad}", bad)
+            )
+        parts.append("</g>")
+        out.append("".join(parts))
     out.append("</svg>")
     return "".join(out)
+
+
+def _nonfinite_mark(xb: float, title: str, iteration: int, attrs: str = "") -> str:
+    """A red cross at the top edge of a curve panel: a NaN / inf reported at ``iteration``."""
+    yb = _PLOT_TOP + 6
+    return (
+        f'<path class="nonfinite" data-iteration="{iteration}"{attrs} '
+        f'd="M{xb - 5:.1f} {yb - 5:.1f}l10 10m0 -10l-10 10" stroke="{_BAD}" stroke-width="2.4">'
+        f"<title>{_e(title)}</title></path>"
+    )
+
+
+def _path_d(pts: Sequence[tuple[float, float]], x: _Axis, y: _Axis) -> str:
+    """SVG path data through the finite points; a non-finite value breaks the line."""
+    segments: list[list[tuple[float, float]]] = [[]]
+    for it, v in pts:
+        if math.isfinite(v):
+            segments[-1].append((it, v))
+        elif segments[-1]:
+            segments.append([])
+    d = []
+    for seg in segments:
+        if seg:
+            d.append("M" + " L".join(_points(seg, x, y).split()))
+    return " ".join(d)
+
+
+def value_text(v: Any, digits: int = 4) -> str:
+    """A metric value for a table: "–" when missing, "NaN" / "+inf" / "−inf" shown as such."""
+    if v is None or isinstance(v, str):
+        return "–" if v in (None, "") else str(v)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "–"
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return "+inf" if f > 0 else "−inf"
+    return _num(f, digits=digits)
+
+
+def top_html(
+    name: str, meta: Sequence[str], rule: Sequence[tuple[str, str]], extra: str = ""
+) -> str:
+    """The page header shared by every kind: name, a meta line and a definition grid.
+
+    ``meta`` items are plain text (escaped here); ``rule`` values are HTML.
+    """
+    meta_text = " · ".join(_e(m) for m in meta if m)
+    return (
+        f'<header class="top"><h1>{_e(name)}</h1>'
+        f'<p class="meta">{meta_text}</p>'
+        f'<dl class="rule">{"".join(f"<div><dt>{k}</dt><dd>{v}</dd></div>" for k, v in rule)}</dl>'
+        f"{extra}</header>"
+    )
+
+
+def meta_items(spec: Mapping[str, Any], state: Mapping[str, Any]) -> list[str]:
+    """Family, kind, budget, created and git commit of an experiment (the header's meta line)."""
+    return [
+        f"family {spec['family']}" if spec.get("family") else "",
+        f"kind {spec.get('kind', '?')}",
+        f"budget {spec['budget']}" if spec.get("budget") is not None else "",
+        f"created {state['created']}" if state.get("created") else "",
+        f"git {str(state['git_commit'])[:10]}" if state.get("git_commit") else "",
+    ]
+
+
+def footer_html(exp_dir: Path, state: Mapping[str, Any]) -> str:
+    """Where the experiment and its runs live."""
+    bits = [f"experiment folder {state.get('experiment_dir', exp_dir)}"]
+    if state.get("tracking_uri"):
+        bits.append(f"MLflow {state['tracking_uri']}")
+    if state.get("parent_run_id"):
+        bits.append(f"parent run {state['parent_run_id']}")
+    return f'<footer class="dim small">{_e(" · ".join(str(b) for b in bits))}</footer>'
 
 
 def _x_axis(x: _Axis, lo: float, hi: float, y0: float, right: float) -> str:
@@ -1027,6 +1528,7 @@ dl{margin:0}dl div{display:flex;gap:8px}dt{color:#6b6b6b;min-width:88px}dd{margi
  color:#fff;letter-spacing:.02em;white-space:nowrap}
 .badge{font-size:11px;font-weight:600;color:#11562a;border:1px solid #11562a;border-radius:4px;padding:0 5px}
 .guards{margin:6px 0}.guard{background:#fff;border:1px solid;font-weight:500;font-size:11px;padding:1px 8px;margin:0 4px 4px 0}
+.confirm{margin:4px 0 0}.confirm-yes{color:#11562a;font-weight:600}.confirm-no{color:#c62828;font-weight:600}
 .crashed{color:#fff;background:#111;padding:2px 8px;border-radius:4px;display:inline-block;margin:4px 0 0}
 svg{display:block;max-width:100%;height:auto}svg .lbl{font-size:10px;fill:#555}svg .ttl{font-size:12px;font-weight:600;fill:#222}
 .panels{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:12px}
@@ -1041,4 +1543,12 @@ th.primary{background:#e6eefc}td.best{font-weight:700;background:#e8f5e9}.best-k
 tr.status-error td,tr.status-crashed td{color:#c62828}tr.status-culled td{color:#8a8a8a}
 details summary{cursor:pointer}details summary h2{margin-top:20px}
 footer{margin-top:32px}
+td.left{text-align:left}dd code{word-break:break-all}
+.status{color:#fff;background:#8a8a8a}.status.selected{background:#0b61a4}.status.kept,.status.finished{background:#2e7d32}
+.status.culled{background:#8a8a8a}.status.error,.status.diverged{background:#c62828}.status.running,.status.pending{background:#a06e00}
+tr.selected td,tr.best td{background:#e7f0fb;font-weight:600}
+.artifacts{margin-top:28px;background:#fff;border:1px solid #e3e3e3;border-radius:10px;padding:12px 16px}
+.artifacts img{max-width:100%;height:auto;border:1px solid #e3e3e3;border-radius:6px;margin:6px 0}
+.artifacts audio{display:block;margin:6px 0}.artifacts pre{max-height:240px;overflow:auto;background:#f6f6f6;padding:8px;font-size:12px}
+.figure{margin:10px 0}.figure figcaption{color:#555;font-size:12px}
 """

@@ -694,3 +694,103 @@ def test_chromium_renders_every_lever_card(
         assert f"verdict-{v['verdict']}" in c.classes
         assert c.text() == v["verdict"]
         assert len(card(dom, lever).find_all("circle", cls="pair")) == v["n_pairs"]
+
+
+def test_a_nan_in_a_curve_is_marked_not_dropped(tmp_path: Path) -> None:
+    # A seed whose metric turns NaN: its thin line ends there and a red cross marks the iteration.
+    exp = make_experiment(tmp_path)
+    layout = ExperimentLayout(exp)
+    df = pd.read_csv(layout.results_csv, dtype={"trial_id": str})
+    tid = df[(df.arm == "wide") & (df.seed == SEEDS[1])].trial_id.item()
+    path = layout.trial_result_file(tid)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows[6:]:
+        row[M_SPIKE] = math.nan
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dom = parse(render_report(exp))
+    panel = next(
+        s for s in dom.find_all("svg", cls="curves") if s.find_all("polyline", data_metric=M_SPIKE)
+    )
+    marks = panel.find_all("path", cls="nonfinite")
+    assert [
+        (m.attrs["data-arm"], m.attrs["data-seed"], m.attrs["data-iteration"]) for m in marks
+    ] == [("wide", str(SEEDS[1]), "7")]
+    seed = panel.find_all("polyline", cls="seed", data_arm="wide", data_seed=str(SEEDS[1]))[0]
+    assert len(seed.attrs["points"].split()) == 6
+
+
+def test_key_metrics_are_metrics_only_and_confirmation_is_on_the_card(tmp_path: Path) -> None:
+    # A runner's table also has config.* values, sys/* timings, culled_at and stage columns:
+    # the key-metric table shows metrics only; confirmation rows are not pairs; each card says
+    # what its confirmation seeds found.
+    exp = make_experiment(tmp_path)
+    layout = ExperimentLayout(exp)
+    df = pd.read_csv(layout.results_csv)
+    df["config.hidden"] = 16
+    df["sys/iter_time_s"] = 0.01
+    df["culled_at"] = math.nan
+    df["stage"] = "look2"
+    confirm = df[df.seed == SEEDS[0]].copy()
+    confirm["seed"], confirm["stage"] = 4242, "confirm"
+    confirm["trial_id"] = [f"c{i:05d}" for i in range(len(confirm))]
+    pd.concat([df, confirm]).to_csv(layout.results_csv, index=False)
+    verdicts = json.loads(layout.verdicts_file.read_text())
+    for v in verdicts:
+        if v["lever"] == "lds":
+            v["confirmed"], v["confirm_diffs"] = True, [0.021]
+    layout.verdicts_file.write_text(json.dumps(verdicts))
+    spec_state = json.loads(layout.state_file.read_text())
+    spec_state["spec"]["decision"]["confirm_seeds"] = [4242]
+    layout.state_file.write_text(json.dumps(spec_state))
+    dom = parse(render_report(exp))
+    shown = {n.attrs["data-metric"] for n in dom.find_all("td", cls="metric")}
+    assert shown == set(METRICS)
+    header = " ".join(th.text() for th in dom.find_all("table", cls="metrics")[0].find_all("th"))
+    assert "config." not in header and "sys/" not in header and "culled_at" not in header
+    assert "4242" not in {
+        d.attrs["data-seed"] for d in card(dom, "lds").find_all("circle", cls="pair")
+    }
+    (lds,) = card(dom, "lds").find_all("p", cls="confirm")
+    assert lds.attrs["data-confirmed"] == "yes" and "seed 4242: +0.021" in lds.text()
+    (wide,) = card(dom, "wide").find_all("p", cls="confirm")
+    assert wide.attrs["data-confirmed"] == "none" and "only a meaningful win" in wide.text()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium")
+def test_key_metric_table_fits_1400_px_in_chromium(tmp_path: Path) -> None:
+    # In a 1400 px wide window the key-metric table (of a runner's table, config and sys
+    # columns included) needs no horizontal scroll: no column is cut.
+    exp = make_experiment(tmp_path)
+    layout = ExperimentLayout(exp)
+    df = pd.read_csv(layout.results_csv)
+    for k in ("hidden", "lr", "steps_per_iter", "lds_alpha", "chunk_delta_weight"):
+        df[f"config.{k}"] = 1.0
+    for k in ("iter_time_s", "checkpoint_time_s", "checkpoint_bytes"):
+        df[f"sys/{k}"] = 0.5
+    df.to_csv(layout.results_csv, index=False)
+    page = write_report(exp, tmp_path / "report.html").read_text()
+    probe = (
+        "<script>for (const t of document.querySelectorAll('table.metrics')) {"
+        "const s = t.parentElement; t.setAttribute('data-fits', "
+        "String(s.scrollWidth <= s.clientWidth && t.getBoundingClientRect().right <= innerWidth));}"
+        "</script>"
+    )
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", probe + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000"]
+    proc = subprocess.run(
+        [
+            str(CHROMIUM),
+            *flags,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    tables = parse(proc.stdout).find_all("table", cls="metrics")
+    assert [t.attrs.get("data-fits") for t in tables] == ["true"]
