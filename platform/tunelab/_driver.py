@@ -60,6 +60,7 @@ from tunelab.names import (
 )
 from tunelab.outcome import TrialOutcome, outcome_from_result
 from tunelab.tracking import (
+    GuardedTracker,
     MlflowTracker,
     Tracker,
     TrackingCallback,
@@ -303,11 +304,10 @@ def _run(
             raise ExperimentInterrupted(root, unfinished)
         stop.finalizing = True  # every trial has ended: a signal now waits for the summary
         # Every tracking write spooled during an outage is sent first (TrackingUnavailable,
-        # exit 75, resumable, if the server is still down); an outage while finalizing is
-        # the same error, and resume finalizes again from scratch.
+        # exit 75, resumable, if the server is still down); an outage in a tracker call
+        # while finalizing is the same error, and resume finalizes again from scratch.
         drain_tracking(state.layout, tracker)
-        with tracking_guard(tracker, root):
-            return _finalize(state, spec, kind, tracker, grid)
+        return _finalize(state, spec, kind, GuardedTracker(tracker, root), grid)
 
 
 class _StopSignals:

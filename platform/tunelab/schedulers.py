@@ -377,6 +377,9 @@ class OptunaPrunerScheduler(FIFOScheduler):
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             self._study = optuna.create_study(
+                # fixed: Hyperband assigns trials to brackets by a hash of the study name,
+                # so a random name made its culls differ from run to run
+                study_name="tunelab-cull",
                 direction="maximize" if self._mode == "max" else "minimize",
                 pruner=_make_pruner(self._pruner_arg, self.min_t, self.max_t, self.eta),
             )

@@ -419,6 +419,31 @@ def tracking_guard(tracker: Tracker, experiment_dir: str | Path | None = None) -
         ) from err
 
 
+class GuardedTracker:
+    """A :class:`Tracker` whose every call runs under :func:`tracking_guard`.
+
+    Only an outage inside a tracker call becomes
+    :class:`~tunelab.errors.TrackingUnavailable`; an error in the code between
+    the calls (a family's export, a bug) passes through unchanged.
+    """
+
+    def __init__(self, tracker: Tracker, experiment_dir: str | Path | None = None) -> None:
+        self._tracker = tracker
+        self._experiment_dir = experiment_dir
+        self.uri = tracker.uri
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._tracker, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with tracking_guard(self._tracker, self._experiment_dir):
+                return attr(*args, **kwargs)
+
+        return call
+
+
 # -- the spool ------------------------------------------------------------------------------
 class Backlog(NamedTuple):
     """What is still unsent: metric ``points``, other ``records`` (tags, params,

@@ -84,6 +84,23 @@ def test_optuna_pruners_stop_weak_seeds_and_keep_the_best(pruner: str) -> None:
     assert any(it < BUDGET for it in out.iterations), out.iterations
 
 
+@pytest.mark.parametrize("pruner", ["successive_halving", "hyperband", "wilcoxon"])
+def test_optuna_culls_are_reproducible(pruner: str) -> None:
+    # Hyperband's brackets hash the study name: a random one made the cull differ per run
+    finals = [0.9, 0.1, 0.15, 0.2, 0.05, 0.12, 0.18, 0.08]
+    outs = [
+        replay_curves(
+            OptunaPrunerScheduler(
+                metric="score", mode="max", pruner=pruner, max_t=BUDGET, min_t=2, reduction_factor=2
+            ),
+            _curves(finals),
+            BUDGET,
+        ).iterations
+        for _ in range(5)
+    ]
+    assert all(o == outs[0] for o in outs), outs
+
+
 def test_asha_through_the_same_harness() -> None:
     sched = ASHAScheduler(
         time_attr="iteration",

@@ -32,6 +32,7 @@ class Config:
     crash_once_at: int = 0  # crash once at this iteration (a worker crash Tune retries; 0 = never)
     crash_seed: int = -1  # with crash_once_at: only this seed crashes (-1 = every seed)
     build_error: str = ""  # building raises ValueError(build_error) (a deterministic setup error)
+    export_error: str = ""  # the driver's export of the selected seed raises RuntimeError(this)
     ballast_kb: int = 0  # extra KiB in every checkpoint (fills a small disk)
     disk_full_once_at: int = 0  # this iteration's checkpoint hits ENOSPC once (0 = never)
 
@@ -115,6 +116,8 @@ class Toy:
         self.it = state["it"]
 
     def export(self, out_dir: Path) -> dict[str, Any]:
+        if self.cfg.export_error and out_dir.name == "selected":  # not the trials' own export
+            raise RuntimeError(self.cfg.export_error)
         out_dir.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             val = float(torch.mean((self.net(self.xv) - self.yv) ** 2))
