@@ -10,6 +10,7 @@ of each family module; Prometheus metric and label names in :mod:`tunelab.metric
 from __future__ import annotations
 
 import enum
+from typing import TypeGuard
 
 __all__ = [
     "ARM_CONTROL",
@@ -194,6 +195,13 @@ M_CKPT_TIME = "sys/checkpoint_time_s"
 M_CKPT_BYTES = "sys/checkpoint_bytes"
 #: Reported as 1.0 by a trial the health monitor ended (non-finite loss or weights).
 DIVERGED = "health/diverged"
+
+
+def is_number(value: object) -> TypeGuard[float]:
+    """A reported number: any real (Python or numpy int / float), NaN and inf included; not a bool."""
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def as_float(value: object) -> float:

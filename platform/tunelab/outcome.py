@@ -19,7 +19,7 @@ from typing import Any
 from tunelab._checkpoint import read_json
 from tunelab.errors import error_summary
 from tunelab.layout import ExperimentLayout
-from tunelab.names import DIVERGED, ITERATION, TrialStatus, as_float
+from tunelab.names import DIVERGED, ITERATION, TrialStatus, as_float, is_number
 
 __all__ = [
     "TrialOutcome",
@@ -109,20 +109,24 @@ def is_metric_key(key: str) -> bool:
     return key not in TUNE_RESULT_KEYS and not key.startswith("config/")
 
 
+def reported_numbers(result: Mapping[str, Any]) -> dict[str, float]:
+    """Every metric of a result that is a number (the iteration too), as floats.
+
+    Non-finite values are kept as they are: NaN is a value to show. What is
+    logged to MLflow and what the results table holds both come from here.
+    """
+    return {k: float(v) for k, v in result.items() if is_metric_key(k) and is_number(v)}
+
+
 def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """The metrics of a result (every reported number but the iteration), as floats.
 
     A family's metric names need no ``group/`` prefix: ``score`` and ``aux``
     are kept like ``val/score``.
     """
-    return {
-        k: float(v)
-        for k, v in result.items()
-        if is_metric_key(k)
-        and k != ITERATION
-        and isinstance(v, (int, float))
-        and not isinstance(v, bool)
-    }
+    metrics = reported_numbers(result)
+    metrics.pop(ITERATION, None)
+    return metrics
 
 
 @dataclasses.dataclass

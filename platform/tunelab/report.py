@@ -88,7 +88,7 @@ import pandas as pd
 
 from tunelab.errors import ReportError
 from tunelab.layout import RUN_STATE_FILE, ExperimentLayout, find_experiments, read_result_lines
-from tunelab.names import ARM_CONTROL, ITERATION, TrialStatus
+from tunelab.names import ARM_CONTROL, ITERATION, TrialStatus, is_number
 
 __all__ = [
     "REPORT_FILE",
@@ -640,16 +640,6 @@ def _arms_of_round(data: _Data, rnd: int) -> list[str]:
     )
 
 
-def _curve(rows: Iterable[Mapping[str, Any]], metric: str) -> list[tuple[int, float]]:
-    """``[(iteration, value)]`` sorted; a repeated iteration (after a resume) keeps the last."""
-    points: dict[int, float] = {}
-    for r in rows:
-        it, v = r.get(ITERATION), r.get(metric)
-        if isinstance(it, (int, float)) and isinstance(v, (int, float)) and math.isfinite(v):
-            points[int(it)] = float(v)
-    return sorted(points.items())
-
-
 @dataclasses.dataclass(frozen=True)
 class _ArmCurves:
     arm: str
@@ -673,17 +663,16 @@ def _arm_curves(data: _Data, rnd: int, metric: str) -> list[_ArmCurves]:
     out = []
     for arm in _arms_of_round(data, rnd):
         rows = df[df[COL_ARM] == arm]
-        seeds = [
-            (_plain(s), _curve(data.curves.get(t, []), metric))
-            for s, t in zip(rows[COL_SEED], rows[COL_TRIAL], strict=True)
-        ]
-        seeds = [(s, pts) for s, pts in seeds if pts]
-        nonfinite = []
+        seeds: list[tuple[Any, list[tuple[int, float]]]] = []
+        nonfinite: list[tuple[Any, int, float]] = []
         for s, t in zip(rows[COL_SEED], rows[COL_TRIAL], strict=True):
             full = series(data.curves.get(t, []), metric)
+            finite = [(it, v) for it, v in full if math.isfinite(v)]
+            if finite:
+                seeds.append((_plain(s), finite))
             bad = first_nonfinite(full)
-            if bad is not None:
-                nonfinite.append((_plain(s), bad, value_at(full, bad) or math.nan))
+            if bad is not None:  # drawn apart: marked, never dropped
+                nonfinite.append((_plain(s), bad, dict(full)[bad]))
         if seeds:
             colour = data.colours.get(arm, _UNKNOWN_COLOUR)
             out.append(_ArmCurves(arm, colour, seeds, nonfinite))
@@ -1162,7 +1151,7 @@ def series(rows: Iterable[Mapping[str, Any]], metric: str) -> list[tuple[int, fl
     points: dict[int, float] = {}
     for r in rows:
         it, v = r.get(ITERATION), r.get(metric)
-        if isinstance(it, (int, float)) and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if is_number(it) and is_number(v):
             points[int(it)] = float(v)
     return sorted(points.items())
 

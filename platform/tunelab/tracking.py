@@ -70,7 +70,7 @@ from tunelab.names import (
     TAG_TRIAL_ID,
     TAG_VERDICT,
 )
-from tunelab.outcome import is_metric_key
+from tunelab.outcome import reported_numbers
 
 __all__ = [
     "Backlog",
@@ -987,11 +987,8 @@ class TrackingCallback(DriverCallback):
         tid = self._ensure_run(trial)
         step = int(result.get(ITERATION, result.get("training_iteration", 0)))
         ts = int(time.time() * 1000)
-        metrics = [
-            MetricPoint(k, float(v), step, ts)
-            for k, v in result.items()
-            if is_metric_key(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
-        ]
+        # NaN / inf are logged as they are (MLflow stores them); they only add the tag below
+        metrics = [MetricPoint(k, v, step, ts) for k, v in reported_numbers(result).items()]
         self._queue.put({"op": "metrics", "trial": tid, "points": metrics})
         if tid not in self._nonfinite and any(not math.isfinite(m.value) for m in metrics):
             self._nonfinite[tid] = step
