@@ -9,7 +9,6 @@ that Tune never created are ``pending`` rows with their seed and no trial id.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -158,30 +157,6 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
 # -- rows Tune never reported ------------------------------------------------------------
 
 
-def _tune_trials(layout: ExperimentLayout) -> dict[str, tuple[str, dict[str, Any]]]:
-    """trial id -> (Tune's last status, its Tune config), from Tune's latest snapshot."""
-    found = layout.tune_state_files
-    if not found:
-        return {}
-    try:
-        data = json.loads(found[-1].read_text())
-    except (OSError, ValueError):
-        return {}
-    out: dict[str, tuple[str, dict[str, Any]]] = {}
-    for entry in data.get("trial_data", []) if isinstance(data, dict) else []:
-        try:
-            trial = json.loads(entry[0]) if isinstance(entry, list) else entry
-            meta = json.loads(entry[1]) if isinstance(entry, list) else {}
-            config = trial.get("config")
-            out[str(trial["trial_id"])] = (
-                str(meta.get("status") or trial.get("status") or "PENDING"),
-                config if isinstance(config, dict) else {},
-            )
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError):
-            continue
-    return out
-
-
 def _unreported(
     layout: ExperimentLayout,
     budget: int,
@@ -191,7 +166,7 @@ def _unreported(
 ) -> list[TrialOutcome]:
     """Trials Tune created (or the summary recorded) that never wrote a result."""
     out: dict[str, TrialOutcome] = {}
-    for tid, (tune_status, config) in _tune_trials(layout).items():
+    for tid, (tune_status, config) in layout.tune_trials().items():
         if tid in known:
             continue
         out[tid] = TrialOutcome(

@@ -181,26 +181,36 @@ class ExperimentLayout:
         """Tune's experiment state snapshots (``tune/experiment_state-*.json``), oldest first."""
         return sorted(self.tune_dir.glob("experiment_state-*.json"))
 
-    def tune_trial_states(self) -> dict[str, str]:
-        """trial id -> Tune's last recorded status (RUNNING, PAUSED, ...), from its snapshot."""
-        states: dict[str, str] = {}
+    def tune_trials(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """trial id -> (Tune's last recorded status, its Tune config), from Tune's latest snapshot.
+
+        Statuses are Tune's (RUNNING, PAUSED, PENDING, ...); a snapshot that
+        cannot be read gives ``{}``, an entry that cannot be read is skipped.
+        """
         found = self.tune_state_files
         if not found:
-            return states
+            return {}
         try:
             data = json.loads(found[-1].read_text())
         except (OSError, ValueError):
-            return states
-        for entry in data.get("trial_data", []):
+            return {}
+        out: dict[str, tuple[str, dict[str, Any]]] = {}
+        for entry in data.get("trial_data", []) if isinstance(data, dict) else []:
             try:
-                meta = json.loads(entry[1]) if isinstance(entry, list) else {}
                 trial = json.loads(entry[0]) if isinstance(entry, list) else entry
-                states[trial.get("trial_id", "")] = meta.get("status") or trial.get(
-                    "status", "UNKNOWN"
+                meta = json.loads(entry[1]) if isinstance(entry, list) else {}
+                config = trial.get("config")
+                out[str(trial["trial_id"])] = (
+                    str(meta.get("status") or trial.get("status") or "PENDING"),
+                    config if isinstance(config, dict) else {},
                 )
-            except (TypeError, ValueError, AttributeError):
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError):
                 continue
-        return states
+        return out
+
+    def tune_trial_states(self) -> dict[str, str]:
+        """trial id -> Tune's last recorded status (RUNNING, PAUSED, ...), from its snapshot."""
+        return {tid: status for tid, (status, _) in self.tune_trials().items()}
 
     # -- state ---------------------------------------------------------------------------
     def is_experiment(self) -> bool:
