@@ -62,6 +62,7 @@ class ProgressCallback(DriverCallback):
         self._t0 = time.monotonic()
         self._last = 0.0
         self._last_line = time.monotonic()
+        self._every = float(os.environ.get("TUNELAB_PROGRESS_INTERVAL_S", "30"))
 
     def setup(
         self,
@@ -132,8 +133,7 @@ class ProgressCallback(DriverCallback):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if self._lines:
-            every = float(os.environ.get("TUNELAB_PROGRESS_INTERVAL_S", "30"))
-            if time.monotonic() - self._last_line >= every:
+            if time.monotonic() - self._last_line >= self._every:
                 self._say(self._counts_text(trials))
             return
         if self._progress is None or time.monotonic() - self._last < 0.25:
