@@ -35,6 +35,7 @@ from trainables.recursive_reasoner import (
     train_batch,
     trajectory_noise,
 )
+from tunelab.health import HealthMonitor
 
 ROLLOUTS = ("parallel_fixed", "serial_act")
 
@@ -53,21 +54,21 @@ def bench(config: Config, data: MazeData, rounds: int, steps: int) -> dict[str, 
     runners = {}
     for rollout in ROLLOUTS:
         model = copy.deepcopy(init)
-        runners[rollout] = (model, torch.optim.AdamW(model.parameters(), lr=config.lr))
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+        runners[rollout] = (model, HealthMonitor(model, opt, clip=config.grad_clip))
 
     def run(rollout: str) -> None:
-        model, opt = runners[rollout]
+        model, health = runners[rollout]
         for tok, lab, noise in batches:
             train_batch(
                 model,
-                opt,
+                health,
                 tok,
                 lab,
                 noise,
                 rollout=rollout,  # type: ignore[arg-type]
                 halt_max_steps=config.halt_max_steps,
                 act=config.act,
-                grad_clip=config.grad_clip,
             )
 
     for rollout in ROLLOUTS:  # warm-up (allocator, oneDNN kernels)

@@ -139,6 +139,8 @@ def rows() -> list[tuple[str, list[dict[str, Any]]]]:
     ckpt_size = f"max by (spec, family) ({sel(prom(tm.CHECKPOINT_BYTES))})"
     nan_now = f"sum by (spec, family) (increase({sel(prom(tm.NAN_SKIPPED))}[{RATE}]))"
     nan_total = f"sum by (spec, family) ({sel(prom(tm.NAN_SKIPPED))})"
+    explosions = f"sum by (spec, family) (increase({sel(prom(tm.EXPLOSIONS))}[{RATE}]))"
+    diverged = f"sum by (spec, family) ({sel(prom(tm.DIVERGED_TRIALS))})"
     verdicts = f"sum by (label) ({sel(prom(tm.VERDICTS))})"
     verdicts_spec = f"sum by (spec, label) ({sel(prom(tm.VERDICTS))})"
     return [
@@ -245,6 +247,22 @@ def rows() -> list[tuple[str, list[dict[str, Any]]]]:
                     "NaN-skipped steps, total",
                     "Non-finite steps skipped since the Ray session started.",
                     [(nan_total, "{{spec}} ({{family}})")],
+                    kind="stat",
+                ),
+                panel(
+                    14,
+                    "Gradient explosions",
+                    "Explosions the health monitor detected (health/explosions: a step's "
+                    "gradient norm above 10x its robust level, or sustained growth) in each "
+                    "window. No data means none.",
+                    [(explosions, "{{spec}} ({{family}})")],
+                ),
+                panel(
+                    15,
+                    "Diverged trials, total",
+                    "Trials the health monitor ended as diverged (tagged "
+                    "tunelab.health.diagnosis in MLflow) since the Ray session started.",
+                    [(diverged, "{{spec}} ({{family}})")],
                     kind="stat",
                 ),
                 panel(

@@ -64,6 +64,8 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from tunelab import Family, atomic_write_json
+from tunelab.health import HealthMonitor
+from tunelab.names import HEALTH_METRICS, M_HEALTH_GRAD_NORM, M_HEALTH_NAN_SKIPPED
 
 __all__ = [
     "FAMILY",
@@ -84,8 +86,8 @@ __all__ = [
 # ---------------------------------------------------------------------------
 M_TRAIN_LOSS = "train/loss"  # weighted training objective (LDS and delta terms included)
 M_TRAIN_MSE = "train/mse"  # unweighted main MSE term: comparable across LDS arms
-M_GRAD_NORM = "health/grad_norm"  # pre-clip total grad norm, mean over the iteration
-M_NAN_SKIPPED = "health/nan_skipped"  # non-finite steps skipped this iteration
+M_GRAD_NORM = M_HEALTH_GRAD_NORM  # pre-clip total grad norm, mean over the iteration
+M_NAN_SKIPPED = M_HEALTH_NAN_SKIPPED  # non-finite steps skipped this iteration
 M_SAMPLE_L1 = "val/sample_l1"  # L1 over every action value of the val chunks
 M_SPIKE_L1 = "val/spike_l1"  # L1 over maneuver (pulse) action values
 M_FLAT_L1 = "val/flat_l1"  # L1 over non-maneuver action values
@@ -96,8 +98,7 @@ M_FLAT_L1_CH = tuple(f"{M_FLAT_L1}/{ch}" for ch in CHANNELS)
 METRICS = (
     M_TRAIN_LOSS,
     M_TRAIN_MSE,
-    M_GRAD_NORM,
-    M_NAN_SKIPPED,
+    *HEALTH_METRICS,  # tunelab.health (M_GRAD_NORM, M_NAN_SKIPPED among them)
     M_SAMPLE_L1,
     M_SPIKE_L1,
     M_FLAT_L1,
@@ -637,6 +638,8 @@ class FlowPolicyExperiment:
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
+        # backward, clip, step or skip; per-layer norms, term shares, explosions (tunelab.health)
+        self.health = HealthMonitor(self.net, self.opt, clip=cfg.grad_clip)
         # Separate streams: a lever that draws more noise never shifts the data order.
         self.data_gen = torch.Generator().manual_seed(seed)
         self.noise_gen = torch.Generator().manual_seed(seed + 0x9E3779B9)
@@ -647,8 +650,8 @@ class FlowPolicyExperiment:
         return (cond - self.cond_mean) / self.cond_std
 
     # --- training ---
-    def _loss(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted objective and unweighted main MSE for the batch ``idx``."""
+    def _loss(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Loss terms (``main``: LDS-weighted MSE; ``chunk_delta``) and the unweighted MSE."""
         cfg = self.cfg
         a = self.train_z[idx]  # (B, H, C)
         cond = self.train_c[idx]  # (B, D)
@@ -663,43 +666,34 @@ class FlowPolicyExperiment:
             pred = self.net(torch.zeros_like(a), torch.zeros(a.shape[0]), cond)
             target = a
         sq = (pred - target) ** 2  # (B, H, C)
-        loss = (sq * w).mean()
+        terms = {"main": (sq * w).mean()}
         if cfg.chunk_delta_weight > 0:
             d_err = torch.diff(pred, dim=1) - torch.diff(target, dim=1)  # (B, H-1, C)
-            loss = loss + cfg.chunk_delta_weight * (d_err**2 * w).mean()
-        return loss, sq.mean().detach()
+            terms["chunk_delta"] = (d_err**2 * w).mean()
+        return terms, sq.mean().detach()
 
     def train_iteration(self) -> dict[str, float]:
         cfg = self.cfg
         self.net.train()
-        losses, mses, norms, skipped = [], [], [], 0
+        weights = {"main": 1.0, "chunk_delta": cfg.chunk_delta_weight}
+        losses, mses = [], []
         for _ in range(cfg.steps_per_iter):
             idx = torch.randint(
                 0, self.train_z.shape[0], (cfg.batch_size,), generator=self.data_gen
             )
-            loss, mse = self._loss(idx)
-            self.opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                skipped += 1
+            terms, mse = self._loss(idx)
+            step = self.health.step(terms, weights)
+            if not step.applied:
                 continue
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
-            if not torch.isfinite(norm):
-                self.opt.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
-            self.opt.step()
             self.step += 1
-            losses.append(loss.item())
+            losses.append(step.total)
             mses.append(mse.item())
-            norms.append(norm.item())
         self.iteration += 1
         nan = float("nan")
         metrics = {
             M_TRAIN_LOSS: float(np.mean(losses)) if losses else nan,
             M_TRAIN_MSE: float(np.mean(mses)) if mses else nan,
-            M_GRAD_NORM: float(np.mean(norms)) if norms else nan,
-            M_NAN_SKIPPED: float(skipped),
+            **self.health.end_iteration(),
         }
         metrics.update(self.evaluate(self.val, prefix="val"))
         return metrics

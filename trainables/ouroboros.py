@@ -78,6 +78,8 @@ from torch import Tensor, nn
 
 from tunelab import Family, atomic_write_json, data_lock
 from tunelab.errors import DataError
+from tunelab.health import HealthMonitor
+from tunelab.names import HEALTH_METRICS
 
 __all__ = ["FAMILY", "QUICK_CONFIG", "Config", "OuroborosExperiment", "build", "check_data"]
 
@@ -98,8 +100,6 @@ M_VAL_SPEC_CORR = "val/spec_corr"
 M_VAL_AMP_PEN = "val/amp_pen"
 M_VAL_PITCH_PEN = "val/pitch_pen"
 M_VAL_BOUNDED_FRAC = "val/bounded_frac"
-M_HEALTH_GRAD_NORM = "health/grad_norm"
-M_HEALTH_NAN_SKIPPED = "health/nan_skipped"
 
 METRICS = (
     M_TRAIN_LOSS,
@@ -116,8 +116,7 @@ METRICS = (
     M_VAL_AMP_PEN,
     M_VAL_PITCH_PEN,
     M_VAL_BOUNDED_FRAC,
-    M_HEALTH_GRAD_NORM,
-    M_HEALTH_NAN_SKIPPED,
+    *HEALTH_METRICS,  # tunelab.health
 )
 
 #: The autonomy score breakdown, reported as ``val/<key>`` and ``test/<key>``.
@@ -1480,6 +1479,8 @@ class OuroborosExperiment:
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
+        # backward, clip, step or skip; per-layer norms, term shares, explosions (tunelab.health)
+        self.health = HealthMonitor(self.model, self.opt, clip=cfg.grad_clip)
         # Separate streams: a lever that draws more (or less) noise never shifts the data order.
         self.data_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_DATA_ORDER))
         self.noise_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_NOISE))
@@ -1555,43 +1556,31 @@ class OuroborosExperiment:
         cfg = self.cfg
         horizon, lam = self.horizon(), self.weights()
         sums = dict.fromkeys(("loss", "spec", "tf", "env", "env_log"), 0.0)
-        norms: list[float] = []
-        nan_skipped = 0
-        params = list(self.model.parameters())
+        done = 0
         for _ in range(cfg.steps_per_iter):
             idx = torch.randint(len(self.data.train), (cfg.batch_size,), generator=self.data_gen)
             parts = self.loss_terms(self.data.train.subset(idx.numpy()), horizon, self.noise_gen)
-            total = torch.stack([lam[k] * parts[k] for k in lam]).sum()
-            self.opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(total):
-                nan_skipped += 1  # PR #5: NaN total -> skip the optimizer step, count it
+            step = self.health.step(parts, lam)  # PR #5: a NaN step is skipped and counted
+            if not step.applied:
                 continue
-            total.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if not torch.isfinite(norm):
-                nan_skipped += 1
-                self.opt.zero_grad(set_to_none=True)
-                continue
-            self.opt.step()
-            norms.append(float(norm))
-            sums["loss"] += float(total.detach())
+            done += 1
+            sums["loss"] += step.total
             for k in lam:
-                sums[k] += float(parts[k].detach())
-        done = max(1, cfg.steps_per_iter - nan_skipped)
+                sums[k] += step.values[k]
         val = self.evaluate(self.data.val_windows)
+        mean = {k: v / done if done else math.nan for k, v in sums.items()}
         metrics = {
-            M_TRAIN_LOSS: sums["loss"] / done if norms else math.nan,
-            M_TRAIN_SPEC: sums["spec"] / done if norms else math.nan,
-            M_TRAIN_TF: sums["tf"] / done if norms else math.nan,
-            M_TRAIN_ENV: sums["env"] / done if norms else math.nan,
-            M_TRAIN_ENV_LOG: sums["env_log"] / done if norms else math.nan,
+            M_TRAIN_LOSS: mean["loss"],
+            M_TRAIN_SPEC: mean["spec"],
+            M_TRAIN_TF: mean["tf"],
+            M_TRAIN_ENV: mean["env"],
+            M_TRAIN_ENV_LOG: mean["env_log"],
             M_TRAIN_HORIZON: float(horizon),
             M_TRAIN_LAM_SPEC: lam["spec"],
             M_TRAIN_LAM_ENV: lam["env"],
             M_VAL_LOSS: self.segment_loss(self.data.val),
             **{f"val/{k}": val[k] for k in SCORE_KEYS},
-            M_HEALTH_GRAD_NORM: float(np.mean(norms)) if norms else math.nan,
-            M_HEALTH_NAN_SKIPPED: float(nan_skipped),
+            **self.health.end_iteration(),
         }
         self.epoch += 1
         return metrics

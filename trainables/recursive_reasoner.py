@@ -72,6 +72,8 @@ from torch import Tensor, nn
 
 import tunelab
 from tunelab.errors import DataError
+from tunelab.health import HealthMonitor, StepResult
+from tunelab.names import HEALTH_METRICS, M_HEALTH_GRAD_NORM, M_HEALTH_NAN_SKIPPED
 
 __all__ = [
     "FAMILY",
@@ -114,8 +116,8 @@ M_TEST_CLEAN_ACC = "test/clean_acc"  # final model
 M_TEST_PERTURBED = "test/perturbed_success"  # final model, noise at the band max
 M_TEST_PERTURBED_10X = "test/perturbed_success_10x"  # final model, noise at 10x the band max
 M_TEST_BEST_ACC = "test/best_acc"  # clean, of the checkpoint with the best val/clean_acc
-M_GRAD_NORM = "health/grad_norm"
-M_NAN_SKIPPED = "health/nan_skipped"
+M_GRAD_NORM = M_HEALTH_GRAD_NORM
+M_NAN_SKIPPED = M_HEALTH_NAN_SKIPPED
 M_SYS_DTYPE = "sys/dtype"  # manifest field (a string), not an iteration metric
 
 METRICS = (
@@ -128,8 +130,7 @@ METRICS = (
     M_VAL_PERTURBED_10X,
     M_VAL_BEST_ACC,
     M_VAL_FINAL_ACC,
-    M_GRAD_NORM,
-    M_NAN_SKIPPED,
+    *HEALTH_METRICS,  # tunelab.health (M_GRAD_NORM, M_NAN_SKIPPED among them)
 )
 
 
@@ -736,26 +737,20 @@ def _per_trajectory_loss(
     return ce, F.binary_cross_entropy_with_logits(q_halt, solved, reduction="none")
 
 
-def _optimizer_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss: float,
-    grad_clip: float,
-    stats: BatchStats,
-) -> None:
-    """Clip and step on the accumulated gradients; skip (and count) a non-finite step."""
-    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-    if math.isfinite(loss) and math.isfinite(norm):
-        optimizer.step()
-        stats.grad_norms.append(norm)
+def _record(stats: BatchStats, step: StepResult) -> None:
+    """Add one optimizer step (taken or skipped as non-finite) to the batch's stats."""
+    stats.loss += step.total
+    stats.loss_ce += step.values["ce"]
+    stats.loss_halt += step.values["halt"]
+    if step.applied:
+        stats.grad_norms.append(step.grad_norm)
     else:
         stats.nan_skipped += 1
-    optimizer.zero_grad(set_to_none=True)
 
 
 def train_batch(
     model: RecursiveReasoner,
-    optimizer: torch.optim.Optimizer,
+    health: HealthMonitor,
     tokens: Tensor,
     labels: Tensor,
     noise: TrajectoryNoise,
@@ -763,14 +758,15 @@ def train_batch(
     rollout: Literal["parallel_fixed", "serial_act"],
     halt_max_steps: int,
     act: bool,
-    grad_clip: float,
 ) -> BatchStats:
     """Train one batch of B mazes with T = noise.sigmas.shape[0] trajectories each.
 
     The segment loss is mean over the T*B trajectories of CE (+ halting BCE when ``act``);
-    trajectories halted by ACT add 0. One optimizer step per segment.
+    trajectories halted by ACT add 0. One optimizer step per segment, taken by
+    ``health`` (backward, clip, step; a non-finite step is skipped and counted).
 
     Args:
+        health: The monitor over ``model`` and its optimizer.
         tokens, labels: (B, S, S) int64 on the model's device.
         noise: from :func:`trajectory_noise` (eps (T, B, D, S, S) or None).
     """
@@ -789,13 +785,7 @@ def train_batch(
         for _ in range(halt_max_steps):
             z_H, z_L, logits, q_halt = model.segment(model.embed_input(tok), z_H, z_L)
             ce, halt = _per_trajectory_loss(logits, q_halt, lab, act)  # (T*B,) each
-            loss = ce.mean() + halt.mean()
-            loss.backward()
-            value = float(loss.detach())
-            stats.loss += value
-            stats.loss_ce += float(ce.detach().mean())
-            stats.loss_halt += float(halt.detach().mean())
-            _optimizer_step(model, optimizer, value, grad_clip, stats)
+            _record(stats, health.step({"ce": ce.mean(), "halt": halt.mean()}))
     elif rollout == "serial_act":
         carries = [
             model.initial_latents(
@@ -811,7 +801,6 @@ def train_batch(
         for _ in range(halt_max_steps):
             if all(bool(h.all()) for h in halted):
                 break  # every trajectory halted: nothing left to train on this batch
-            value = 0.0
             for k in range(n_traj):
                 active = (~halted[k]).nonzero().squeeze(1)  # (n_active,)
                 if active.numel() == 0:
@@ -824,11 +813,7 @@ def train_batch(
                 zl_in = z_L if sub is None else z_L[sub]
                 zh, zl, logits, q_halt = model.segment(model.embed_input(tok), zh_in, zl_in)
                 ce, halt = _per_trajectory_loss(logits, q_halt, lab, act)  # (n_active,)
-                loss = (ce.sum() + halt.sum()) / denom
-                loss.backward()
-                value += float(loss.detach())
-                stats.loss_ce += float(ce.detach().sum()) / denom
-                stats.loss_halt += float(halt.detach().sum()) / denom
+                health.backward({"ce": ce.sum() / denom, "halt": halt.sum() / denom})
                 if sub is None:
                     carries[k] = (zh, zl)
                 else:
@@ -837,8 +822,7 @@ def train_batch(
                     carries[k] = (z_H, z_L)
                 if act:
                     halted[k][active] = q_halt > 0
-            stats.loss += value
-            _optimizer_step(model, optimizer, value, grad_clip, stats)
+            _record(stats, health.apply())  # the gradients of every trajectory, accumulated
     else:
         raise ValueError(f"rollout={rollout!r} must be 'parallel_fixed' or 'serial_act'")
     stats.loss /= halt_max_steps
@@ -917,6 +901,8 @@ class RecursiveReasonerExperiment:
             weight_decay=config.weight_decay,
             betas=(0.9, 0.95),
         )
+        # backward, clip, step or skip; per-layer norms, term shares, explosions (tunelab.health)
+        self.health = HealthMonitor(self.model, self.optimizer, clip=config.grad_clip)
         # Separate streams: a lever that draws more (or no) noise never shifts the data order.
         self.data_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_DATA_ORDER))
         self.noise_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_NOISE))
@@ -955,14 +941,13 @@ class RecursiveReasonerExperiment:
             )
             stats = train_batch(
                 self.model,
-                self.optimizer,
+                self.health,
                 self.data.train_tokens[idx].to(self.device),
                 self.data.train_labels[idx].to(self.device),
                 noise,
                 rollout=cfg.rollout,
                 halt_max_steps=cfg.halt_max_steps,
                 act=cfg.act,
-                grad_clip=cfg.grad_clip,
             )
             self.step += 1
             totals.loss += stats.loss / cfg.steps_per_iter
@@ -979,8 +964,7 @@ class RecursiveReasonerExperiment:
             M_TRAIN_LOSS_HALT: totals.loss_halt,
             M_TRAIN_SIGMA: sigma_now,
             **self._evaluate(),
-            M_GRAD_NORM: float(np.mean(totals.grad_norms)) if totals.grad_norms else math.nan,
-            M_NAN_SKIPPED: float(totals.nan_skipped),
+            **self.health.end_iteration(),
         }
         clean = metrics[M_VAL_CLEAN_ACC]
         improved = clean > self.best_acc

@@ -456,6 +456,7 @@ def _trainable(state: RunState, spec: AnySpec, kind: ExperimentKind) -> Any:
         data_root=str(state.data_root),
         artifacts_root=str(layout.artifacts_dir),
         threads=max(1, int(spec.resources.cpu)),
+        health=spec.health,
     )
     resources: dict[str, float] = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     if spec.resources.memory_gb:
@@ -601,6 +602,7 @@ def _summary_trial(o: TrialOutcome, placement: tuple[str, ...]) -> dict[str, Any
         "status": o.status.value,
         "metrics": o.metrics,
         "error": o.error,
+        "diagnosis": o.diagnosis,
     }
 
 
@@ -617,6 +619,7 @@ def _results_table(outcomes: list[TrialOutcome], placement: tuple[str, ...]) -> 
                 "status": o.status.value,
                 "iterations": o.iterations,
                 "culled_at": o.culled_at,
+                "diagnosis": o.diagnosis,
                 **{
                     f"config.{k}": v
                     for k, v in o.config.items()

@@ -78,6 +78,7 @@ from pydantic import (
 
 from tunelab._family import Family, get_family
 from tunelab.errors import SpecError
+from tunelab.health import HealthPolicy
 
 __all__ = [
     "MAX_BUDGET",
@@ -301,6 +302,7 @@ class BaseSpec(Strict):
     resources: ResourcesSpec = ResourcesSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     failure: FailureSpec = FailureSpec()
+    health: HealthPolicy = HealthPolicy()
     max_concurrent: Annotated[WholeNumber, Field(ge=1, le=MAX_TRIALS)] | None = None
     seeds: list[Seed] = Field(default_factory=lambda: [0])
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import socket
@@ -27,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunelab._checkpoint import (
     RESERVE_FILE,
@@ -42,8 +43,22 @@ from tunelab._checkpoint import (
 )
 from tunelab._family import Experiment, get_family
 from tunelab.errors import DiskFullError, find_disk_full
+from tunelab.health import Diagnosis, HealthPolicy, TrialDiverged, monitor_of
+from tunelab.layout import HEALTH_ARTIFACT
 from tunelab.metrics import TrialRecorder, family_label
-from tunelab.names import ITERATION, M_CKPT_BYTES, M_CKPT_TIME, M_ITER_TIME, as_float
+from tunelab.names import (
+    DIVERGED,
+    HEALTH_DIAGNOSIS,
+    ITERATION,
+    M_CKPT_BYTES,
+    M_CKPT_TIME,
+    M_ITER_TIME,
+    as_float,
+)
+
+if TYPE_CHECKING:
+    from tunelab.layout import HEALTH_ARTIFACT
+from tunelab.health import HealthMonitor
 
 __all__ = ["TrialSetup", "build_experiment", "restore_experiment", "run_trial"]
 
@@ -61,6 +76,8 @@ class TrialSetup:
         data_root: Shared folder for generated data.
         artifacts_root: Folder receiving ``<trial_id>/`` artifacts at the budget.
         threads: torch intra-op threads per trial.
+        health: The numerical-health policy (the spec's ``health:`` block),
+            given to the family's :class:`~tunelab.health.HealthMonitor`.
     """
 
     family: str
@@ -71,6 +88,7 @@ class TrialSetup:
     data_root: str = ""
     artifacts_root: str = ""
     threads: int = 1
+    health: HealthPolicy = dataclasses.field(default_factory=HealthPolicy)
 
 
 def build_experiment(
@@ -86,11 +104,23 @@ def build_experiment(
 def restore_experiment(
     family_name: str, config: dict[str, Any], seed: int, data_root: Path, checkpoint_dir: Path
 ) -> tuple[Experiment, int]:
-    """Build an experiment and load a checkpoint into it; returns it and the iteration."""
+    """Build an experiment and load a checkpoint into it; returns it and the iteration.
+
+    The health monitor's state (its norm windows) is restored too, when the
+    checkpoint has one.
+    """
     exp = build_experiment(family_name, config, seed, data_root)
     payload = load_state(checkpoint_dir)
     exp.load_state_dict(payload["family"])
+    monitor = monitor_of(exp)
+    health = (payload.get("extra") or {}).get(_HEALTH_STATE)
+    if monitor is not None and health is not None:
+        monitor.load_state_dict(health)
     return exp, int(payload["iteration"])
+
+
+#: The key of the health monitor's state in a checkpoint's ``extra``.
+_HEALTH_STATE = "health"
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
@@ -134,15 +164,28 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup, trial_dir: Path | None
     recorder = TrialRecorder(
         setup.spec, family_label(setup.family)
     )  # Prometheus metrics (tunelab.metrics)
+    monitor = monitor_of(exp)
+    if monitor is not None:
+        monitor.policy = setup.health
+    out = Path(setup.artifacts_root) / trial_id if setup.artifacts_root else None
     for it in range(start + 1, setup.budget + 1):
         t0 = time.perf_counter()
-        metrics = {k: as_float(v) for k, v in exp.train_iteration().items()}
+        metrics, diagnosis = _train_iteration(exp, monitor, setup.family)
         metrics[M_ITER_TIME] = time.perf_counter() - t0
         metrics[ITERATION] = it
         recorder.iteration(metrics[M_ITER_TIME], metrics)
-        if it == setup.budget and setup.artifacts_root:
-            out = Path(setup.artifacts_root) / trial_id
+        if diagnosis is not None:
+            # Diverged: report it (NaN for the family's metrics), keep the diagnosis, end.
+            recorder.diverged()
+            if out is not None and monitor is not None:
+                with _disk_full_names(out):
+                    atomic_write_json(out / HEALTH_ARTIFACT, monitor.report())
+            tune.report({**metrics, DIVERGED: 1.0, HEALTH_DIAGNOSIS: diagnosis.line()})
+            return
+        if it == setup.budget and out is not None:
             with _disk_full_names(out):
+                if monitor is not None:
+                    atomic_write_json(out / HEALTH_ARTIFACT, monitor.report())
                 manifest = exp.export(out)
                 where = {
                     "hostname": socket.gethostname(),
@@ -154,7 +197,8 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup, trial_dir: Path | None
         if it % setup.checkpoint_every == 0 or it in setup.milestones or it == setup.budget:
             with tempfile.TemporaryDirectory(prefix="tunelab-ckpt-") as d:
                 t1 = time.perf_counter()
-                save_state(Path(d), exp.state_dict(), iteration=it, durable=False)
+                extra = {_HEALTH_STATE: monitor.state_dict()} if monitor is not None else None
+                save_state(Path(d), exp.state_dict(), iteration=it, extra=extra, durable=False)
                 metrics[M_CKPT_TIME] = time.perf_counter() - t1
                 metrics[M_CKPT_BYTES] = float((Path(d) / STATE_FILE).stat().st_size)
                 recorder.checkpoint(metrics[M_CKPT_TIME], metrics[M_CKPT_BYTES])
@@ -165,6 +209,26 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup, trial_dir: Path | None
                     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(metrics)
+
+
+def _train_iteration(
+    exp: Experiment, monitor: HealthMonitor | None, family: str
+) -> tuple[dict[str, float], Diagnosis | None]:
+    """One ``train_iteration``: its metrics and, if the trial diverged, the diagnosis.
+
+    A step that ends the trial raises :class:`~tunelab.health.TrialDiverged`
+    mid-iteration: the family's metrics of that iteration are NaN (a value to
+    show), the monitor's partial ``health/*`` metrics are kept. A decision at
+    the iteration's end (sustained growth) keeps the iteration's metrics.
+    """
+    try:
+        metrics = {k: as_float(v) for k, v in exp.train_iteration().items()}
+    except TrialDiverged as stop:
+        metrics = dict.fromkeys(get_family(family).metrics, math.nan)
+        if monitor is not None:
+            metrics.update(monitor.end_iteration())
+        return metrics, stop.diagnosis
+    return metrics, monitor.diagnosis if monitor is not None else None
 
 
 @contextlib.contextmanager

@@ -52,6 +52,10 @@ TUNE_DIR = "tune"
 TRIAL_RESULT = "result.json"
 
 
+#: A trial's health artifact (:meth:`tunelab.health.HealthMonitor.report`).
+HEALTH_ARTIFACT = "health.json"
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentLayout:
     """All paths of one experiment folder.
@@ -106,6 +110,10 @@ class ExperimentLayout:
 
     def trial_artifacts(self, trial_id: str) -> Path:
         return self.artifacts_dir / trial_id
+
+    def trial_health(self, trial_id: str) -> Path:
+        """The trial's health artifact: diagnosis, events, per-layer norm history."""
+        return self.trial_artifacts(trial_id) / HEALTH_ARTIFACT
 
     @property
     def summary_file(self) -> Path:

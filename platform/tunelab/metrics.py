@@ -22,6 +22,10 @@ ray_tunelab_checkpoint_seconds      histogram seconds spec family time to write 
 ray_tunelab_checkpoint_bytes        gauge     bytes   spec family size of the trial's last checkpoint (trial)
 ray_tunelab_nan_skipped_steps_total counter   steps   spec family optimizer steps skipped as non-finite, from
                                                                   the family's ``health/nan_skipped`` (trial)
+ray_tunelab_explosions_total        counter   events  spec family gradient explosions the health monitor detected,
+                                                                  from ``health/explosions`` (trial)
+ray_tunelab_diverged_trials_total   counter   trials  spec family trials the health monitor ended as diverged
+                                                                  (trial)
 ray_tunelab_verdicts_total          counter   levers  spec family lever A/B verdicts reached per label: win,
                                                       label       negative, null, inconclusive, crashed (driver)
 =================================== ========= ======= =========== ==============================================
@@ -51,11 +55,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tunelab._callback import DriverCallback
-from tunelab.names import LIVE_STATES
+from tunelab.names import LIVE_STATES, M_HEALTH_EXPLOSIONS, M_HEALTH_NAN_SKIPPED
 
 __all__ = [
     "CHECKPOINT_BYTES",
     "CHECKPOINT_SECONDS",
+    "DIVERGED_TRIALS",
+    "EXPLOSIONS",
     "FAMILY_NAN_SKIPPED",
     "ITERATION_SECONDS",
     "METRICS",
@@ -81,14 +87,17 @@ REPORTS = "tunelab_reports"
 CHECKPOINT_SECONDS = "tunelab_checkpoint_seconds"
 CHECKPOINT_BYTES = "tunelab_checkpoint_bytes"
 NAN_SKIPPED = "tunelab_nan_skipped_steps"
+EXPLOSIONS = "tunelab_explosions"
+DIVERGED_TRIALS = "tunelab_diverged_trials"
 VERDICTS = "tunelab_verdicts"
 
 #: Prometheus label keys (Ray calls them tags).
 LABEL_SPEC, LABEL_FAMILY, LABEL_STATE, LABEL_VERDICT = "spec", "family", "state", "label"
 #: Values of the ``state`` tag of :data:`TRIALS`.
 TRIAL_STATES = LIVE_STATES
-#: The family metric (every family reports it) counted by :data:`NAN_SKIPPED`.
-FAMILY_NAN_SKIPPED = "health/nan_skipped"
+#: The health metrics counted by :data:`NAN_SKIPPED` and :data:`EXPLOSIONS`.
+FAMILY_NAN_SKIPPED = M_HEALTH_NAN_SKIPPED
+FAMILY_EXPLOSIONS = M_HEALTH_EXPLOSIONS
 #: Ray prefixes every custom metric with this in Prometheus.
 PROMETHEUS_PREFIX = "ray_"
 #: Set to ``0`` to switch recording off.
@@ -161,6 +170,20 @@ METRICS: dict[str, MetricDef] = {
             "Optimizer steps skipped as non-finite (health/nan_skipped).",
         ),
         MetricDef(
+            EXPLOSIONS,
+            "counter",
+            "events",
+            _SF,
+            "Gradient explosions detected by the health monitor (health/explosions).",
+        ),
+        MetricDef(
+            DIVERGED_TRIALS,
+            "counter",
+            "trials",
+            _SF,
+            "Trials the health monitor ended as diverged.",
+        ),
+        MetricDef(
             VERDICTS, "counter", "levers", (*_SF, LABEL_VERDICT), "Lever A/B verdicts per label."
         ),
     )
@@ -196,9 +219,23 @@ class TrialRecorder:
         try:
             m[ITERATION_SECONDS].observe(float(seconds), self.tags)
             m[REPORTS].inc(1.0, self.tags)
-            skipped = metrics.get(FAMILY_NAN_SKIPPED)
-            if isinstance(skipped, (int, float)) and math.isfinite(skipped) and skipped > 0:
-                m[NAN_SKIPPED].inc(float(skipped), self.tags)
+            for key, counter in (
+                (FAMILY_NAN_SKIPPED, NAN_SKIPPED),
+                (FAMILY_EXPLOSIONS, EXPLOSIONS),
+            ):
+                count = metrics.get(key)
+                if isinstance(count, (int, float)) and math.isfinite(count) and count > 0:
+                    m[counter].inc(float(count), self.tags)
+        except Exception as err:
+            _disable(err)
+
+    def diverged(self) -> None:
+        """The health monitor ended this trial as diverged."""
+        m = _metrics()
+        if m is None:
+            return
+        try:
+            m[DIVERGED_TRIALS].inc(1.0, self.tags)
         except Exception as err:
             _disable(err)
 

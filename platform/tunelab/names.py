@@ -195,6 +195,55 @@ M_CKPT_TIME = "sys/checkpoint_time_s"
 M_CKPT_BYTES = "sys/checkpoint_bytes"
 #: Reported as 1.0 by a trial the health monitor ended (non-finite loss or weights).
 DIVERGED = "health/diverged"
+#: The one-line diagnosis of a diverged trial (a string in its last result; also a tag).
+HEALTH_DIAGNOSIS = "health/diagnosis"
+TAG_HEALTH_DIAGNOSIS = "tunelab.health.diagnosis"
+
+# -- health metrics (tunelab.health; per iteration; other optimizers: health/<name>/...) --
+#: Global gradient 2-norm before clipping: mean over the iteration's applied steps.
+M_HEALTH_GRAD_NORM = "health/grad_norm"
+#: ... and its largest value (a spike is never averaged away).
+M_HEALTH_GRAD_NORM_MAX = "health/grad_norm_max"
+#: Fraction of applied steps whose gradients were clipped.
+M_HEALTH_CLIP_RATE = "health/clip_rate"
+#: Optimizer steps skipped as non-finite (loss or gradients).
+M_HEALTH_NAN_SKIPPED = "health/nan_skipped"
+#: Steps fp16 AMP's grad scaler skipped on overflow (dynamic loss scaling, not divergence).
+M_HEALTH_AMP_SKIPPED = "health/amp_skipped"
+#: Explosion events this iteration (step rule and sustained-growth rule).
+M_HEALTH_EXPLOSIONS = "health/explosions"
+#: ||delta theta|| / ||theta|| of a step, mean over the measured steps.
+M_HEALTH_UPDATE_RATIO = "health/update_ratio"
+#: Prefixes: ``health/layer_grad_norm_max/<layer>``, ``.../layer_grad_norm_mean/<layer>``.
+M_HEALTH_LAYER_NORM_MAX = "health/layer_grad_norm_max"
+M_HEALTH_LAYER_NORM_MEAN = "health/layer_grad_norm_mean"
+#: Prefix: ``health/loss_share/<term>`` = mean over steps of |w v| / sum |w v|.
+M_HEALTH_LOSS_SHARE = "health/loss_share"
+#: Prefixes: ``health/act_rms/<module>`` (mean) and ``health/act_rms_max/<module>``.
+M_HEALTH_ACT_RMS = "health/act_rms"
+M_HEALTH_ACT_RMS_MAX = "health/act_rms_max"
+#: What :meth:`tunelab.health.HealthMonitor.end_iteration` always returns (one optimizer,
+#: no grad scaler); families list them in ``Family.metrics``.
+HEALTH_METRICS: tuple[str, ...] = (
+    M_HEALTH_GRAD_NORM,
+    M_HEALTH_GRAD_NORM_MAX,
+    M_HEALTH_CLIP_RATE,
+    M_HEALTH_NAN_SKIPPED,
+    M_HEALTH_EXPLOSIONS,
+    M_HEALTH_UPDATE_RATIO,
+)
+_PER_NAME = (
+    M_HEALTH_LAYER_NORM_MAX,
+    M_HEALTH_LAYER_NORM_MEAN,
+    M_HEALTH_LOSS_SHARE,
+    M_HEALTH_ACT_RMS,
+    M_HEALTH_ACT_RMS_MAX,
+)
+
+
+def is_per_name_health_metric(name: str) -> bool:
+    """``health/<group>/<layer|term|module>``: one metric per layer, loss term or watch."""
+    return name.startswith(tuple(p + "/" for p in _PER_NAME))
 
 
 def is_number(value: object) -> TypeGuard[float]:

@@ -19,7 +19,7 @@ from typing import Any
 from tunelab._checkpoint import read_json
 from tunelab.errors import error_summary
 from tunelab.layout import ExperimentLayout
-from tunelab.names import DIVERGED, ITERATION, TrialStatus, as_float, is_number
+from tunelab.names import DIVERGED, HEALTH_DIAGNOSIS, ITERATION, TrialStatus, as_float, is_number
 
 __all__ = [
     "TrialOutcome",
@@ -144,6 +144,7 @@ class TrialOutcome:
         config: The family config it ran.
         checkpoint: Its latest checkpoint folder, if any.
         error: The first line of its error, if it failed.
+        diagnosis: The health monitor's one-line diagnosis, if it diverged.
     """
 
     trial_id: str
@@ -158,6 +159,7 @@ class TrialOutcome:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint: str | None = None
     error: str | None = None
+    diagnosis: str | None = None
 
     def value(self, metric: str | None) -> float:
         """A final metric as a float (NaN when missing)."""
@@ -241,7 +243,12 @@ def _outcome(
         arm=config.get("arm"),
         round=config.get("round"),
         stage=config.get("stage"),
+        diagnosis=_text(last.get(HEALTH_DIAGNOSIS)),
     )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _iterations(result: Mapping[str, Any]) -> int:

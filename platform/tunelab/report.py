@@ -86,6 +86,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tunelab._checkpoint import read_json
 from tunelab.errors import ReportError
 from tunelab.layout import RUN_STATE_FILE, ExperimentLayout, find_experiments, read_result_lines
 from tunelab.names import ARM_CONTROL, ITERATION, TrialStatus, is_number
@@ -118,6 +119,8 @@ COL_ITERATIONS = "iterations"
 _TEXT_COLS = (COL_TRIAL, COL_RUN, COL_ARM, COL_STATUS)
 COL_STAGE = "stage"  # a lever A/B trial's stage: look1, look2, ... or confirm
 COL_CULLED_AT = "culled_at"
+#: A diverged trial's one-line health diagnosis (:class:`tunelab.outcome.TrialOutcome`).
+COL_DIAGNOSIS = "diagnosis"
 STAGE_CONFIRM = "confirm"
 _META_COLS = frozenset(
     {
@@ -126,6 +129,7 @@ _META_COLS = frozenset(
         COL_SEED,
         COL_ARM,
         COL_ROUND,
+        COL_DIAGNOSIS,
         COL_STATUS,
         COL_ITERATIONS,
         COL_STAGE,
@@ -250,6 +254,7 @@ def _render_lever(exp_dir: Path) -> str:
             _cards_html(data),
             _metric_table_html(data),
             _curves_html(data),
+            health_section_html(data.exp_dir, data.results),
             _trials_html(data),
             _footer_html(data),
         ]
@@ -569,6 +574,71 @@ def trials_section_html(exp: Experiment) -> str:
         f"<section><details><summary><h2>Trials ({len(rows)})</h2></summary>"
         f"{table_html([str(c) for c in cols], rows, 'trials')}</details></section>"
     )
+
+
+#: Layers drawn in a diverged trial's norm history (the largest at the end).
+_HEALTH_LAYERS = 6
+
+
+def health_section_html(exp_dir: Path, results: pd.DataFrame) -> str:
+    """Every diverged trial's diagnosis and per-layer gradient-norm history (every kind's page).
+
+    ``section.health`` holds one ``div.diagnosis`` per diverged trial
+    (``data-trial``), with the monitor's one-line diagnosis and, from the
+    trial's ``health.json`` artifact, the largest per-layer gradient norm per
+    iteration of its most grown layers. Empty when no trial diverged.
+    """
+    if results.empty or COL_STATUS not in results:
+        return ""
+    layout = ExperimentLayout(exp_dir)
+    items = []
+    for rec in results.to_dict("records"):
+        text = rec.get(COL_DIAGNOSIS)
+        text = text if isinstance(text, str) and text else None
+        if rec.get(COL_STATUS) != TrialStatus.DIVERGED.value and text is None:
+            continue
+        tid = str(rec.get(COL_TRIAL, ""))
+        who = ", ".join(
+            f"{c} {_plain(rec[c])}"
+            for c in (COL_ARM, COL_SEED)
+            if c in rec and _plain(rec[c]) != ""
+        )
+        history = read_json(layout.trial_health(tid), {}) or {}
+        chart = _layer_history_svg(history.get("layer_norm_history") or [], tid)
+        items.append(
+            f'<div class="diagnosis" data-trial="{_e(tid)}"><h3>{_e(tid)} ({_e(who)})</h3>'
+            f'<p class="line">{_e(text or "diverged (no diagnosis recorded)")}</p>{chart}</div>'
+        )
+    if not items:
+        return ""
+    return (
+        f'<section class="health"><h2>Diverged trials ({len(items)})</h2>'
+        "<p>Ended by the health monitor (the spec's <code>health:</code> block): the step, "
+        "loss term and layer where it went wrong.</p>" + "".join(items) + "</section>"
+    )
+
+
+def _layer_history_svg(history: Sequence[Mapping[str, Any]], trial_id: str) -> str:
+    """Per-layer max gradient norm per iteration, the layers that grew most (log-free)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in history:
+        it = int(row.get("iteration", 0) or 0)
+        for layer, pair in (row.get("layers") or {}).items():
+            v = _float(pair[0] if isinstance(pair, (list, tuple)) and pair else None)
+            curves.setdefault(str(layer), []).append((it, math.nan if v is None else v))
+    if not curves:
+        return ""
+
+    def growth(points: list[tuple[int, float]]) -> float:
+        finite = [v for _, v in points if math.isfinite(v) and v > 0]
+        return finite[-1] / finite[0] if len(finite) >= 2 else 0.0
+
+    top = sorted(curves, key=lambda k: -growth(curves[k]))[:_HEALTH_LAYERS]
+    lines = [
+        Line(curves[k], _ARM_PALETTE[i % len(_ARM_PALETTE)], k, tag=k, attrs={"data-layer": k})
+        for i, k in enumerate(top)
+    ]
+    return lines_svg(lines, f"{trial_id}: largest gradient norm per layer", cls="layer-norms")
 
 
 def _blank_nan(x: Any) -> Any:

@@ -50,6 +50,7 @@ from tunelab.report import (
     _page,
     _plain,
     footer_html,
+    health_section_html,
     lines_svg,
     load_experiment,
     meta_items,
@@ -89,6 +90,7 @@ def render_seed_cull(exp_dir: Path) -> str:
             _curves_html(exp, seeds, milestone),
             _seed_table_html(exp, seeds, milestone),
             _artifacts_html(exp),
+            health_section_html(exp.exp_dir, exp.results),
             trials_section_html(exp),
             footer_html(exp.exp_dir, exp.state),
         ]

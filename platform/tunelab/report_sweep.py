@@ -41,6 +41,7 @@ from tunelab.report import (
     _page,
     _plain,
     footer_html,
+    health_section_html,
     lines_svg,
     load_experiment,
     meta_items,
@@ -66,6 +67,7 @@ def render_sweep(exp_dir: Path) -> str:
             _header_html(exp),
             _best_html(exp, ranked),
             _curves_html(exp, ranked),
+            health_section_html(exp.exp_dir, exp.results),
             trials_section_html(exp),
             footer_html(exp.exp_dir, exp.state),
         ]

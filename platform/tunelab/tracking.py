@@ -52,6 +52,7 @@ from tunelab._checkpoint import atomic_write_bytes, atomic_write_json, data_lock
 from tunelab.errors import TrackingUnavailable
 from tunelab.layout import ExperimentLayout
 from tunelab.names import (
+    HEALTH_DIAGNOSIS,
     ITERATION,
     OUTCOME_OF_VERDICT,
     TAG_CI_HIGH,
@@ -59,6 +60,7 @@ from tunelab.names import (
     TAG_EFFECT,
     TAG_FAMILY,
     TAG_GUARDRAIL_PREFIX,
+    TAG_HEALTH_DIAGNOSIS,
     TAG_LEVER,
     TAG_MLFLOW_PARENT,
     TAG_N_PAIRS,
@@ -69,8 +71,12 @@ from tunelab.names import (
     TAG_STATUS,
     TAG_TRIAL_ID,
     TAG_VERDICT,
+    TrialStatus,
 )
 from tunelab.outcome import reported_numbers
+
+#: MLflow keeps tag values up to 8000 characters (5000 in older servers).
+_MAX_TAG = 5000
 
 __all__ = [
     "Backlog",
@@ -933,6 +939,7 @@ class TrackingCallback(DriverCallback):
 
     def _init_runtime(self) -> None:
         self._nonfinite: dict[str, int] = {}
+        self._diverged: set[str] = set()
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._box: _Outbox | None = None
@@ -995,10 +1002,19 @@ class TrackingCallback(DriverCallback):
             if self.nonfinite_file:
                 atomic_write_json(Path(self.nonfinite_file), self._nonfinite)
             self._queue.put({"op": "tags", "trial": tid, "tags": {TAG_NONFINITE: str(step)}})
+        diagnosis = result.get(HEALTH_DIAGNOSIS)
+        if isinstance(diagnosis, str) and diagnosis:
+            self._diverged.add(tid)
+            tags = {
+                TAG_HEALTH_DIAGNOSIS: diagnosis[:_MAX_TAG],
+                TAG_STATUS: TrialStatus.DIVERGED.value,
+            }
+            self._queue.put({"op": "tags", "trial": tid, "tags": tags})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tid = self._ensure_run(trial)
-        self._queue.put({"op": "tags", "trial": tid, "tags": {TAG_STATUS: "completed"}})
+        status = TrialStatus.DIVERGED.value if tid in self._diverged else "completed"
+        self._queue.put({"op": "tags", "trial": tid, "tags": {TAG_STATUS: status}})
         if self.artifacts_root:
             folder = Path(self.artifacts_root) / tid
             if folder.is_dir():
@@ -1045,7 +1061,8 @@ class TrackingCallback(DriverCallback):
         tags = {**self.base_tags, TAG_TRIAL_ID: tid, TAG_SEED: str(config.get("seed"))}
         if self.trial_tags is not None:
             tags.update(self.trial_tags(config))
-        name = f"{tags.get(TAG_FAMILY, 'trial')}-seed{config.get('seed')}-{tid}"
+        who = tags.get(TAG_LEVER) or tags.get(TAG_FAMILY, "trial")  # the arm, where there is one
+        name = f"{who}-seed{config.get('seed')}-{tid}"
         params = {"seed": config.get("seed"), **flatten(config.get("config", {}))}
         box.add_pending(
             tid,
