@@ -186,6 +186,7 @@ class HealthMonitor:
         self._share_sum: dict[str, float] = {}
         self._share_steps = 0
         self._act: dict[str, list[Tensor]] = {}
+        self._step_acts: list[tuple[str, Tensor]] = []  # (watched module, output RMS), this step
         self._hooks = [self._watch(path) for path in watch]
         self._param_check: tuple[_Opt, Tensor] | None = None
 
@@ -204,7 +205,9 @@ class HealthMonitor:
                 return
             t = out[0] if isinstance(out, (tuple, list)) else out
             if isinstance(t, Tensor):
-                self._act[path].append(t.detach().float().square().mean().sqrt())
+                rms = t.detach().float().square().mean().sqrt()
+                self._act[path].append(rms)
+                self._step_acts.append((path, rms))  # read only if this step goes non-finite
 
         return module.register_forward_hook(hook)
 
@@ -261,6 +264,7 @@ class HealthMonitor:
         terms, self._pending = self._pending, {}
         weights, self._weights = self._weights, {}
         pending_total, self._pending_total = self._pending_total, None
+        step_acts, self._step_acts = self._step_acts, []
         if self.scaler is not None:
             self.scaler.unscale_(opt.optimizer)
         with_grad = [i for i, p in enumerate(opt.params) if p.grad is not None]
@@ -315,15 +319,23 @@ class HealthMonitor:
             return StepResult(False, total, values, grad_norm, False)
         opt.skipped += 1
         self.consecutive_skips += 1
-        param = self._first_nonfinite(opt, with_grad, norms)
+        if bad_term is not None:
+            # a non-finite loss makes every gradient non-finite: the layer is the first
+            # watched module whose output was non-finite in this step's forward, if any
+            param = _first_nonfinite_output(step_acts)
+            layer = param
+        else:
+            param = self._first_nonfinite(opt, with_grad, norms)
+            layer = _layer_of(param, self.layers) if param else None
+            param = _module_path(param) if param else None
         diag = Diagnosis(
             kind="nonfinite_loss" if bad_term else "nonfinite_grad",
             iteration=self.iteration,
             step=self.step_count,
             optimizer=opt.name,
             term=bad_term,
-            layer=_layer_of(param, self.layers) if param else None,
-            parameter=_module_path(param) if param else None,
+            layer=layer,
+            parameter=param,
             grad_norm=grad_norm,
             level=_median(opt.window),
         )
@@ -609,6 +621,14 @@ class HealthMonitor:
 
 #: Iterations of per-layer norm history kept (the artifact stays small).
 _HISTORY = 200
+
+
+def _first_nonfinite_output(acts: Sequence[tuple[str, Tensor]]) -> str | None:
+    """The first watched module (forward order) whose output RMS was non-finite."""
+    if not acts:
+        return None
+    finite = torch.stack([r for _, r in acts]).isfinite().tolist()
+    return next((path for (path, _), ok in zip(acts, finite, strict=True) if not ok), None)
 
 
 def _median(values: Iterable[float]) -> float:

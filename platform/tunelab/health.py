@@ -142,8 +142,9 @@ class Diagnosis:
         optimizer: The optimizer's name.
         term: The culprit loss term (first non-finite; for an explosion the
             term with the largest share), or None.
-        layer: The layer (first non-finite parameter's, or the one whose norm
-            grew most), or None.
+        layer: The layer: the first non-finite parameter's; for a non-finite
+            loss, the first watched module whose output went non-finite; for
+            an explosion, the one whose norm grew most. None if unknown.
         parameter: The first non-finite parameter's module path, or None.
         grad_norm: The step's global pre-clip gradient norm.
         level: The robust level (median of the window) it is compared with.
@@ -176,7 +177,7 @@ class Diagnosis:
             parts.append(f"term {self.term}")
         if self.layer:
             grew = f" x{self.layer_growth:.3g}" if math.isfinite(self.layer_growth) else ""
-            at = f" ({self.parameter})" if self.parameter else ""
+            at = f" ({self.parameter})" if self.parameter and self.parameter != self.layer else ""
             parts.append(f"layer {self.layer}{at}{grew}")
         norm = f"norm {self.grad_norm:.4g}"
         if math.isfinite(self.level) and self.level > 0 and math.isfinite(self.grad_norm):

@@ -180,3 +180,64 @@ def test_every_seed_diverged_selects_nothing_and_exits_3(tmp_path: Path) -> None
     parent = MlflowClient(summary["tracking_uri"]).get_run(summary["parent_run_id"])
     assert parent.data.tags["tunelab.selected_seed"] == "none"
     assert "diverged" in parent.data.tags["tunelab.no_selection"]
+
+
+HEALTH_SPEC = """
+kind: seed_cull
+name: toy-health
+family: "{toy}"
+config: {{hidden: 8, steps_per_iter: 5, nan_loss_at: 2, nan_seed: 1}}
+seeds: 4
+budget: 4
+metric: {{name: val/score, mode: max}}
+cull: {{at: 3, keep: 2, scheduler: sync}}
+select: {{metric: val/score, mode: max}}
+failure: {{retries: 0, tolerate: 0}}
+health: {{max_consecutive_skips: 2}}
+"""
+
+
+@pytest.mark.slow
+def test_a_trial_the_health_monitor_ends_is_diverged_everywhere(tmp_path: Path) -> None:
+    # seed 1's "aux" loss term turns NaN at iteration 2: two skipped steps end it (issue 11)
+    spec = write_spec(tmp_path / "s.yaml", HEALTH_SPEC.format(toy=TOY))
+    storage = tmp_path / "r"
+    summary = cli_json("sweep", str(spec), "--storage", str(storage))
+    by_seed = {t["seed"]: t for t in summary["trials"]}
+    bad = by_seed[1]
+    assert bad["status"] == "diverged" and bad["iterations"] == 2
+    line = bad["diagnosis"]
+    # step 7 of the trial (5 per iteration); no watched module: no layer for a NaN loss
+    assert line == "iteration 2 step 7 (main): non-finite loss; term aux; norm nan"
+    assert bad["metrics"]["val/score"] is None and bad["metrics"]["health/diverged"] == 1.0
+    assert summary["selected"]["seed"] != 1  # ranked last: never selected
+    assert all(t["status"] != "diverged" for s, t in by_seed.items() if s != 1)
+    # MLflow: the diagnosis tag and the status reviewers filter on
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(bad["run_id"])
+    assert run.data.tags["tunelab.health.diagnosis"] == line
+    assert run.data.tags["tunelab.status"] == "diverged"
+    found = client.search_runs(
+        [run.info.experiment_id], "tags.`tunelab.status` = 'diverged'"
+    )
+    assert [r.info.run_id for r in found] == [bad["run_id"]]
+    assert "health/layer_grad_norm_max/0" in client.get_run(by_seed[0]["run_id"]).data.metrics
+    # the results table, the artifact, status and the report
+    exp = Path(summary["experiment_dir"])
+    import pandas as pd
+
+    table = pd.read_csv(exp / "results.csv")
+    row = table[table["seed"] == 1].iloc[0]
+    assert row["status"] == "diverged" and row["diagnosis"] == line
+    health = json.loads((exp / "trial_artifacts" / bad["trial_id"] / "health.json").read_text())
+    assert health["diagnosis"]["line"] == line and health["diagnosis"]["term"] == "aux"
+    assert [r["iteration"] for r in health["layer_norm_history"]] == [1, 2]
+    status = cli_json("status", str(exp))
+    rows = {t["seed"]: t for t in status["trials"]}
+    assert rows[1]["status"] == "diverged"
+    page = tmp_path / "report.html"
+    proc = run_cli("report", "toy-health", "--storage", str(storage), "--out", str(page))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    html = page.read_text()
+    assert 'class="health"' in html and f'data-trial="{bad["trial_id"]}"' in html
+    assert "term aux" in html and 'class="layer-norms' in html

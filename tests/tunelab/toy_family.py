@@ -18,6 +18,8 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass
 
 from tunelab import Family
+from tunelab.health import HealthMonitor
+from tunelab.names import HEALTH_METRICS
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
@@ -28,7 +30,8 @@ class Config:
     noise: float = 0.1  # label noise std
     fail_at: int = 0  # raise at this iteration (0 = never), to test failures
     nan_at: int = 0  # report NaN val/score from this iteration on (0 = never)
-    nan_seed: int = -1  # with nan_at: only this seed diverges (-1 = every seed)
+    nan_seed: int = -1  # with nan_at / nan_loss_at: only this seed diverges (-1 = every seed)
+    nan_loss_at: int = 0  # the "aux" loss term is NaN from this iteration on (0 = never)
     crash_once_at: int = 0  # crash once at this iteration (a worker crash Tune retries; 0 = never)
     crash_seed: int = -1  # with crash_once_at: only this seed crashes (-1 = every seed)
     build_error: str = ""  # building raises ValueError(build_error) (a deterministic setup error)
@@ -46,6 +49,7 @@ class Toy:
             torch.nn.Linear(1, cfg.hidden), torch.nn.Tanh(), torch.nn.Linear(cfg.hidden, 1)
         )
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        self.health = HealthMonitor(self.net, self.opt)
         self.it = 0
         g = torch.Generator().manual_seed(1234)
         self.xv = torch.rand(64, 1, generator=g) * 6 - 3
@@ -61,21 +65,26 @@ class Toy:
             x = torch.rand(32, 1) * 6 - 3  # global RNG: restored by tunelab
             y = torch.sin(x) + self.cfg.noise * torch.randn(32, 1)
             loss = torch.mean((self.net(x) - y) ** 2)
-            self.opt.zero_grad()
-            loss.backward()
-            self.opt.step()
+            self.health.step({"mse": loss, "aux": self._aux(loss)})
         with torch.no_grad():
             val = float(torch.mean((self.net(self.xv) - self.yv) ** 2))
         diverged = self.cfg.nan_at and self.it >= self.cfg.nan_at
         diverged = diverged and self.cfg.nan_seed in (-1, self.seed)
         score = math.nan if diverged else -val
         return {
+            **self.health.end_iteration(),
             "train/loss": float(loss.detach()),
             "val/mse": val,
             "val/log_mse": math.log(val),
             "val/score": score,
             "val/aux": float(np.float32(self.it)),
         }
+
+    def _aux(self, loss: torch.Tensor) -> torch.Tensor:
+        """A zero loss term; NaN from ``nan_loss_at`` on (for ``nan_seed``)."""
+        cfg = self.cfg
+        bad = cfg.nan_loss_at and self.it >= cfg.nan_loss_at and cfg.nan_seed in (-1, self.seed)
+        return loss * (math.nan if bad else 0.0)
 
     def _crashes_now(self) -> bool:
         """True the first time this seed reaches ``crash_once_at`` (a marker file remembers it)."""
@@ -139,5 +148,5 @@ FAMILY = Family(
     name="toy",
     config_cls=Config,
     build=build,
-    metrics=("train/loss", "val/mse", "val/log_mse", "val/score", "val/aux"),
+    metrics=("train/loss", "val/mse", "val/log_mse", "val/score", "val/aux", *HEALTH_METRICS),
 )
