@@ -50,6 +50,7 @@ from tunelab.names import (
     TAG_FAMILY,
     TAG_GIT_COMMIT,
     TAG_KIND,
+    TAG_MLFLOW_NOTE,
     TAG_N_FAILED,
     TAG_N_TRIALS,
     TAG_ROLE,
@@ -138,7 +139,11 @@ def run_experiment(
         parent = tracker.start_run(
             exp_id,
             layout.root.name,
-            {**_base_tags(spec, commit), TAG_EXPERIMENT_DIR: str(layout.root)},
+            {
+                **_base_tags(spec, commit),
+                TAG_EXPERIMENT_DIR: str(layout.root),
+                **({TAG_MLFLOW_NOTE: spec.description} if spec.description else {}),
+            },
         )
     layout.root.mkdir(parents=True)
     with _fail_parent_on_error(tracker, parent):

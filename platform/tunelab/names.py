@@ -102,6 +102,11 @@ def is_decision_tag(key: str) -> bool:
 
 #: MLflow's own tag linking a child run to its parent.
 TAG_MLFLOW_PARENT = "mlflow.parentRunId"
+#: MLflow's run (and experiment) description, shown in the UI: the spec's ``description``.
+TAG_MLFLOW_NOTE = "mlflow.note.content"
+#: MLflow 3's experiment type: training runs, not the GenAI overview, open first in the UI.
+TAG_MLFLOW_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
 
 
 class Role(str, enum.Enum):

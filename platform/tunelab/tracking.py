@@ -52,6 +52,7 @@ from tunelab._checkpoint import atomic_write_bytes, atomic_write_json, data_lock
 from tunelab.errors import TrackingUnavailable
 from tunelab.layout import ExperimentLayout
 from tunelab.names import (
+    EXPERIMENT_KIND_TRAINING,
     HEALTH_DIAGNOSIS,
     ITERATION,
     OUTCOME_OF_VERDICT,
@@ -62,6 +63,7 @@ from tunelab.names import (
     TAG_GUARDRAIL_PREFIX,
     TAG_HEALTH_DIAGNOSIS,
     TAG_LEVER,
+    TAG_MLFLOW_EXPERIMENT_KIND,
     TAG_MLFLOW_PARENT,
     TAG_N_PAIRS,
     TAG_NONFINITE,
@@ -72,6 +74,7 @@ from tunelab.names import (
     TAG_TRIAL_ID,
     TAG_VERDICT,
     TrialStatus,
+    is_number,
 )
 from tunelab.outcome import reported_numbers
 
@@ -90,6 +93,7 @@ __all__ = [
     "flatten",
     "git_commit",
     "is_rejection",
+    "log_summary",
     "replay_spool",
     "spool_backlog",
     "tracking_guard",
@@ -210,16 +214,22 @@ class MlflowTracker:
 
     def _ensure_experiment(self, name: str, artifact_root: Path | None) -> str:
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return str(exp.experiment_id)
-        location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-        try:
-            return str(self.client.create_experiment(name, artifact_location=location))
-        except Exception:  # created concurrently
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return str(exp.experiment_id)
+        if exp is None:
+            location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+            try:
+                exp = self.client.get_experiment(
+                    self.client.create_experiment(name, artifact_location=location)
+                )
+            except Exception:  # created concurrently
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if TAG_MLFLOW_EXPERIMENT_KIND not in exp.tags:  # a user's own choice stays
+            # MLflow 3 opens an untyped experiment on its GenAI overview: these are training runs
+            self.client.set_experiment_tag(
+                exp.experiment_id, TAG_MLFLOW_EXPERIMENT_KIND, EXPERIMENT_KIND_TRAINING
+            )
+        return str(exp.experiment_id)
 
     def start_run(
         self,
@@ -858,6 +868,23 @@ def replay_spool(layout: ExperimentLayout, tracker: Tracker) -> Backlog:
     if box.down:
         box.replay()
     return box.backlog()
+
+
+def log_summary(tracker: Tracker, run_id: str, values: Mapping[str, float | None]) -> None:
+    """Log an experiment's decision as metrics of its parent run (step 0), so that the
+    MLflow experiment list sorts and reads by it (the selected value, per-lever effects).
+    Non-numbers are skipped; NaN is logged as it is.
+    """
+    from tunelab._spec import metric_name_problem
+
+    ts = int(time.time() * 1000)
+    points = [
+        MetricPoint(k, float(v), 0, ts)
+        for k, v in values.items()
+        if is_number(v) and metric_name_problem(k) is None  # a lever named so MLflow refuses it
+    ]
+    if points:
+        tracker.log_metrics(run_id, points)
 
 
 def drain_tracking(layout: ExperimentLayout, tracker: Tracker) -> None:

@@ -207,7 +207,7 @@ class LeverAB(ExperimentKind):
     def finalize(self, ctx: FinalizeContext, outcomes: list[TrialOutcome]) -> dict[str, Any]:
         """Tag runs with their verdicts and outcomes; write ``verdicts.json``."""
         from tunelab.kinds._lever_searcher import LeverState
-        from tunelab.tracking import verdict_tags
+        from tunelab.tracking import log_summary, verdict_tags
 
         tracker, parent = ctx.tracker, ctx.state.parent_run_id
         st = LeverState.read(self.layout.lever_state_file)
@@ -226,7 +226,7 @@ class LeverAB(ExperimentKind):
             else:
                 rec = by_round_lever.get((o.round, o.arm))
                 tags = verdict_tags(rec) if rec else {TAG_OUTCOME: Outcome.INCONCLUSIVE.value}
-                if o.status is TrialStatus.ERROR:
+                if o.status in (TrialStatus.ERROR, TrialStatus.DIVERGED):
                     tags[TAG_OUTCOME] = Outcome.CRASHED_EARLY.value
             tracker.set_tags(o.run_id, tags)
         latest: dict[str, dict[str, Any]] = {}
@@ -248,6 +248,7 @@ class LeverAB(ExperimentKind):
             ):
                 parent_tags[f"{tag}.{lever}"] = rec[key]
         tracker.set_tags(parent, parent_tags)
+        log_summary(tracker, parent, {f"effect/{lv}": rec["effect"] for lv, rec in latest.items()})
         out = self.layout.verdicts_file
         atomic_write_json(out, records)
         tracker.log_artifact(parent, out)

@@ -43,6 +43,7 @@ from tunelab.names import (
     TrialStatus,
 )
 from tunelab.outcome import TrialOutcome
+from tunelab.tracking import log_summary
 
 __all__ = ["CullSpec", "SeedCull", "SeedCullSpec", "SelectSpec"]
 
@@ -267,6 +268,7 @@ class SeedCull(ExperimentKind):
                 TAG_SELECTED_VALUE: value,
             },
         )
+        log_summary(tracker, parent, {spec.select.metric: value})  # the list sorts by it
         tracker.log_artifact(parent, path)
         tracker.log_artifact(parent, layout.seed_table_stem.with_suffix(".csv"))
         if layout.selected_dir.is_dir():
