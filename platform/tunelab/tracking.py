@@ -51,6 +51,7 @@ from tunelab._callback import DriverCallback
 from tunelab._checkpoint import atomic_write_bytes, atomic_write_json, data_lock, read_json
 from tunelab.errors import TrackingUnavailable
 from tunelab.layout import ExperimentLayout
+from tunelab.metrics import family_label
 from tunelab.names import (
     EXPERIMENT_KIND_TRAINING,
     HEALTH_DIAGNOSIS,
@@ -1088,7 +1089,8 @@ class TrackingCallback(DriverCallback):
         tags = {**self.base_tags, TAG_TRIAL_ID: tid, TAG_SEED: str(config.get("seed"))}
         if self.trial_tags is not None:
             tags.update(self.trial_tags(config))
-        who = tags.get(TAG_LEVER) or tags.get(TAG_FAMILY, "trial")  # the arm, where there is one
+        # the arm where there is one, else the family's registered name
+        who = tags.get(TAG_LEVER) or family_label(tags.get(TAG_FAMILY, "trial"))
         name = f"{who}-seed{config.get('seed')}-{tid}"
         params = {"seed": config.get("seed"), **flatten(config.get("config", {}))}
         box.add_pending(

@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import TOY, cli_json, run_cli, write_spec
+from tests.mlflow_ui import MlflowUI, browser_available
 from tunelab import SpecError, atomic_write_json, parse_spec
 from tunelab.kinds.sweep import best_trial
 from tunelab.names import TrialStatus
@@ -194,6 +195,7 @@ cull: {{at: 3, keep: 2, scheduler: sync}}
 select: {{metric: val/score, mode: max}}
 failure: {{retries: 0, tolerate: 0}}
 health: {{max_consecutive_skips: 2}}
+description: seed 1's aux loss term turns NaN
 """
 
 
@@ -217,9 +219,7 @@ def test_a_trial_the_health_monitor_ends_is_diverged_everywhere(tmp_path: Path) 
     run = client.get_run(bad["run_id"])
     assert run.data.tags["tunelab.health.diagnosis"] == line
     assert run.data.tags["tunelab.status"] == "diverged"
-    found = client.search_runs(
-        [run.info.experiment_id], "tags.`tunelab.status` = 'diverged'"
-    )
+    found = client.search_runs([run.info.experiment_id], "tags.`tunelab.status` = 'diverged'")
     assert [r.info.run_id for r in found] == [bad["run_id"]]
     assert "health/layer_grad_norm_max/0" in client.get_run(by_seed[0]["run_id"]).data.metrics
     # the results table, the artifact, status and the report
@@ -241,3 +241,22 @@ def test_a_trial_the_health_monitor_ends_is_diverged_everywhere(tmp_path: Path) 
     html = page.read_text()
     assert 'class="health"' in html and f'data-trial="{bad["trial_id"]}"' in html
     assert "term aux" in html and 'class="layer-norms' in html
+    # the real MLflow UI: the README's filters show the right rows (issue 13, item 8)
+    if not browser_available():
+        pytest.skip("needs playwright and Debian chromium for the MLflow UI part")
+    exp_id = run.info.experiment_id
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["mlflow.note.content"] == "seed 1's aux loss term turns NaN"
+    assert parent.data.metrics["val/score"] == summary["selected"]["value"]
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    names = {t["run_id"]: client.get_run(t["run_id"]).info.run_name for t in summary["trials"]}
+    name_of = {s: names[t["run_id"]] for s, t in by_seed.items()}
+    culled = [s for s, t in by_seed.items() if t["status"] == "culled"]
+    with MlflowUI(summary["tracking_uri"], tmp_path / "ui-artifacts") as ui:
+        heading, shown = ui.rows(exp_id, "tags.`tunelab.selected` = 'true'")
+        assert heading == "Training runs"  # not MLflow's GenAI overview
+        assert shown == [parent.info.run_name, name_of[summary["selected"]["seed"]]]
+        _, shown = ui.rows(exp_id, "tags.`tunelab.culled_at` != ''")
+        assert shown[1:] == [name_of[s] for s in culled] and len(culled) == 1
+        _, shown = ui.rows(exp_id, "tags.`tunelab.status` = 'diverged'")
+        assert shown[1:] == [name_of[1]] and name_of[1].startswith("toy-seed1-")
