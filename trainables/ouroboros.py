@@ -256,6 +256,13 @@ class Config:
     """STFT window of the autonomy score (ms, rounded to a power of two samples)."""
     diverge_frac: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
     """A rollout whose peak |x| reaches this fraction of ``sat_x`` is divergent."""
+    listen_s: Annotated[float, Field(gt=0.0, le=600.0)] = 1.0
+    """Length (s) of the deployed closed-loop generation export writes as generated.wav
+    (same cold-start IC and RMS factor as the scored test window, which it extends; the
+    deployed/* scores stay on that window). Closed-loop generation costs 0.4-0.8 ms per
+    sample on one (shared) CPU core at both the seed cull's quick size (8 kHz, hidden 16)
+    and the default size: measured there, an export took 1.5 s with the old 0.1 s
+    window, 7.1 s at 1 s and 2.3 s at 0.25 s, which the quick block sets."""
     # --- model ----------------------------------------------------------------
     hidden: Annotated[int, Field(ge=1, le=4096)] = 32
     """Encoder width (channels of the SSM layers)."""
@@ -1474,6 +1481,7 @@ class OuroborosExperiment:
 
     def __init__(self, cfg: Config, seed: int, data_root: Path) -> None:
         self.cfg = cfg
+        self.seed = seed  # titles the exported spectrogram
         self.data = load_corpus(cfg, data_root)
         self.model = PolyOuroboros(cfg)  # init from the global torch RNG (seeded by tunelab)
         self.opt = torch.optim.AdamW(
@@ -1602,7 +1610,12 @@ class OuroborosExperiment:
         self.epoch = int(state["epoch"])
 
     def export(self, out_dir: Path) -> dict[str, Any]:
-        """Test scores, the deployed (RMS-rescaled) generation as WAV, a spectrogram PNG."""
+        """Test scores, the deployed (RMS-rescaled) generation as WAV, a spectrogram PNG.
+
+        The deployed generation runs ``listen_s`` seconds closed-loop from the fixed
+        cold-start IC; its first test-window's worth of samples is exactly the rollout
+        that is rescaled and scored (deployed/*) and drawn against the target.
+        """
         cfg = self.cfg
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1610,24 +1623,37 @@ class OuroborosExperiment:
         test = self.evaluate(self.data.test_windows)
         lead = cfg.ms(cfg.eval_lead_ms)
         target = self.data.test_windows[:1]  # (1, W)
+        width = target.shape[1]
+        n_listen = max(1, round(cfg.listen_s * cfg.sample_rate))
         g = torch.Generator().manual_seed(EVAL_SEED)
         ic = cfg.ic_noise_rms * torch.randn(1, 2, generator=g)
         self.model.eval()
-        raw = generate_closed_loop(self.model, target.shape[1], ic)
+        # causal: the first W samples of a longer rollout are the W-sample rollout
+        raw_all = generate_closed_loop(self.model, max(width, n_listen), ic)
         self.model.train()
-        raw = torch.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)
+        raw_all = torch.nan_to_num(raw_all, nan=0.0, posinf=0.0, neginf=0.0)
+        raw = raw_all[:, :width]
         rms_t = float(target[:, lead:].square().mean().sqrt())
         rms_g = float(raw[:, lead:].square().mean().sqrt())
-        deployed = raw * (rms_t / max(rms_g, 1e-8))  # amplitude rescale to the target RMS
+        factor = rms_t / max(rms_g, 1e-8)  # amplitude rescale to the target RMS
+        deployed = raw * factor
         deployed_scores = autonomy_scores(deployed, target, lead, cfg)
-        peak = max(float(deployed.abs().max()), 1e-8)
+        listen = raw_all[0, :n_listen] * factor
+        peak = max(float(listen.abs().max()), 1e-8)
         wav_scale = min(1.0, 0.99 / peak)  # keep the WAV inside [-1, 1]
-        sf.write(out_dir / "generated.wav", (wav_scale * deployed[0]).numpy(), cfg.sample_rate)
+        sf.write(out_dir / "generated.wav", (wav_scale * listen).numpy(), cfg.sample_rate)
         sf.write(out_dir / "target.wav", target[0].numpy(), cfg.sample_rate)
-        _plot_spectrograms(out_dir / "spectrogram.png", target[0], deployed[0], cfg.sample_rate)
+        title = (
+            f"seed {self.seed} · trial {out_dir.name} · "
+            f"deployed autonomy {deployed_scores['autonomy']:.4g}"
+        )
+        _plot_spectrograms(
+            out_dir / "spectrogram.png", target[0], deployed[0], cfg.sample_rate, title=title
+        )
         test_loss = self.segment_loss(self.data.test)
         return {
             "sample_rate": cfg.sample_rate,
+            "generated_s": n_listen / cfg.sample_rate,
             "val": {
                 **{f"val/{k}": val[k] for k in SCORE_KEYS},
                 M_VAL_LOSS: self.segment_loss(self.data.val),
@@ -1639,11 +1665,14 @@ class OuroborosExperiment:
         }
 
 
-def _plot_spectrograms(path: Path, target: Tensor, generated: Tensor, sr: int) -> None:
+def _plot_spectrograms(
+    path: Path, target: Tensor, generated: Tensor, sr: int, *, title: str | None = None
+) -> None:
     """2x2 figure: waveform + spectrogram, target (top) vs generated (bottom).
 
     The generated row shares the target's waveform ylim, frequency ylim and
-    colour scale, so it is read on the target's scale.
+    colour scale, so it is read on the target's scale. ``title`` (e.g. seed,
+    trial, score) goes above the panels.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -1651,6 +1680,8 @@ def _plot_spectrograms(path: Path, target: Tensor, generated: Tensor, sr: int) -
     fig = Figure(figsize=(10, 6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2, sharex=True)
+    if title:
+        fig.suptitle(title)
     dur_ms = target.numel() / sr * 1000
     t = np.arange(target.numel()) / sr * 1000
     lim = 1.1 * float(target.abs().max())

@@ -454,16 +454,31 @@ def test_resume_is_bit_exact(data_root: Path, tmp_path: Path) -> None:
 
 
 def test_export_writes_readable_wav_and_png_with_finite_scores(
-    data_root: Path, tmp_path: Path
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    exp = make(0, data_root)
+    titles: list[str | None] = []
+    plot = O._plot_spectrograms
+
+    def spy(*args: Any, title: str | None = None) -> None:
+        titles.append(title)
+        plot(*args, title=title)
+
+    monkeypatch.setattr(O, "_plot_spectrograms", spy)
+    exp = make(0, data_root, listen_s=0.1)  # longer than the 40 ms test window
     exp.train_iteration()
-    manifest = exp.export(tmp_path)
-    audio, sr = sf.read(tmp_path / "generated.wav")
+    out = tmp_path / "trial_00007"  # a trial's export folder is named by its trial id
+    manifest = exp.export(out)
+    audio, sr = sf.read(out / "generated.wav")
     assert sr == manifest["sample_rate"] == 8000
-    assert len(audio) == exp.data.test_windows.shape[1] and np.isfinite(audio).all()
-    assert (tmp_path / "spectrogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(manifest["files"]) <= {p.name for p in tmp_path.iterdir()}
+    # the deployed generation lasts listen_s, not one test window
+    assert sf.info(out / "generated.wav").duration == pytest.approx(0.1)
+    assert manifest["generated_s"] == pytest.approx(0.1)
+    assert len(audio) > exp.data.test_windows.shape[1] and np.isfinite(audio).all()
+    assert np.abs(audio).max() <= 1.0
+    assert (out / "spectrogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    autonomy = manifest["deployed"]["deployed/autonomy"]
+    assert titles == [f"seed 0 · trial trial_00007 · deployed autonomy {autonomy:.4g}"]
+    assert set(manifest["files"]) <= {p.name for p in out.iterdir()}
     scores = {**manifest["val"], **manifest["test"]}
     assert {f"test/{k}" for k in O.SCORE_KEYS} <= set(scores)
     assert all(math.isfinite(v) for v in scores.values())
