@@ -10,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import TOY, run_cli, write_spec
+from tests.mlflow_ui import MlflowUI, browser_available
 from tests.tunelab.test_report import CHROMIUM, card, chip, chromium_dom, parse
 
 pytestmark = pytest.mark.slow
@@ -103,3 +104,13 @@ def test_lever_ab_verdicts_tags_and_stack_on_win(tmp_path: Path) -> None:
         dom = parse(chromium_dom(out, tmp_path))
         for v in summary["verdicts"]:
             assert chip(card(dom, v["lever"], v["round"])).text() == v["verdict"]
+    # the parent reads in the experiment list: per-lever effect metrics
+    effects = client.get_run(summary["parent_run_id"]).data.metrics
+    assert effects["effect/fast"] == verdicts[(1, "fast")]["effect"]
+    # the real MLflow UI: the README's win filter shows the fast lever's runs (issue 13, item 8)
+    if browser_available():
+        with MlflowUI(summary["tracking_uri"], tmp_path / "ui-artifacts") as ui:
+            heading, shown = ui.rows(exp.experiment_id, "tags.`tunelab.verdict` = 'win'")
+        assert heading == "Training runs"
+        expected = sorted(r.info.run_name for r in winners)
+        assert sorted(shown[1:]) == expected and all(n.startswith("fast-seed") for n in expected)
