@@ -19,6 +19,15 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+#: Waits poll a condition; their limit only matters when it never holds. A loaded machine
+#: (CI beside other jobs) can be several times slower than a quiet one: limits are scaled.
+WAIT_SCALE = float(os.environ.get("TUNELAB_TEST_WAIT_SCALE", "4"))
+
+
+def generous(seconds: float) -> float:
+    """A wait limit for a condition that usually holds within ``seconds`` on a quiet machine."""
+    return seconds * WAIT_SCALE
+
 
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 900, env: dict[str, str] | None = None

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import cli_json, write_spec
+from tests.conftest import cli_json, generous, write_spec
 from tests.observability.test_dashboards import TARGETS, parse_promql, substitute_grafana
 from tunelab import metrics as tm
 
@@ -96,7 +96,7 @@ class Prometheus:
                  f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + generous(30)
         while not self._ready():
             assert self.proc.poll() is None, f"prometheus exited:\n{self.log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "prometheus not ready after 30 s"

@@ -31,6 +31,7 @@ from ray.autoscaler.tags import (
     TAG_RAY_USER_NODE_TYPE,
 )
 
+from tests.conftest import generous
 from tests.slurm.conftest import CLUSTER_YAML, ci_site
 from tunelab.slurm import (
     SlurmNodeProvider,
@@ -67,6 +68,7 @@ def squeue(*args: str) -> str:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    timeout = generous(timeout)  # polls: the limit only matters when the condition never holds
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import generous
 from tests.slurm.conftest import CLUSTER_YAML, REPO, VENV_BIN, ci_site
 from tunelab.slurm import (
     ProviderSettings,
@@ -76,7 +77,7 @@ class RayCluster:
             env=self.env,
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=generous(timeout),
             check=False,
         )
         assert proc.returncode == 0, _failure(f"ray {' '.join(args)}", proc, self)
@@ -90,7 +91,7 @@ class RayCluster:
             env=env,
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=generous(timeout),
             check=False,
         )
         assert proc.returncode == 0, _failure(command, proc, self)
@@ -118,6 +119,7 @@ class RayCluster:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, cluster: RayCluster) -> Any:
+    timeout = generous(timeout)  # polls: the limit only matters when the condition never holds
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -184,7 +186,10 @@ def cluster(slurm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     finally:
         if not rc.down:
             subprocess.run(
-                ["ray", "down", "-y", str(config_path)], env=env, capture_output=True, timeout=120
+                ["ray", "down", "-y", str(config_path)],
+                env=env,
+                capture_output=True,
+                timeout=generous(120),
             )
         leftover = list(rc.jobs())
         if leftover:

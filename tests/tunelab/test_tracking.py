@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import cli_json, write_spec
+from tests.conftest import cli_json, generous, write_spec
 from tunelab.layout import ExperimentLayout
 from tunelab.outcome import final_metrics
 from tunelab.tracking import MlflowTracker, Tracker, TrackingCallback, verdict_tags
@@ -75,7 +75,7 @@ class _Flaky:
 
 
 def _wait(cond: Any, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + generous(timeout)
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.02)

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
+from tests.conftest import generous
 from tests.tunelab.test_mlflow_server import _free_port
 from tunelab.errors import EXIT_TRACKING_UNAVAILABLE, TrackingUnavailable
 from tunelab.layout import ExperimentLayout
@@ -91,7 +92,7 @@ class _Server:
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + generous(timeout)
     while not cond():
         if time.monotonic() > deadline:
             pytest.fail(message)
