@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import logging
 import os
 import sys
@@ -290,6 +291,30 @@ def _run(
     restore: bool,
 ) -> dict[str, Any]:
     kind = get_kind(spec.kind)(spec, state.layout)
+    state.layout.stopped_file.unlink(missing_ok=True)  # running again: not stopped any more
+    try:
+        return _run_once(
+            state, spec, tracker, kind, address=address, progress=progress, restore=restore
+        )
+    except ExperimentInterrupted:
+        # what `platform status` reads: trials Tune had started were interrupted, not running
+        atomic_write_json(
+            state.layout.stopped_file,
+            {"stopped": datetime.datetime.now().isoformat(timespec="seconds")},
+        )
+        raise
+
+
+def _run_once(
+    state: RunState,
+    spec: AnySpec,
+    tracker: Tracker,
+    kind: ExperimentKind,
+    *,
+    address: str | None,
+    progress: bool | None,
+    restore: bool,
+) -> dict[str, Any]:
     root = state.layout.root
     with _StopSignals(root) as stop, _stdout_to_stderr():  # stdout stays for --json
         with _ray_keeps_sigterm():

@@ -78,6 +78,11 @@ class ExperimentLayout:
         return self.root / RUN_STATE_FILE
 
     @property
+    def stopped_file(self) -> Path:
+        """Written when the driver was stopped (signal) before the end; removed on resume."""
+        return self.root / "tunelab_stopped.json"
+
+    @property
     def runs_file(self) -> Path:
         return self.root / "tunelab_runs.json"
 

@@ -215,13 +215,19 @@ def outcomes_from_folder(
     """
     runs = dict(runs or {})
     summary = read_json(layout.summary_file, {})
+    stopped = layout.stopped_file.exists()  # the driver was stopped: live trials are interrupted
     recorded = {t["trial_id"]: t["status"] for t in summary.get("trials", [])}
     tune_states = layout.tune_trial_states()
     out = []
     for tid, rows in layout.trial_results().items():
         last = rows[-1]
         o = _outcome(
-            tid, last, dict(last.get("config") or {}), tune_states.get(tid, "PENDING"), budget
+            tid,
+            last,
+            dict(last.get("config") or {}),
+            tune_states.get(tid, "PENDING"),
+            budget,
+            stopped=stopped,
         )
         o.run_id = runs.get(tid)
         if tid in recorded:
@@ -231,12 +237,18 @@ def outcomes_from_folder(
 
 
 def _outcome(
-    trial_id: str, last: Mapping[str, Any], config: Mapping[str, Any], tune_status: str, budget: int
+    trial_id: str,
+    last: Mapping[str, Any],
+    config: Mapping[str, Any],
+    tune_status: str,
+    budget: int,
+    *,
+    stopped: bool = False,
 ) -> TrialOutcome:
     return TrialOutcome(
         trial_id=trial_id,
         seed=config.get("seed"),
-        status=result_status(tune_status, last, budget),
+        status=result_status(tune_status, last, budget, stopped=stopped),
         iterations=_iterations(last),
         metrics=final_metrics(last),
         config=dict(config.get("config") or {}),

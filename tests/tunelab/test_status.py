@@ -267,3 +267,7 @@ def test_seeds_never_started_after_an_interruption_are_pending(
     seeds = ", ".join(str(t["seed"]) for t in waiting)
     assert f"not started: {len(waiting)} trial(s), seeds {seeds}" in table
     assert "selected: none yet (not finished)" in table and "finished: no" in table
+    # trials Tune had started when the driver stopped are interrupted, never "running"
+    assert (_exp_dir / "tunelab_stopped.json").is_file()
+    started = [t for t in created if t["status"] not in ("finished", "culled")]
+    assert started and all(t["status"] == "interrupted" for t in started), created
