@@ -435,7 +435,9 @@ def verdict(
     one_level = len(levels) == 1 and None not in levels
     ci_header = f"{_pct(next(iter(levels)))} CI" if one_level else "CI (level)"
     by_round = any("round" in r for r in rows)
-    cols = ("lever", "verdict", "effect", ci_header, "p", "n", "dz", "rho", "guardrails")
+    corrections = {r.get("correction") for r in rows if r.get("p_adjusted") is not None}
+    p_header = f"p ({corrections.pop()})" if len(corrections) == 1 else "p"  # corrected where it is
+    cols = ("lever", "verdict", "effect", ci_header, p_header, "n", "dz", "rho", "guardrails")
     for col in ("round", *cols) if by_round else cols:
         table.add_column(col)
     for r in rows:
@@ -452,7 +454,7 @@ def verdict(
             verdict_text,
             _fmt(r["effect"]),
             ci,
-            _fmt(r["p_value"]),
+            _fmt(r["p_adjusted"] if r.get("p_adjusted") is not None else r["p_value"]),
             str(r["n_pairs"]),
             _fmt(r["dz"]),
             _fmt(r["rho"]),

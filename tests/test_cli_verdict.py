@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from cli import app
+from cli import _fmt, app
 
 
 def _table(tmp: Path, suffix: str = ".csv") -> tuple[Path, pd.DataFrame]:
@@ -117,3 +117,17 @@ def test_bad_arguments_exit_2(tmp_path: Path, extra: list[str], needle: str) -> 
     path, _ = _table(tmp_path)
     result = CliRunner().invoke(app, ["verdict", str(path), *extra])
     assert result.exit_code == 2 and needle in result.output
+
+
+def test_the_table_shows_the_corrected_p_where_it_is(tmp_path: Path) -> None:
+    path, _ = _table(tmp_path)
+    base = ["verdict", str(path), "--metric", "val/spike_l1", "--mode", "min"]
+    base += ["--min-effect", "0.01"]
+    data = json.loads(CliRunner().invoke(app, [*base, "--correction", "holm", "--json"]).output)
+    result = CliRunner().invoke(app, [*base, "--correction", "holm"])
+    assert result.exit_code == 0, result.output
+    assert "p (holm)" in result.output
+    lds = next(v for v in data if v["lever"] == "lds")  # the smallest p: Holm multiplies it
+    assert lds["p_adjusted"] == pytest.approx(2 * lds["p_value"])
+    row = next(line for line in result.output.splitlines() if "lds" in line)
+    assert _fmt(lds["p_adjusted"]) in row and _fmt(lds["p_value"]) not in row
