@@ -9,15 +9,16 @@ skip-NaN / clip / mean-norm loop is written once, here. Per step it:
   the order given) and the step is skipped;
 - computes every parameter's gradient norm once (``torch._foreach_norm``, the
   same per-tensor norms ``clip_grad_norm_`` computes), from them the global
-  norm before clipping (identical to ``torch.nn.utils.clip_grad_norm_``'s) and
-  the norm per layer (the model's top-level modules, see :func:`default_layers`);
+  norm before clipping (identical to ``torch.nn.utils.clip_grad_norm_``'s);
   a non-finite gradient names the first non-finite parameter in module order;
 - clips (``clip_grads_with_norm_``) and steps, through a ``GradScaler`` under
   fp16 AMP (an overflow the scaler skips is counted apart: it is dynamic loss
   scaling, not divergence; bf16 needs no scaler);
-- every ``layer_norms_every`` steps, checks the parameters after the step (the
-  culprit is the first non-finite parameter, by module path) and measures the
-  update-to-weight ratio ``||delta theta|| / ||theta||`` (Karpathy's rule of
+- every ``layer_norms_every`` steps, groups those norms per layer (the
+  model's top-level modules, see :func:`default_layers`), checks the
+  parameters after the step (the culprit is the first non-finite parameter,
+  by module path) and measures the update-to-weight ratio
+  ``||delta theta|| / ||theta||`` (theta after the step; Karpathy's rule of
   thumb: about 1e-3 is healthy);
 - feeds the explosion detector (below) and the loss-term balance
   (share of term k = ``|w_k v_k| / sum_j |w_j v_j|``).
@@ -103,9 +104,11 @@ class HealthPolicy(BaseModel):
         growth_factor: The iteration rule: the iteration's largest norm grew by
             at least this factor ...
         growth_iterations: ... this many iterations in a row (0: off).
-        layer_norms_every: Check parameters and measure the update ratio every
-            this many steps (1: every step). Per-layer gradient norms are kept
-            every step (they cost no extra pass: clipping computes them).
+        layer_norms_every: Group the gradient norms per layer, check the
+            parameters and measure the update ratio every this many steps (1:
+            every step). The global norm, the loss terms and the explosion
+            rule see every step; an explosion on a step in between still
+            names its layer. See ``bench/bench_health.py`` for the cost.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

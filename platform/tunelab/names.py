@@ -217,7 +217,7 @@ M_HEALTH_NAN_SKIPPED = "health/nan_skipped"
 M_HEALTH_AMP_SKIPPED = "health/amp_skipped"
 #: Explosion events this iteration (step rule and sustained-growth rule).
 M_HEALTH_EXPLOSIONS = "health/explosions"
-#: ||delta theta|| / ||theta|| of a step, mean over the measured steps.
+#: ||delta theta|| / ||theta|| (after the step) of a step, mean over the measured steps.
 M_HEALTH_UPDATE_RATIO = "health/update_ratio"
 #: Prefixes: ``health/layer_grad_norm_max/<layer>``, ``.../layer_grad_norm_mean/<layer>``.
 M_HEALTH_LAYER_NORM_MAX = "health/layer_grad_norm_max"
