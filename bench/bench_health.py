@@ -144,7 +144,7 @@ class Runner:
                 self.model,
                 self.opt,
                 clip=CLIP,
-                policy=HealthPolicy(layer_norms_every=every),
+                policy=HealthPolicy(layer_norms_every=every, update_ratio_every=max(every, 10)),
                 watch=[WATCH],
             )
         )

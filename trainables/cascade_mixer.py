@@ -61,10 +61,11 @@ monitor left running (``stop_on_explosion: false``), seed 1001:
   pre-scale RMS (mean per iteration) 1.6 -> 0.76 -> 0.31 -> 0.14 -> 0.08
   against a target of 4.9 (PowerMuse: 1.09 vs 5.69), its gain g 0.13 -> 0.10
   -> 0.05 -> 0.02; every step clipped (clip 10). The default
-  HealthPolicy's growth rule fires at iteration 4 (step 120): "sustained
-  gradient growth; term recon; layer mixer.stages.2 x2.73; norm 704.2 (level
-  92.29, x7.63)". Same iteration, layer and term for all of seeds 1001-1008
-  (norms at iteration 4: 540-790). No NaN: the forward output is RMS-normalised
+  HealthPolicy's growth rule (x4 over two iterations, still growing) fires at
+  iteration 3 (step 90): "sustained gradient growth; term recon; layer
+  mixer.stages.2 x1.73; norm 248 (level 55.19, x4.49)"; for seeds 1002-1008
+  at iteration 4 (step 120, norms 520-810), always naming mixer.stages.2 and
+  recon. No NaN: the forward output is RMS-normalised
   by construction and Adam's steps are bounded, so gradients grow to ~5e3 but
   stay finite (25 iterations, fp32); the step rule (10x the median) never
   fires, the growth being smooth.
@@ -74,11 +75,11 @@ monitor left running (``stop_on_explosion: false``), seed 1001:
 - 2 stages, residuals [1, 1], clamp (the control): norm 17 -> 10 -> 9.6 -> 8.8
   ... 10.6 (12 iterations), no event, val/mix_error 0.518.
 - 2 stages, no clamp: the slow version of the collapse: norm 21 -> 27 -> 31 ->
-  34 ... 78, scale 1.9 -> 10 over 12 iterations (never 2x per iteration, so no
-  event), val/mix_error 0.78.
+  34 ... 78, scale 1.9 -> 10 over 12 iterations (never x4 over two iterations,
+  so no event), val/mix_error 0.78.
 
 ``search_spaces/cascade_health.yaml --quick`` (4 seeds, 6 iterations, 40 s on
-2 cores): ``unclamped_3stage`` diverged at iteration 4 on every seed (verdict
+2 cores): ``unclamped_3stage`` diverged at iteration 3 or 4 on every seed (verdict
 crashed), ``clamped_3stage`` wins (val/mix_error -0.017), ``spectral_norm``
 null, ``unclamped_2stage`` negative (+0.20).
 

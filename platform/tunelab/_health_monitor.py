@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import itertools
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -306,16 +305,18 @@ class HealthMonitor:
                 torch.nn.utils.clip_grads_with_norm_(
                     [params[i] for i in with_grad], self.clip, total_norm
                 )
-            check = self.step_count % self.policy.layer_norms_every == 0
-            layer_norms = self._layer_norms(opt, with_grad, stacked) if check else None
-            if check:
+            p = self.policy
+            layers = self.step_count % p.layer_norms_every == 0
+            layer_norms = self._layer_norms(opt, with_grad, stacked) if layers else None
+            ratio = self.step_count % p.update_ratio_every == 0
+            if ratio:
                 self._before_step(opt)
             if self.scaler is not None:
                 self.scaler.step(opt.optimizer)
                 self.scaler.update()
             else:
                 opt.optimizer.step()
-            if check:
+            if ratio:
                 self._after_step(opt)
             self._record(
                 opt,
@@ -578,7 +579,9 @@ class HealthMonitor:
             self._check_params()  # trial after this iteration's report
 
     def _growth(self, opt: _Opt, peak: float) -> Diagnosis | None:
-        """The iteration rule: ``growth_iterations`` iterations in a row grew ``growth_factor``x."""
+        """The iteration rule: over the last ``n = growth_iterations`` iterations the largest
+        norm grew at least ``growth_factor ** n``-fold, and it grew again in the last one
+        (a cumulative rule: one slower iteration in a steady climb does not hide it)."""
         p = self.policy
         opt.iter_max.append(peak)
         del opt.iter_max[: -(p.growth_iterations + 1) or None]
@@ -588,7 +591,7 @@ class HealthMonitor:
         seq = opt.iter_max[-(n + 1) :]
         if not all(math.isfinite(v) and v > 0 for v in seq):
             return None
-        if not all(b >= p.growth_factor * a for a, b in itertools.pairwise(seq)):
+        if seq[-1] < p.growth_factor**n * seq[0] or seq[-1] <= seq[-2]:
             return None
         prev = self.history[-2]["layers"] if len(self.history) >= 2 else {}
         now = self.history[-1]["layers"]

@@ -15,9 +15,10 @@ skip-NaN / clip / mean-norm loop is written once, here. Per step it:
   fp16 AMP (an overflow the scaler skips is counted apart: it is dynamic loss
   scaling, not divergence; bf16 needs no scaler);
 - every ``layer_norms_every`` steps, groups those norms per layer (the
-  model's top-level modules, see :func:`default_layers`), checks the
-  parameters after the step (the culprit is the first non-finite parameter,
-  by module path) and measures the update-to-weight ratio
+  model's top-level modules, see :func:`default_layers`); every
+  ``update_ratio_every`` steps, checks the parameters after the step (the
+  culprit is the first non-finite parameter, by module path) and measures
+  the update-to-weight ratio
   ``||delta theta|| / ||theta||`` (theta after the step; Karpathy's rule of
   thumb: about 1e-3 is healthy);
 - feeds the explosion detector (below) and the loss-term balance
@@ -28,9 +29,10 @@ The explosion detector fires when
 - a step's pre-clip global norm exceeds ``explosion_factor`` x its *robust
   level*, the median of the last ``window`` finite norms (a spike never moves
   a median; at least ``min_history`` norms are needed), or
-- the iteration's largest norm grew by ``growth_factor`` or more for
-  ``growth_iterations`` iterations in a row (sustained growth, as in the
-  PowerMuse cascade's 2.45 -> 6.66 -> 16.71 -> NaN).
+- the iteration's largest norm grew ``growth_factor ** growth_iterations``-fold
+  over the last ``growth_iterations`` iterations and grew again in the last
+  one (sustained growth, as in the PowerMuse cascade's 2.45 -> 6.66 -> 16.71
+  -> NaN: x6.8 over two epochs).
 
 It names the layer whose norm grew most against that layer's own level and
 the loss term with the largest share at that step.
@@ -101,14 +103,19 @@ class HealthPolicy(BaseModel):
             many times the median of the last ``window`` norms.
         window: Steps in the robust level (median) of the norm.
         min_history: Norms needed before the step rule may fire (<= window).
-        growth_factor: The iteration rule: the iteration's largest norm grew by
-            at least this factor ...
-        growth_iterations: ... this many iterations in a row (0: off).
-        layer_norms_every: Group the gradient norms per layer, check the
-            parameters and measure the update ratio every this many steps (1:
-            every step). The global norm, the loss terms and the explosion
-            rule see every step; an explosion on a step in between still
-            names its layer. See ``bench/bench_health.py`` for the cost.
+        growth_factor: The iteration rule: the iteration's largest norm grew at
+            least ``growth_factor ** growth_iterations``-fold over the last
+            ``growth_iterations`` iterations (0: off), and grew again in the
+            last one.
+        growth_iterations: See ``growth_factor``.
+        layer_norms_every: Group the gradient norms per layer every this many
+            steps (1: every step). The global norm, the loss terms and the
+            explosion rule see every step; an explosion on a step in between
+            still names its layer.
+        update_ratio_every: Check the parameters after the step and measure
+            the update-to-weight ratio every this many steps (a copy and two
+            norm passes over the parameters: the monitor's largest cost). See
+            ``bench/bench_health.py`` for the figures.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -122,6 +129,7 @@ class HealthPolicy(BaseModel):
     growth_factor: Annotated[float, Field(gt=1, le=1e12, allow_inf_nan=False)] = 2.0
     growth_iterations: Annotated[StrictInt, Field(ge=0, le=100_000)] = 2
     layer_norms_every: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 1
+    update_ratio_every: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 10
 
     @model_validator(mode="after")
     def _history_fits(self) -> HealthPolicy:

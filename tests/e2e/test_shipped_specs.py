@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli_json
+from tests.conftest import ROOT, cli_json, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -111,3 +111,38 @@ def test_the_a100_overrides_in_a_spec_comment_validate() -> None:
         overrides = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
         assert overrides, path
         load_spec(path, overrides=overrides)  # raises SpecError if the documented size is invalid
+
+
+def test_cascade_health_ab_ends_the_unclamped_arm_diverged_with_its_diagnosis(
+    tmp_path: Path,
+) -> None:
+    # issue 11: PowerMuse's unclamped weak-residual cascade explodes; the monitor names the
+    # stage and the loss term, ends those trials and the lever is crashed; the others get verdicts
+    storage = tmp_path / "res"
+    summary = cli_json(
+        "sweep",
+        str(SPECS / "cascade_health.yaml"),
+        "--quick",
+        "--set",
+        "budget=4",
+        "--set",
+        "seeds=[1001, 1002]",
+        "--storage",
+        str(storage),
+    )
+    bad = [t for t in summary["trials"] if t["arm"] == "unclamped_3stage"]
+    assert bad and all(t["status"] == "diverged" for t in bad), bad
+    for t in bad:
+        assert "sustained gradient growth" in t["diagnosis"]
+        assert "term recon" in t["diagnosis"] and "layer mixer.stages.2" in t["diagnosis"]
+    verdicts = {v["lever"]: v["verdict"] for v in summary["verdicts"]}
+    assert verdicts.pop("unclamped_3stage") == "crashed"
+    assert verdicts and "crashed" not in verdicts.values(), verdicts
+    others = [t for t in summary["trials"] if t["arm"] != "unclamped_3stage"]
+    assert all(t["status"] == "finished" for t in others)
+    page = tmp_path / "report.html"
+    proc = run_cli("report", summary["experiment_dir"], "--out", str(page))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    html = page.read_text()
+    for t in bad:  # the report shows every diverged trial's diagnosis
+        assert f'data-trial="{t["trial_id"]}"' in html

@@ -116,7 +116,7 @@ def test_export_writes_metrics_and_png(tmp_path: Path) -> None:
 def test_unclamped_weak_residual_explodes_and_is_caught_before_any_nonfinite_step() -> None:
     # PowerMuse's failure: 3 stages, 0.1 residual in the last, no clamp (default policy)
     exp = _build(**QUICK, **WEAK, rms_clamp=None)
-    for _ in range(4):  # the growth rule fires at iteration 4 (2x twice in a row)
+    for _ in range(4):  # the growth rule (x4 over two iterations) fires by iteration 4
         exp.train_iteration()
     kinds = [e.kind for e in exp.health.events]
     assert kinds and kinds[0] in ("explosion", "growth"), kinds

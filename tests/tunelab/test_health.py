@@ -173,7 +173,7 @@ def test_a_nan_gradient_in_one_layer_names_that_layer() -> None:
 
 
 def test_a_non_finite_parameter_after_the_step_ends_the_trial() -> None:
-    net, opt, mon = _setup()
+    net, opt, mon = _setup(policy=HealthPolicy(update_ratio_every=1))
     gen = torch.Generator().manual_seed(5)
     x, y = _batch(gen)
     opt.param_groups[0]["lr"] = math.inf  # finite gradients, an infinite update
@@ -281,7 +281,7 @@ def test_loss_shares_are_weighted_values_over_their_sum() -> None:
 
 
 def test_update_ratio_and_activation_watch() -> None:
-    net, _, mon = _setup(watch=["blocks.1"])
+    net, _, mon = _setup(watch=["blocks.1"], policy=HealthPolicy(update_ratio_every=1))
     x, y = _batch(torch.Generator().manual_seed(12))
     before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
     with torch.no_grad():  # the watched output: blocks.1's (pre-tanh) at the step
