@@ -157,3 +157,17 @@ def test_trial_state_callback_sets_every_state(monkeypatch: pytest.MonkeyPatch) 
     got = {tags["state"]: value for value, tags in made[tm.TRIALS].calls}
     assert got == {"running": 0, "paused": 0, "pending": 0, "culled": 1, "finished": 1, "error": 0}
     assert {tags["family"] for _, tags in made[tm.TRIALS].calls} == {"toy"}
+
+
+def test_explosions_and_diverged_trials_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tm, "_create", _fake_create)
+    rec = tm.TrialRecorder("spec-a", "cascade_mixer")
+    rec.iteration(0.25, {tm.FAMILY_EXPLOSIONS: 1.0, tm.FAMILY_NAN_SKIPPED: 2.0})
+    rec.iteration(0.25, {tm.FAMILY_EXPLOSIONS: 0.0})
+    rec.diverged()
+    made = tm._metrics()
+    assert made is not None
+    tags = {"spec": "spec-a", "family": "cascade_mixer"}
+    assert made[tm.EXPLOSIONS].calls == [(1.0, tags)]
+    assert made[tm.NAN_SKIPPED].calls == [(2.0, tags)]
+    assert made[tm.DIVERGED_TRIALS].calls == [(1.0, tags)]
