@@ -305,10 +305,11 @@ class HealthMonitor:
                 torch.nn.utils.clip_grads_with_norm_(
                     [params[i] for i in with_grad], self.clip, total_norm
                 )
+            # sampled from each iteration's first applied step on: every iteration has them
             p = self.policy
-            layers = self.step_count % p.layer_norms_every == 0
+            layers = opt.steps % p.layer_norms_every == 0
             layer_norms = self._layer_norms(opt, with_grad, stacked) if layers else None
-            ratio = self.step_count % p.update_ratio_every == 0
+            ratio = opt.steps % p.update_ratio_every == 0
             if ratio:
                 self._before_step(opt)
             if self.scaler is not None:

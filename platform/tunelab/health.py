@@ -109,11 +109,12 @@ class HealthPolicy(BaseModel):
             last one.
         growth_iterations: See ``growth_factor``.
         layer_norms_every: Group the gradient norms per layer every this many
-            steps (1: every step). The global norm, the loss terms and the
+            applied steps of an iteration, from its first (1: every step). The global norm, the loss terms and the
             explosion rule see every step; an explosion on a step in between
             still names its layer.
         update_ratio_every: Check the parameters after the step and measure
-            the update-to-weight ratio every this many steps (a copy and two
+            the update-to-weight ratio every this many applied steps of an
+            iteration, from its first (a copy and two
             norm passes over the parameters: the monitor's largest cost). See
             ``bench/bench_health.py`` for the figures.
     """

@@ -39,19 +39,21 @@ pytestmark = pytest.mark.slow
 SPEC_NAME = "obs-metrics"
 FAMILY = "tests.observability.nan_family:FAMILY"
 BUDGET = 6
+DIVERGE_AT = 4  # the fast arm's seed 2: its loss turns NaN here; two skips end it diverged
 SPEC = f"""
 kind: lever_ab
 name: {SPEC_NAME}
 family: "{FAMILY}"
 control: {{hidden: 8, steps_per_iter: 100, lr: 0.001}}
 levers:
-  fast: {{lr: 0.03}}
+  fast: {{lr: 0.03, nan_loss_at: {DIVERGE_AT}, nan_seed: 2}}
 seeds: [1, 2]
 budget: {BUDGET}
 metric: {{name: val/log_mse, mode: min}}
 decision: {{min_effect: 0.2, alpha: 0.05}}
 checkpoint: {{every: 2}}
 failure: {{retries: 0, tolerate: 0}}
+health: {{max_consecutive_skips: 2}}
 """
 
 
@@ -271,19 +273,25 @@ def test_counters_agree_with_the_sweep(
     prom, summary, start, end = run
     trials = summary["trials"]
     iterations = sum(t["iterations"] for t in trials)
-    assert len(trials) == 4 and iterations == 4 * BUDGET
+    assert len(trials) == 4 and iterations == 3 * BUDGET + DIVERGE_AT
+    assert [t["status"] for t in trials].count("diverged") == 1
     reports = tm.METRICS[tm.REPORTS].prometheus_name
     assert _max_over_run(prom, f"sum({reports}{{{SPEC_FILTER}}})", start, end) == iterations
     count = f"{tm.prometheus_series(tm.ITERATION_SECONDS)[2]}{{{SPEC_FILTER}}}"
     assert _max_over_run(prom, f"sum({count})", start, end) == iterations
-    # nan_family skips one step on every odd iteration
+    # nan_family reports one skipped step on every odd iteration; the diverged trial's last
+    # iteration is the monitor's own: two real skips
     nan = tm.METRICS[tm.NAN_SKIPPED].prometheus_name
-    assert _max_over_run(prom, f"sum({nan}{{{SPEC_FILTER}}})", start, end) == 4 * math.ceil(
-        BUDGET / 2
-    )
-    # checkpoints at iterations 2, 4, 6 of every trial
+    expected = 3 * math.ceil(BUDGET / 2) + math.ceil((DIVERGE_AT - 1) / 2) + 2
+    assert _max_over_run(prom, f"sum({nan}{{{SPEC_FILTER}}})", start, end) == expected
+    # one explosion per trial (iteration 2), one diverged trial
+    explosions = tm.METRICS[tm.EXPLOSIONS].prometheus_name
+    assert _max_over_run(prom, f"sum({explosions}{{{SPEC_FILTER}}})", start, end) == 4
+    diverged = tm.METRICS[tm.DIVERGED_TRIALS].prometheus_name
+    assert _max_over_run(prom, f"sum({diverged}{{{SPEC_FILTER}}})", start, end) == 1
+    # checkpoints at iterations 2, 4, 6 of every trial (the diverged one: only 2)
     ckpts = f"{tm.prometheus_series(tm.CHECKPOINT_SECONDS)[2]}{{{SPEC_FILTER}}}"
-    assert _max_over_run(prom, f"sum({ckpts})", start, end) == 4 * (BUDGET // 2)
+    assert _max_over_run(prom, f"sum({ckpts})", start, end) == 3 * (BUDGET // 2) + 1
     size = tm.METRICS[tm.CHECKPOINT_BYTES].prometheus_name
     assert _max_over_run(prom, f"max({size}{{{SPEC_FILTER}}})", start, end) > 1000
 
