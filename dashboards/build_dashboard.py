@@ -159,7 +159,7 @@ def rows() -> list[tuple[str, list[dict[str, Any]]]]:
                     2,
                     "Trials by state",
                     "Running, paused (waiting at a sync cull), pending, culled, "
-                    "finished and errored trials over time.",
+                    "finished, errored and diverged trials over time.",
                     [(trials, "{{state}}")],
                     stack=True,
                 ),

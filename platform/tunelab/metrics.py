@@ -14,7 +14,7 @@ In Prometheus, Ray prefixes each name with ``ray_``; counters also get
 Prometheus name                     type      unit    tags        meaning (recorded by)
 =================================== ========= ======= =========== ==============================================
 ray_tunelab_trials                  gauge     trials  spec family trials per state: running, paused, pending,
-                                                      state       culled, finished, error (driver)
+                                                      state       culled, finished, error, diverged (driver)
 ray_tunelab_iteration_seconds       histogram seconds spec family wall time of one ``train_iteration`` (trial)
 ray_tunelab_reports_total           counter   reports spec family results reported to Tune; ``rate()`` is
                                                                   reports per second (trial)
@@ -55,7 +55,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tunelab._callback import DriverCallback
-from tunelab.names import LIVE_STATES, M_HEALTH_EXPLOSIONS, M_HEALTH_NAN_SKIPPED
+from tunelab.names import LIVE_STATES, M_HEALTH_EXPLOSIONS, M_HEALTH_NAN_SKIPPED, TrialStatus
 
 __all__ = [
     "CHECKPOINT_BYTES",
@@ -93,8 +93,8 @@ VERDICTS = "tunelab_verdicts"
 
 #: Prometheus label keys (Ray calls them tags).
 LABEL_SPEC, LABEL_FAMILY, LABEL_STATE, LABEL_VERDICT = "spec", "family", "state", "label"
-#: Values of the ``state`` tag of :data:`TRIALS`.
-TRIAL_STATES = LIVE_STATES
+#: Values of the ``state`` tag of :data:`TRIALS` (a trial the health monitor ended: diverged).
+TRIAL_STATES = (*LIVE_STATES, TrialStatus.DIVERGED.value)
 #: The health metrics counted by :data:`NAN_SKIPPED` and :data:`EXPLOSIONS`.
 FAMILY_NAN_SKIPPED = M_HEALTH_NAN_SKIPPED
 FAMILY_EXPLOSIONS = M_HEALTH_EXPLOSIONS

@@ -145,7 +145,7 @@ def test_trial_states_split_terminated_into_culled_and_finished() -> None:
         "finished": 1,
         "error": 1,
     }
-    assert set(counts) == set(tm.TRIAL_STATES)
+    assert set(counts) | {"diverged"} == set(tm.TRIAL_STATES)  # diverged: once a trial is
 
 
 def test_trial_state_callback_sets_every_state(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,7 +155,15 @@ def test_trial_state_callback_sets_every_state(monkeypatch: pytest.MonkeyPatch) 
     made = tm._metrics()
     assert made is not None
     got = {tags["state"]: value for value, tags in made[tm.TRIALS].calls}
-    assert got == {"running": 0, "paused": 0, "pending": 0, "culled": 1, "finished": 1, "error": 0}
+    assert got == {
+        "running": 0,
+        "paused": 0,
+        "pending": 0,
+        "culled": 1,
+        "finished": 1,
+        "error": 0,
+        "diverged": 0,
+    }
     assert {tags["family"] for _, tags in made[tm.TRIALS].calls} == {"toy"}
 
 

@@ -314,7 +314,8 @@ def test_trial_state_gauge_saw_running_and_finished(
     prom, _, start, end = run
     gauge = tm.METRICS[tm.TRIALS].prometheus_name
     assert _max_over_run(prom, f'sum({gauge}{{{SPEC_FILTER}, state="running"}})', start, end) >= 1
-    assert _max_over_run(prom, f'sum({gauge}{{{SPEC_FILTER}, state="finished"}})', start, end) == 4
+    assert _max_over_run(prom, f'sum({gauge}{{{SPEC_FILTER}, state="finished"}})', start, end) == 3
+    assert _max_over_run(prom, f'sum({gauge}{{{SPEC_FILTER}, state="diverged"}})', start, end) == 1
 
 
 def test_local_ray_serves_metrics_on_the_env_port(tmp_path: Path) -> None:

@@ -188,10 +188,10 @@ kind: seed_cull
 name: toy-health
 family: "{toy}"
 config: {{hidden: 8, steps_per_iter: 5, nan_loss_at: 2, nan_seed: 1}}
-seeds: 4
+seeds: 3
 budget: 4
 metric: {{name: val/score, mode: max}}
-cull: {{at: 3, keep: 2, scheduler: sync}}
+cull: {{at: 3, keep: 1, scheduler: sync}}
 select: {{metric: val/score, mode: max}}
 failure: {{retries: 0, tolerate: 0}}
 health: {{max_consecutive_skips: 2}}
