@@ -145,7 +145,7 @@ def test_trial_states_split_terminated_into_culled_and_finished() -> None:
         "finished": 1,
         "error": 1,
     }
-    assert set(counts) | {"diverged"} == set(tm.TRIAL_STATES)  # diverged: once a trial is
+    assert set(counts) | {"diverged"} == set(tm.TRIAL_STATES)  # the gauge adds diverged
 
 
 def test_trial_state_callback_sets_every_state(monkeypatch: pytest.MonkeyPatch) -> None:
