@@ -30,9 +30,9 @@ SPEC = f"""
 kind: seed_cull
 name: toy-interrupt
 family: "{TOY}"
-config: {{hidden: 8, steps_per_iter: 200{{extra}}}}
+config: {{hidden: 8, steps_per_iter: 400{{extra}}}}
 seeds: 4
-budget: 6
+budget: 9
 metric: {{name: val/score, mode: max}}
 cull: {{at: 3, keep: 2, scheduler: sync, tie_break: val/aux}}
 select: {{metric: val/score, mode: max}}
@@ -70,7 +70,8 @@ MOMENTS: dict[str, Callable[[Path], bool]] = {
     "ray-start-up": _started,  # the folder exists; Ray / Tune are still starting
     "all-created-running": lambda s: _results(s) >= 1,  # first results: created trials all run
     "at-the-cull": lambda s: _results(s) >= 9,  # some seeds paused at the milestone
-    "survivors-running": lambda s: _results(s) >= 14,  # after the cull
+    # after the cull; 2 survivors x 6 iterations left: a window of a second or more
+    "survivors-running": lambda s: _results(s) >= 13,
 }
 
 
@@ -196,15 +197,15 @@ def _run_and_stop(spec: Path, storage: Path, tmp_path: Path, after_results: int)
 def test_a_resumed_asynchronous_cull_reaches_the_straight_state(
     tmp_path: Path, scheduler: str, pruner: str
 ) -> None:
-    # seeds one at a time; stopped after the first seed passed the rung and again later
+    # seeds one at a time; stopped after the first seed passed the rung
     text = ASYNC_SPEC.format(scheduler=scheduler)
     if scheduler == "optuna":
         text = text.replace("scheduler: optuna", f"scheduler: optuna, pruner: {pruner}")
     spec = write_spec(tmp_path / "s.yaml", text)
     straight_run = cli_json("sweep", str(spec), "--storage", str(tmp_path / "straight"))
-    # ASHA is stopped twice; the Optuna pruners all rebuild their study the same way
-    # (from the recorded results), once each is enough for them (CI time)
-    stops = (4, 8) if scheduler == "asha" else (4,)
+    # one stop after the first seed passed the rung: ASHA's rungs and Optuna's study are
+    # rebuilt from the recorded results (stopping twice ran the same path again; CI time)
+    stops = (4,)
     for k, after in enumerate(stops):  # well before the end, even on a loaded machine
         exp_dir = _run_and_stop(spec, tmp_path / f"stopped{k}", tmp_path, after)
         resumed = cli_json("resume", str(exp_dir))
