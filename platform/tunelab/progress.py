@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from tunelab._callback import DriverCallback
-from tunelab.names import LIVE_STATES, TrialStatus
+from tunelab.names import HEALTH_DIAGNOSIS, LIVE_STATES, TrialStatus
 from tunelab.outcome import result_status
 
 __all__ = ["ProgressCallback", "trial_counts"]
@@ -122,7 +122,8 @@ class ProgressCallback(DriverCallback):
         if status is TrialStatus.CULLED:
             self._say(f"{_who(trial)} culled at iteration {step}: {self.metric} {value}")
         elif status is TrialStatus.DIVERGED:
-            self._say(f"{_who(trial)} diverged at iteration {step}")
+            why = result.get(HEALTH_DIAGNOSIS)
+            self._say(f"{_who(trial)} diverged at iteration {step}" + (f": {why}" if why else ""))
         else:
             self._say(f"{_who(trial)} {status.value} at iteration {step}: {self.metric} {value}")
 
