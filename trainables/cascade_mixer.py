@@ -109,14 +109,7 @@ from torch import nn
 
 from tunelab import Family, atomic_write_json
 from tunelab.health import HealthMonitor
-from tunelab.names import (
-    M_HEALTH_CLIP_RATE,
-    M_HEALTH_EXPLOSIONS,
-    M_HEALTH_GRAD_NORM,
-    M_HEALTH_GRAD_NORM_MAX,
-    M_HEALTH_NAN_SKIPPED,
-    M_HEALTH_UPDATE_RATIO,
-)
+from tunelab.names import HEALTH_METRICS
 
 __all__ = [
     "FAMILY",
@@ -152,12 +145,7 @@ METRICS = (
     M_VAL_MIX_ERROR,
     M_VAL_ENV_CORR,
     M_VAL_SCALE,
-    M_HEALTH_GRAD_NORM,
-    M_HEALTH_GRAD_NORM_MAX,
-    M_HEALTH_CLIP_RATE,
-    M_HEALTH_NAN_SKIPPED,
-    M_HEALTH_EXPLOSIONS,
-    M_HEALTH_UPDATE_RATIO,
+    *HEALTH_METRICS,  # tunelab.health
 )
 
 
