@@ -14,15 +14,8 @@ pytestmark = pytest.mark.slow
 SPECS = ROOT / "search_spaces"
 
 # tiny budgets on top of each spec's quick block
+# sigma_ramp.yaml runs at --quick through `ray up` on SLURM (tests/slurm/test_ray_up.py)
 TINY = {
-    "sigma_ramp.yaml": [
-        "--set",
-        "num_samples=2",
-        "--set",
-        "budget=2",
-        "--set",
-        "scheduler.grace_period=1",
-    ],
     "sigma_ramp_ab.yaml": ["--set", "budget=2", "--set", "seeds=[1, 2]"],
     "lever.yaml": [
         "--set",
