@@ -8,7 +8,6 @@ every parent and returns the run names shown, as a reviewer sees them.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from tests.tunelab.test_mlflow_server import _free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 #: MLflow 3.x's expand button of a parent run (its run-name cell renderer).
@@ -29,12 +30,6 @@ def browser_available() -> bool:
     except ImportError:
         return False
     return CHROMIUM.exists()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class MlflowUI:
