@@ -193,6 +193,9 @@ class HealthMonitor:
         self._hooks = [self._watch(path) for path in watch]
         self._param_check: tuple[_Opt, Tensor] | None = None
         self._grads_stale = False
+        # the last applied step's term values and weights (the growth rule names a term)
+        self._last_values: dict[str, float] = {}
+        self._last_weights: dict[str, float] = {}
 
     # -- activation watches ------------------------------------------------------------
     def _watch(self, path: str) -> Any:
@@ -603,9 +606,7 @@ class HealthMonitor:
             iteration=self.iteration,
             step=self.step_count,
             optimizer=opt.name,
-            term=_largest_share(
-                getattr(self, "_last_values", {}), getattr(self, "_last_weights", {})
-            ),
+            term=_largest_share(self._last_values, self._last_weights),
             layer=layer,
             grad_norm=peak,
             level=seq[0],
