@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tunelab import distributed
 from tunelab.health import Diagnosis, HealthPolicy, StepResult, TrialDiverged
 from tunelab.names import (
     M_HEALTH_ACT_RMS,
@@ -284,6 +285,10 @@ class HealthMonitor:
             self.scaler.unscale_(opt.optimizer)
         params = opt.params
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        local: tuple[str | None, str | None, str | None] | None = None
+        if distributed.is_distributed():  # average over the workers first (DDP's arithmetic)
+            local = self._local_culprit(opt, with_grad, terms, step_acts)
+            distributed.average_gradients([params[i] for i in with_grad])
         grads = [params[i].grad for i in with_grad]
         norms = _tensor_norms(grads)  # type: ignore[arg-type]
         dev = grads[0].device if grads else torch.device("cpu")  # type: ignore[union-attr]
@@ -352,6 +357,12 @@ class HealthMonitor:
             layer = _layer_of(param, self.layers) if param else None
             param = _module_path(param) if param else None
         self._zero_grad()  # a skipped step's gradients are never used
+        rank = None
+        if local is not None:  # every worker skips this step: name the worker it came from
+            culprits = distributed.all_gather_objects(local)
+            rank = next((r for r, c in enumerate(culprits) if c != (None, None, None)), None)
+            if rank is not None:
+                bad_term, layer, param = culprits[rank]
         diag = Diagnosis(
             kind="nonfinite_loss" if bad_term else "nonfinite_grad",
             iteration=self.iteration,
@@ -362,6 +373,7 @@ class HealthMonitor:
             parameter=param,
             grad_norm=grad_norm,
             level=_median(opt.window),
+            rank=rank,
         )
         self._event(diag)
         p = self.policy
@@ -372,6 +384,46 @@ class HealthMonitor:
         return StepResult(False, total, values, grad_norm, False)
 
     # -- per-step pieces ----------------------------------------------------------------
+    def _local_culprit(
+        self,
+        opt: _Opt,
+        with_grad: list[int],
+        terms: Mapping[str, Tensor],
+        step_acts: Sequence[tuple[str, Tensor]],
+    ) -> tuple[str | None, str | None, str | None]:
+        """This worker's (term, layer, parameter) if its own loss or gradients are non-finite.
+
+        Read before the gradients are averaged (after that every worker sees the
+        same non-finite values). A non-finite term on this worker poisons its
+        gradients with NaN so that every worker skips the step. One host sync.
+        """
+        params = opt.params
+        grads = [params[i].grad for i in with_grad]
+        norms = _tensor_norms(grads)  # type: ignore[arg-type]
+        dev = grads[0].device if grads else torch.device("cpu")  # type: ignore[union-attr]
+        stacked = torch.stack([n.to(dev) for n in norms]) if norms else torch.zeros(0, device=dev)
+        names = list(terms)
+        host = torch.stack(
+            [torch.linalg.vector_norm(stacked, 2.0).float()]
+            + [terms[k].detach().float().to(dev).reshape(()) for k in names]
+        ).tolist()
+        bad_term = next(
+            (k for k, v in zip(names, host[1:], strict=True) if not math.isfinite(v)), None
+        )
+        if bad_term is not None:
+            for g in grads:
+                g.fill_(math.nan)  # type: ignore[union-attr]
+            layer = _first_nonfinite_output(step_acts)
+            return bad_term, layer, layer
+        if math.isfinite(host[0]):
+            return None, None, None
+        param = self._first_nonfinite(opt, with_grad, stacked)
+        return (
+            None,
+            _layer_of(param, self.layers) if param else None,
+            (_module_path(param) if param else None),
+        )
+
     def _zero_grad(self) -> None:
         for p in self.all_params:
             p.grad = None

@@ -161,6 +161,8 @@ class Diagnosis:
         grad_norm: The step's global pre-clip gradient norm.
         level: The robust level (median of the window) it is compared with.
         layer_growth: The named layer's norm over its own level.
+        rank: In a multi-worker trial, the worker whose loss or gradients went
+            non-finite first (lowest rank); None with one worker.
     """
 
     kind: str
@@ -174,6 +176,7 @@ class Diagnosis:
     level: float = math.nan
     layer_growth: float = math.nan
     diverged: bool = False
+    rank: int | None = None
 
     def line(self) -> str:
         """``iteration 3 step 41 (main): explosion; term recon; layer stages.2 x31; norm 45.3 (level 3.71, x12.2)``."""
@@ -185,6 +188,8 @@ class Diagnosis:
             "growth": "sustained gradient growth",
         }.get(self.kind, self.kind)
         parts = [f"iteration {self.iteration} step {self.step} ({self.optimizer}): {what}"]
+        if self.rank is not None:
+            parts.append(f"rank {self.rank}")
         if self.term:
             parts.append(f"term {self.term}")
         if self.layer:
