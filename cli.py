@@ -147,6 +147,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
 
 
+NO_DASHBOARD_HELP = (
+    "Start the local Ray without its dashboard (default: on 127.0.0.1:8265 or the next free "
+    "port; multi-worker trials need it to free a culled trial's workers)."
+)
+
+
 @app.command()
 def sweep(
     spec: Annotated[
@@ -180,6 +186,7 @@ def sweep(
             "--set", help="Override a spec key (repeatable): --set budget=2 --set config.hidden=16."
         ),
     ] = None,
+    no_dashboard: Annotated[bool, typer.Option("--no-dashboard", help=NO_DASHBOARD_HELP)] = False,
 ) -> None:
     """Validate a spec and run it: seed cull, sweep or lever A/B."""
     from tunelab import run_experiment
@@ -192,6 +199,7 @@ def sweep(
             tracking_uri=tracking_uri,
             address=address,
             overrides=set_ or (),
+            dashboard=not no_dashboard,
         )
     _finish(summary, as_json)
 
@@ -205,12 +213,13 @@ def resume(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON summary on stdout at the end.")
     ] = False,
+    no_dashboard: Annotated[bool, typer.Option("--no-dashboard", help=NO_DASHBOARD_HELP)] = False,
 ) -> None:
     """Continue an interrupted experiment (Ctrl-C, crash, SIGKILL) to the same final state."""
     from tunelab import resume_experiment
 
     with _exit_codes():
-        summary = resume_experiment(experiment_dir, address=address)
+        summary = resume_experiment(experiment_dir, address=address, dashboard=not no_dashboard)
     _finish(summary, as_json)
 
 

@@ -18,6 +18,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The Ray dashboard costs every local Ray seconds of start-up: on only where a test needs it
+# (multi-worker trials: Ray's state API frees a culled trial's workers).
+os.environ.setdefault("TUNELAB_NO_DASHBOARD", "1")
 
 #: Waits poll a condition; their limit only matters when it never holds. A loaded machine
 #: (CI beside other jobs) can be several times slower than a quiet one: limits are scaled.

@@ -78,6 +78,22 @@ monitor left running (``stop_on_explosion: false``), seed 1001:
   34 ... 78, scale 1.9 -> 10 over 12 iterations (never x4 over two iterations,
   so no event), val/mix_error 0.78.
 
+Device, precision and workers (:mod:`tunelab.devices`): the mixer, the
+discriminator, their optimizer state, the pairs and the instance-noise
+generator live on the trial's device (``device: auto`` is CUDA when the trial
+holds a GPU); the forward passes and the loss terms run under the
+``precision`` autocast (the parameters, the optimizer and the health monitor
+stay fp32; fp16 adds a gradient scaler). The batch order is drawn on the CPU,
+so it is the same on every device. The figures above are fp32 on the CPU,
+where the defaults reproduce them bit for bit. With ``resources.workers: N``
+every worker draws the same global batch (indices and instance noise) and
+keeps its slice (``tunelab.devices.shard``); the monitor averages the
+gradients. Every term but ``balance`` is a mean over examples, so N workers
+follow one up to float summation order; ``balance`` squares the batch mean of
+the masks, so each worker squares its slice's mean (an estimator of the same
+quantity, not the same number). One iteration is ``steps_per_iter`` steps:
+size it so an iteration fits the preemption grace period.
+
 ``search_spaces/cascade_health.yaml --quick`` (4 seeds, 6 iterations, 40 s on
 2 cores): ``unclamped_3stage`` diverged at iteration 3 or 4 on every seed (verdict
 crashed), ``clamped_3stage`` wins (val/mix_error -0.017), ``spectral_norm``
@@ -108,6 +124,14 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from tunelab import Family, atomic_write_json
+from tunelab.devices import (
+    DeviceFields,
+    Placement,
+    device_generator,
+    load_generator_state,
+    placement,
+    shard,
+)
 from tunelab.health import HealthMonitor
 from tunelab.names import HEALTH_METRICS
 
@@ -153,7 +177,7 @@ METRICS = (
 # Config
 # ---------------------------------------------------------------------------
 @dataclass(config=ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False))
-class Config:
+class Config(DeviceFields):
     """cascade_mixer hyperparameters. The defaults are PowerMuse's stable fix (the control).
 
     Two stages with full residuals and the scale factor clamped to [0.7, 1.5];
@@ -162,6 +186,8 @@ class Config:
 
     Every field carries its domain (finite floats, positive sizes, sane upper
     bounds), so ``lr: -0.002`` or ``hidden: 1e9`` is refused at spec validation.
+    ``device``, ``precision`` and ``deterministic`` come from
+    :class:`tunelab.devices.DeviceFields`.
     """
 
     # --- data (synthetic, identical for every trial seed) ---
@@ -218,9 +244,11 @@ class Config:
 
     # --- optimisation ---
     steps_per_iter: int = Field(default=30, ge=1, le=1_000_000)
-    """Optimizer steps per tunelab iteration (then one validation pass)."""
+    """Optimizer steps per tunelab iteration (then one validation pass): the unit of
+    checkpoints, so one iteration must fit the preemption grace period."""
     batch_size: int = Field(default=16, ge=1, le=65_536)
-    """Pairs per optimizer step (sampled with replacement by the seeded data generator)."""
+    """Pairs per optimizer step (sampled with replacement by the seeded data generator); the
+    global batch: with N workers each trains on batch_size / N of them."""
     lr: float = Field(default=1.5e-3, gt=0, le=1.0)
     """Adam learning rate of the mixer (constant)."""
     weight_decay: float = Field(default=0.0, ge=0, le=10.0)
@@ -272,6 +300,10 @@ class Split:
     """(N, T, E) encoded true mix, rescaled to the RMS of cat(rhythm, harmony)."""
     rhythm_env: torch.Tensor
     """(N, T) frame RMS envelope of the rhythm waveform."""
+
+    def to(self, device: torch.device) -> Split:
+        """The split on ``device`` (itself when it is there already)."""
+        return Split(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
 _DATA_FIELDS = ("data_seed", "n_train", "n_val", "frames", "frame_len", "enc_dim", "source_rms")
@@ -473,15 +505,23 @@ def balance_cost(m_r: torch.Tensor, m_h: torch.Tensor) -> torch.Tensor:
 # The experiment
 # ---------------------------------------------------------------------------
 class CascadeMixerExperiment:
-    """One trial: data, mixer (+ discriminator), optimizers, health monitor, seeded generators."""
+    """One trial: data, mixer (+ discriminator), optimizers, health monitor, seeded generators.
+
+    Everything lives on ``self.place.device`` but the data-order generator (CPU).
+
+    Raises:
+        tunelab.devices.DeviceUnavailable: ``device: cuda`` and no CUDA device is visible.
+    """
 
     def __init__(self, cfg: Config, seed: int) -> None:
         self.cfg = cfg
+        self.place: Placement = placement(cfg)
+        device = self.place.device
         data = make_dataset(cfg)
-        self.train, self.val = data["train"], data["val"]
-        # Init uses the global torch RNG that tunelab seeded with ``seed``.
-        self.mixer = CascadeMixer(cfg)
-        self.disc = FrameDiscriminator(cfg.enc_dim, cfg.disc_hidden)
+        self.train, self.val = data["train"].to(device), data["val"].to(device)
+        # Init uses the global torch RNG that tunelab seeded with ``seed`` (on the CPU, then moved).
+        self.mixer = CascadeMixer(cfg).to(device)
+        self.disc = FrameDiscriminator(cfg.enc_dim, cfg.disc_hidden).to(device)
         self.model = nn.ModuleDict({"mixer": self.mixer, "disc": self.disc})
         self.opt = torch.optim.AdamW(
             self.mixer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -491,10 +531,17 @@ class CascadeMixerExperiment:
         if cfg.discriminator:
             optimizers["disc"] = self.opt_d
         watch = [f"mixer.stages.{k}.{m}" for k in range(cfg.stages) for m in ("pre", "scale")]
-        self.health = HealthMonitor(self.model, optimizers, clip=cfg.grad_clip, watch=watch)
-        # Separate streams: the discriminator's draws never shift the data order.
+        self.health = HealthMonitor(
+            self.model,
+            optimizers,
+            clip=cfg.grad_clip,
+            watch=watch,
+            scaler=self.place.grad_scaler(),  # fp16 only
+        )
+        # Separate streams: the discriminator's draws never shift the data order. The order
+        # is drawn on the CPU (the same on every device); the instance noise on the device.
         self.data_gen = torch.Generator().manual_seed(seed)
-        self.disc_gen = torch.Generator().manual_seed(seed + 0x9E3779B9)
+        self.disc_gen = device_generator(seed + 0x9E3779B9, device)
         self.weights = {
             "recon": cfg.recon_weight,
             "novelty": cfg.novelty_weight,
@@ -506,28 +553,34 @@ class CascadeMixerExperiment:
 
     # --- training ---
     def _mixer_losses(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The named (unweighted) mixer loss terms for batch ``idx``, and the output (B, T, E)."""
+        """The named (unweighted, fp32) mixer loss terms for batch ``idx``, and the output (B, T, E)."""
         s = self.train
         r, h = s.rhythm[idx], s.harmony[idx]  # (B, T, E)
-        y, m_r, m_h = self.mixer(r, h)
-        losses = {
-            "recon": F.mse_loss(y, s.mix[idx]),
-            "novelty": novelty_cost(y, r, h),
-            "anti_mod": anti_mod_cost(y, s.rhythm_env[idx]),
-            "balance": balance_cost(m_r, m_h),
-        }
-        if self.cfg.discriminator:
-            fake = self.disc(y)  # (B, T)
-            losses["adv"] = F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
-        return losses, y
+        with self.place.autocast():
+            y, m_r, m_h = self.mixer(r, h)
+            losses = {
+                "recon": F.mse_loss(y, s.mix[idx]),
+                "novelty": novelty_cost(y, r, h),
+                "anti_mod": anti_mod_cost(y, s.rhythm_env[idx]),
+                "balance": balance_cost(m_r, m_h),
+            }
+            if self.cfg.discriminator:
+                fake = self.disc(y)  # (B, T)
+                losses["adv"] = F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+        return {k: v.float() for k, v in losses.items()}, y
 
     def _disc_loss(self, idx: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """Discriminator BCE on this worker's pairs ``idx`` and the mixer's output ``fake``."""
         real = self.train.mix[idx]  # (B, T, E)
-        noise = 0.05 * torch.randn(real.shape, generator=self.disc_gen)  # instance noise
-        lr, lf = self.disc(real + noise), self.disc(fake.detach() + noise)  # (B, T) each
-        return F.binary_cross_entropy_with_logits(
-            lr, torch.ones_like(lr)
-        ) + F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf))
+        # instance noise, drawn for the global batch (the same draws with any number of workers)
+        shape = (self.cfg.batch_size, *real.shape[1:])
+        noise = shard(0.05 * torch.randn(shape, generator=self.disc_gen, device=real.device))
+        with self.place.autocast():
+            lr, lf = self.disc(real + noise), self.disc(fake.detach() + noise)  # (B, T) each
+            loss = F.binary_cross_entropy_with_logits(
+                lr, torch.ones_like(lr)
+            ) + F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf))
+        return loss.float()
 
     def train_iteration(self) -> dict[str, float]:
         """``steps_per_iter`` mixer steps (and discriminator steps), then a validation pass.
@@ -542,7 +595,8 @@ class CascadeMixerExperiment:
         for _ in range(cfg.steps_per_iter):
             idx = torch.randint(
                 0, self.train.mix.shape[0], (cfg.batch_size,), generator=self.data_gen
-            )
+            )  # the global batch, drawn on the CPU
+            idx = shard(idx.to(self.place.device))  # this worker's pairs (all of them with one)
             losses, y = self._mixer_losses(idx)
             step = self.health.step(losses, self.weights, optimizer="mixer")
             if step.applied:
@@ -576,10 +630,11 @@ class CascadeMixerExperiment:
         scale: nn.Module = self.mixer.stages[-1].scale  # type: ignore[assignment]
         hook = scale.register_forward_hook(lambda mod, args, out: self._scale_seen.append(out))
         try:
-            y, _, _ = self.mixer(rhythm, harmony)
+            with self.place.autocast():
+                y, _, _ = self.mixer(rhythm, harmony)
         finally:
             hook.remove()
-        return y
+        return y.float()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -590,12 +645,16 @@ class CascadeMixerExperiment:
         return {
             M_VAL_MIX_ERROR: float(err.mean()),
             M_VAL_ENV_CORR: float(env_corr(envelope(y), v.rhythm_env).mean()),
-            M_VAL_SCALE: float(self._scale_seen[-1].mean()),
+            M_VAL_SCALE: float(self._scale_seen[-1].float().mean()),
         }
 
     # --- checkpointing ---
     def state_dict(self) -> dict[str, Any]:
-        """Models, both optimizers, own generators, counters (tunelab saves the health state)."""
+        """Models, both optimizers, own generators, counters (tunelab saves the health state).
+
+        Tensors may live on the trial's device; :meth:`load_state_dict` takes them from any
+        device (``torch.load(..., map_location="cpu")`` included) onto its own.
+        """
         return {
             "mixer": self.mixer.state_dict(),
             "disc": self.disc.state_dict(),
@@ -610,9 +669,9 @@ class CascadeMixerExperiment:
         self.mixer.load_state_dict(state["mixer"])
         self.disc.load_state_dict(state["disc"])
         self.opt.load_state_dict(state["optimizer"])
-        self.opt_d.load_state_dict(state["disc_optimizer"])
-        self.data_gen.set_state(state["data_gen"])
-        self.disc_gen.set_state(state["disc_gen"])
+        self.opt_d.load_state_dict(state["disc_optimizer"])  # moved to the parameters' device
+        load_generator_state(self.data_gen, state["data_gen"], name="cascade_mixer data_gen")
+        load_generator_state(self.disc_gen, state["disc_gen"], name="cascade_mixer disc_gen")
         self.iteration = int(state["iteration"])
 
     # --- artifacts ---
@@ -624,6 +683,8 @@ class CascadeMixerExperiment:
             "metrics": self.evaluate(),
             "iteration": self.iteration,
             "stages": self.cfg.stages,
+            "device": str(self.place.device),
+            "precision": self.place.precision,
             "config": dataclasses.asdict(self.cfg),
             "files": ["metrics.json", "mix.png"],
         }
@@ -637,8 +698,8 @@ class CascadeMixerExperiment:
         from matplotlib.figure import Figure
 
         n = min(self.cfg.plot_examples, self.val.mix.shape[0])
-        v = self.val
-        pred = self.predict(v.rhythm[:n], v.harmony[:n])  # (n, T, E)
+        v = self.val.to(torch.device("cpu"))
+        pred = self.predict(self.val.rhythm[:n], self.val.harmony[:n]).cpu()  # (n, T, E)
         rows = {"rhythm": v.rhythm, "harmony": v.harmony, "true mix": v.mix, "predicted": pred}
         fig = Figure(figsize=(2.2 * n, 7))
         FigureCanvasAgg(fig)

@@ -32,6 +32,21 @@ generators, one for the batch order and one for the flow noise (times and
 eps), so lever arms that draw different amounts of noise see the same batches.
 The data is generated in memory (nothing read from disk, so no data check).
 
+Device, precision and workers (:mod:`tunelab.devices`): the network, its
+optimizer state, the windows (train, val, test, the fitted transform and LDS
+weights) and the flow-noise generator live on the trial's device (``device:
+auto`` is CUDA when the trial holds a GPU); the network's forward passes, in
+training and in the Heun sampler, run under the ``precision`` autocast while
+the losses, the integration state and the parameters stay fp32 (fp16 adds a
+gradient scaler). The batch order is drawn on the CPU, so it is the same on
+every device; on CUDA the flow noise comes from a CUDA generator (same seed,
+another stream). With ``resources.workers: N`` every worker draws the same
+global batch (indices, flow times and eps) and keeps its slice
+(``tunelab.devices.shard``); the loss is a mean over examples and the monitor
+averages the gradients, so N workers follow one up to float summation order.
+One iteration is ``steps_per_iter`` steps: size it so an iteration fits the
+preemption grace period.
+
 Quick size (under 1 s per iteration on one CPU core, 10 iterations a trial;
 LDS at lds_alpha 0.5 lowers val/spike_l1 by about 0.2 paired, raising
 val/flat_l1 by about 0.03)::
@@ -49,6 +64,7 @@ Run it through a tunelab spec with ``family: flow_policy`` (the contract is in
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -64,6 +80,14 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from tunelab import Family, atomic_write_json
+from tunelab.devices import (
+    DeviceFields,
+    Placement,
+    device_generator,
+    load_generator_state,
+    placement,
+    shard,
+)
 from tunelab.health import HealthMonitor
 from tunelab.names import HEALTH_METRICS, M_HEALTH_GRAD_NORM, M_HEALTH_NAN_SKIPPED
 
@@ -115,12 +139,14 @@ Amplitude = Annotated[float, Field(gt=0, le=1e3)]
 
 
 @dataclass(config=ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False))
-class Config:
+class Config(DeviceFields):
     """flow_policy hyperparameters. Every lever defaults to off (the control).
 
     Every field carries its domain: floats are finite, sizes and rates positive,
     and each has an upper bound far above any sane run, so ``lr: -0.002``,
     ``hidden: 1e9`` or ``lr: .nan`` is refused at spec validation naming the field.
+    ``device``, ``precision`` and ``deterministic`` come from
+    :class:`tunelab.devices.DeviceFields`.
     """
 
     # --- data (synthetic, identical for every trial seed) ---
@@ -177,9 +203,11 @@ class Config:
 
     # --- optimisation ---
     steps_per_iter: int = Field(default=100, ge=1, le=1_000_000)
-    """Optimizer steps per tunelab iteration (then one validation pass)."""
+    """Optimizer steps per tunelab iteration (then one validation pass): the unit of
+    checkpoints, so one iteration must fit the preemption grace period."""
     batch_size: int = Field(default=256, ge=1, le=65_536)
-    """Windows per optimizer step (sampled with replacement by the seeded data generator)."""
+    """Windows per optimizer step (sampled with replacement by the seeded data generator); the
+    global batch: with N workers each trains on batch_size / N of them."""
     lr: float = Field(default=1e-3, gt=0, le=1.0)
     """AdamW learning rate (constant)."""
     weight_decay: float = Field(default=0.0, ge=0, le=10.0)
@@ -258,6 +286,10 @@ class Split:
     """(N, H, C) expert action chunk."""
     maneuver: torch.Tensor
     """(N, H, C) bool: the action value belongs to a maneuver pulse."""
+
+    def to(self, device: torch.device) -> Split:
+        """The split on ``device`` (itself when it is there already)."""
+        return Split(self.cond.to(device), self.actions.to(device), self.maneuver.to(device))
 
 
 _DATA_FIELDS = (
@@ -401,6 +433,16 @@ class ActionTransform:
             ).values  # strictly increasing
             self.knots_x, self.knots_z = qs, torch.special.ndtri(probs)
 
+    def to(self, device: torch.device) -> ActionTransform:
+        """A copy whose fitted tensors live on ``device`` (itself when they are there)."""
+        if self.mean.device == device:
+            return self
+        out = copy.copy(self)
+        out.mean, out.std = self.mean.to(device), self.std.to(device)
+        if self.knots_x is not None and self.knots_z is not None:
+            out.knots_x, out.knots_z = self.knots_x.to(device), self.knots_z.to(device)
+        return out
+
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         """Raw (..., C) -> model space (..., C)."""
         z = (a.double() - self.mean) / self.std
@@ -476,7 +518,8 @@ def _cap_mean_one(w: np.ndarray, cap: float) -> np.ndarray:
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """(B,) flow times in [0, 1] -> (B, dim) sin/cos features (DiT scale 1000)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=t.dtype) / half)  # (half,)
+    steps = torch.arange(half, dtype=t.dtype, device=t.device)
+    freqs = torch.exp(-math.log(10_000.0) * steps / half)  # (half,)
     args = 1000.0 * t[:, None] * freqs[None, :]  # (B, half)
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
@@ -541,12 +584,13 @@ def sample_flow_time(n: int, cfg: Config, gen: torch.Generator) -> torch.Tensor:
     logit_normal: t = sigmoid(mean + std * z) (median sigmoid(mean)).
     beta (pi0, seed PR): t = s * (1 - x), x ~ Beta(alpha, 1) by inverse CDF
     x = U^(1/alpha), which puts more mass at the noisy end for alpha > 1.
+    Drawn on the generator's device.
     """
     if cfg.time_sampling == "logit_normal":
-        z = torch.randn(n, generator=gen)
+        z = torch.randn(n, generator=gen, device=gen.device)
         t = torch.sigmoid(cfg.time_ln_mean + cfg.time_ln_std * z)
     else:
-        x = torch.rand(n, generator=gen) ** (1.0 / cfg.time_beta_alpha)
+        x = torch.rand(n, generator=gen, device=gen.device) ** (1.0 / cfg.time_beta_alpha)
         t = cfg.time_beta_s * (1.0 - x)
     return t.clamp(1e-5, 1 - 1e-5)
 
@@ -606,43 +650,64 @@ def mode_aware_mean(draws: torch.Tensor, channel: int, gap: float, min_frac: flo
 # The experiment
 # ---------------------------------------------------------------------------
 class FlowPolicyExperiment:
-    """One trial: data, transform, LDS weights, model, optimizer, seeded generators."""
+    """One trial: data, transform, LDS weights, model, optimizer, seeded generators.
+
+    Everything lives on ``self.place.device`` but the data-order generator (CPU); the
+    statistics (condition normalisation, transform, LDS weights) are fitted on the CPU.
+
+    Raises:
+        tunelab.devices.DeviceUnavailable: ``device: cuda`` and no CUDA device is visible.
+    """
 
     def __init__(self, cfg: Config, seed: int) -> None:
         self.cfg = cfg
+        self.place: Placement = placement(cfg)
+        device = self.place.device
         data = make_dataset(cfg)
-        self.train, self.val, self.test = data["train"], data["val"], data["test"]
-        self.cond_mean = self.train.cond.mean(0)  # (D,)
-        self.cond_std = self.train.cond.std(0).clamp_min(1e-3)  # (D,)
-        self.transform = ActionTransform(
-            self.train.actions, gaussianize=cfg.gaussianize, n_knots=cfg.gaussianize_knots
+        train = data["train"]
+        # fitted on the CPU (the same numbers on every device), then moved
+        cond_mean = train.cond.mean(0)  # (D,)
+        cond_std = train.cond.std(0).clamp_min(1e-3)  # (D,)
+        transform = ActionTransform(
+            train.actions, gaussianize=cfg.gaussianize, n_knots=cfg.gaussianize_knots
         )
-        self.train_z = self.transform.forward(self.train.actions)  # (N, H, C) model space
-        self.train_c = self._norm_cond(self.train.cond)  # (N, D)
-        self.weights = lds_weights(
-            self.train.actions,
+        train_z = transform.forward(train.actions)  # (N, H, C) model space
+        train_c = (train.cond - cond_mean) / cond_std  # (N, D)
+        weights = lds_weights(
+            train.actions,
             alpha=cfg.lds_alpha,
             cap=cfg.lds_cap,
             bins=cfg.lds_bins,
             sigma=cfg.lds_sigma,
         )  # (N, C)
-        # Init uses the global torch RNG that tunelab seeded with ``seed``.
+        self.train, self.val, self.test = (data[k].to(device) for k in ("train", "val", "test"))
+        self.cond_mean, self.cond_std = cond_mean.to(device), cond_std.to(device)
+        self.transform = transform.to(device)
+        self.train_z, self.train_c, self.weights = (
+            train_z.to(device),
+            train_c.to(device),
+            weights.to(device),
+        )
+        # Init uses the global torch RNG that tunelab seeded with ``seed`` (on the CPU, then moved).
         self.net = ChunkNet(
-            cond_dim=self.train.cond.shape[1],
+            cond_dim=train.cond.shape[1],
             horizon=cfg.horizon,
             channels=len(CHANNELS),
             hidden=cfg.hidden,
             n_layers=cfg.n_layers,
             t_dim=cfg.time_embed_dim,
-        )
+        ).to(device)
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         # backward, clip, step or skip; per-layer norms, term shares, explosions (tunelab.health)
-        self.health = HealthMonitor(self.net, self.opt, clip=cfg.grad_clip)
-        # Separate streams: a lever that draws more noise never shifts the data order.
+        self.health = HealthMonitor(
+            self.net, self.opt, clip=cfg.grad_clip, scaler=self.place.grad_scaler()
+        )
+        # Separate streams: a lever that draws more noise never shifts the data order. The
+        # order is drawn on the CPU (the same on every device), the flow noise on the device.
         self.data_gen = torch.Generator().manual_seed(seed)
-        self.noise_gen = torch.Generator().manual_seed(seed + 0x9E3779B9)
+        self.noise_gen = device_generator(seed + 0x9E3779B9, device)
         self.step = 0
         self.iteration = 0
 
@@ -651,21 +716,31 @@ class FlowPolicyExperiment:
 
     # --- training ---
     def _loss(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Loss terms (``main``: LDS-weighted MSE; ``chunk_delta``) and the unweighted MSE."""
+        """Loss terms (``main``: LDS-weighted MSE; ``chunk_delta``) and the unweighted MSE.
+
+        ``idx`` is the global batch: the flow noise is drawn for all of it, then this
+        worker keeps its slice of every per-window tensor (all of it with one worker).
+        """
         cfg = self.cfg
+        n = idx.shape[0]  # the global batch
+        idx = shard(idx)
         a = self.train_z[idx]  # (B, H, C)
         cond = self.train_c[idx]  # (B, D)
         w = self.weights[idx][:, None, :]  # (B, 1, C), broadcast over slots
         if cfg.head == "flow":
-            t = sample_flow_time(a.shape[0], cfg, self.noise_gen)  # (B,)
-            eps = torch.randn(a.shape, generator=self.noise_gen)  # (B, H, C)
+            t = shard(sample_flow_time(n, cfg, self.noise_gen))  # (B,)
+            eps = torch.randn((n, *a.shape[1:]), generator=self.noise_gen, device=a.device)
+            eps = shard(eps)  # (B, H, C)
             tb = t[:, None, None]
-            pred = self.net((1 - tb) * eps + tb * a, t, cond)  # velocity (B, H, C)
+            with self.place.autocast():
+                pred = self.net((1 - tb) * eps + tb * a, t, cond)  # velocity (B, H, C)
             target = a - eps
         else:
-            pred = self.net(torch.zeros_like(a), torch.zeros(a.shape[0]), cond)
+            t0 = torch.zeros(a.shape[0], device=a.device)
+            with self.place.autocast():
+                pred = self.net(torch.zeros_like(a), t0, cond)
             target = a
-        sq = (pred - target) ** 2  # (B, H, C)
+        sq = (pred.float() - target) ** 2  # (B, H, C)
         terms = {"main": (sq * w).mean()}
         if cfg.chunk_delta_weight > 0:
             d_err = torch.diff(pred, dim=1) - torch.diff(target, dim=1)  # (B, H-1, C)
@@ -680,8 +755,8 @@ class FlowPolicyExperiment:
         for _ in range(cfg.steps_per_iter):
             idx = torch.randint(
                 0, self.train_z.shape[0], (cfg.batch_size,), generator=self.data_gen
-            )
-            terms, mse = self._loss(idx)
+            )  # the global batch, drawn on the CPU
+            terms, mse = self._loss(idx.to(self.place.device))
             step = self.health.step(terms, weights)
             if not step.applied:
                 continue
@@ -701,20 +776,27 @@ class FlowPolicyExperiment:
     # --- inference and evaluation ---
     @torch.no_grad()
     def predict(self, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """(B, D) raw conditions -> (B, H, C) raw action chunks under the configured readout."""
+        """(B, D) raw conditions -> (B, H, C) raw action chunks under the configured readout.
+
+        ``cond`` and ``gen`` on the trial's device; the network runs under its autocast, the
+        Heun state stays fp32.
+        """
         cfg = self.cfg
         self.net.eval()
         c = self._norm_cond(cond)  # (B, D)
-        n, shape = c.shape[0], (cfg.horizon, len(CHANNELS))
+        n, shape, dev = c.shape[0], (cfg.horizon, len(CHANNELS)), c.device
         if cfg.head == "regression":
-            z = self.net(torch.zeros(n, *shape), torch.zeros(n), c)
-            return self.transform.inverse(z)
+            with self.place.autocast():
+                z = self.net(torch.zeros(n, *shape, device=dev), torch.zeros(n, device=dev), c)
+            return self.transform.inverse(z.float())
         k = 1 if cfg.readout == "single" else cfg.readout_k
         ck = c.repeat_interleave(k, dim=0)  # (B*K, D)
-        x0 = torch.randn(n * k, *shape, generator=gen)  # (B*K, H, C)
+        x0 = torch.randn(n * k, *shape, generator=gen, device=dev)  # (B*K, H, C)
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-            return self.net(x, torch.full((x.shape[0],), t), ck)
+            with self.place.autocast():
+                v = self.net(x, torch.full((x.shape[0],), t, device=dev), ck)
+            return v.float()
 
         z = heun_sample(velocity, x0, cfg.n_steps)  # (B*K, H, C)
         draws = self.transform.inverse(z).view(n, k, *shape)  # (B, K, H, C)
@@ -724,7 +806,7 @@ class FlowPolicyExperiment:
 
     def evaluate(self, split: Split, prefix: str) -> dict[str, float]:
         """L1 metrics on ``split`` with a freshly seeded eval generator (same noise every call)."""
-        gen = torch.Generator().manual_seed(self.cfg.eval_seed)
+        gen = device_generator(self.cfg.eval_seed, self.place.device)
         err = (self.predict(split.cond, gen) - split.actions).abs()  # (N, H, C)
         m = split.maneuver
         out = {
@@ -739,6 +821,7 @@ class FlowPolicyExperiment:
 
     # --- checkpointing ---
     def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, own generators, counters; loads on any device (load_state_dict)."""
         return {
             "model": self.net.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -750,9 +833,9 @@ class FlowPolicyExperiment:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.data_gen.set_state(state["data_gen"])
-        self.noise_gen.set_state(state["noise_gen"])
+        self.opt.load_state_dict(state["optimizer"])  # moved to the parameters' device
+        load_generator_state(self.data_gen, state["data_gen"], name="flow_policy data_gen")
+        load_generator_state(self.noise_gen, state["noise_gen"], name="flow_policy noise_gen")
         self.step = int(state["step"])
         self.iteration = int(state["iteration"])
 
@@ -768,6 +851,8 @@ class FlowPolicyExperiment:
             "step": self.step,
             "head": self.cfg.head,
             "readout": self.cfg.readout,
+            "device": str(self.place.device),
+            "precision": self.place.precision,
             "config": dataclasses.asdict(self.cfg),
             "files": ["metrics.json", "chunks.png"],
         }
@@ -784,18 +869,19 @@ class FlowPolicyExperiment:
         has_spike = self.val.maneuver.flatten(1).any(1)  # (N,)
         spiky = torch.nonzero(has_spike)[: (n + 1) // 2, 0]
         idx = torch.cat([spiky, torch.nonzero(~has_spike)[: n - spiky.numel(), 0]])
-        gen = torch.Generator().manual_seed(self.cfg.eval_seed)
-        pred = self.predict(self.val.cond[idx], gen)  # (n, H, C)
+        gen = device_generator(self.cfg.eval_seed, self.place.device)
+        pred = self.predict(self.val.cond[idx], gen).cpu()  # (n, H, C)
+        val = self.val.to(torch.device("cpu"))
         fig = Figure(figsize=(3 * len(idx), 4))
         FigureCanvasAgg(fig)
         axes = fig.subplots(len(CHANNELS), len(idx), squeeze=False)
         for j, i in enumerate(idx.tolist()):
             for c, ch in enumerate(CHANNELS):
                 ax = axes[c][j]
-                ax.plot(self.val.actions[i, :, c].numpy(), "k-", label="true")
+                ax.plot(val.actions[i, :, c].numpy(), "k-", label="true")
                 ax.plot(pred[j, :, c].numpy(), "C1--", label="pred")
-                spikes = torch.nonzero(self.val.maneuver[i, :, c])[:, 0].numpy()
-                ax.plot(spikes, self.val.actions[i, spikes, c].numpy(), "r.", label="maneuver")
+                spikes = torch.nonzero(val.maneuver[i, :, c])[:, 0].numpy()
+                ax.plot(spikes, val.actions[i, spikes, c].numpy(), "r.", label="maneuver")
                 ax.set_title(f"val #{i} {ch}", fontsize=8)
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()

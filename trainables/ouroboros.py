@@ -42,6 +42,24 @@ see the same batches in the same order. Evaluation noise is a fixed draw
 over the data folder: a garbage or truncated WAV, or a missing, empty or
 non-numeric annotation, stops the experiment naming the file (exit 2).
 
+Device, precision and workers (:mod:`tunelab.devices`): the model, its
+optimizer state, the training and held-out segments and the cold-start noise
+generator live on the trial's device (``device: auto`` is CUDA when the trial
+holds a GPU); the batch order is drawn on the CPU, so it is the same on every
+device (on CUDA the noise comes from a CUDA generator: same seed, another
+stream). The encoder (the network) runs under the ``precision`` autocast; the
+drive maps, the polynomial ODE, its RK4 rollout and adjoint, the losses and
+the closed-loop evaluation run in fp32 (the rollout's rounding compounds over
+H steps, and torch.fft has no bf16), as do the parameters and the optimizer
+(fp16 adds a gradient scaler). With ``resources.workers: N`` every worker
+draws the same global batch (indices and cold-start noise) and keeps its slice
+(``tunelab.devices.shard``); the monitor averages the gradients. The tf, env
+and env_log terms are means over segments, so N workers follow one up to float
+summation order on them; the spectral term's convergence part is a ratio of
+batch norms, so each worker's is over its slice (not the same number). One
+iteration is ``steps_per_iter`` steps: size it so an iteration fits the
+preemption grace period.
+
 Run it (tunelab owns the loop)::
 
     platform sweep search_spaces/seed_cull.yaml            # seed cull, 4 seeds
@@ -58,6 +76,7 @@ silence prefix must be shorter than H_min: 441 < 512 samples).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -65,6 +84,8 @@ import json
 import math
 import shutil
 import struct
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
@@ -77,6 +98,14 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
 from tunelab import Family, atomic_write_json, data_lock
+from tunelab.devices import (
+    DeviceFields,
+    Placement,
+    device_generator,
+    load_generator_state,
+    placement,
+    shard,
+)
 from tunelab.errors import DataError
 from tunelab.health import HealthMonitor
 from tunelab.names import HEALTH_METRICS
@@ -175,11 +204,12 @@ Epochs = Annotated[int, Field(ge=0, le=1_000_000)]
 
 
 @dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
-class Config:
+class Config(DeviceFields):
     """Every key of an ``ouroboros`` spec's ``config``; all have defaults.
 
     "epoch" in field names means one tunelab iteration (``steps_per_iter``
-    optimizer steps followed by validation).
+    optimizer steps followed by validation). ``device``, ``precision`` and
+    ``deterministic`` come from :class:`tunelab.devices.DeviceFields`.
     """
 
     # --- data: corpus --------------------------------------------------------
@@ -339,9 +369,11 @@ class Config:
     grad_clip: Annotated[float, Field(gt=0.0, le=1e6)] = 5.0
     """Total gradient-norm clip (PR #5: 5.0)."""
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 16
-    """Segments per optimizer step."""
+    """Segments per optimizer step; the global batch: with N workers each trains on
+    batch_size / N of them."""
     steps_per_iter: Annotated[int, Field(ge=1, le=1_000_000)] = 12
-    """Optimizer steps per iteration (epoch)."""
+    """Optimizer steps per iteration (epoch): the unit of checkpoints, so one iteration must
+    fit the preemption grace period."""
     h_schedule: Literal["const", "linear", "geom", "pow2"] = "pow2"
     """Rollout horizon curriculum from H_min to H_max."""
     H_min: Annotated[int, Field(ge=16, le=1 << 22)] = 256
@@ -773,9 +805,21 @@ class Segments:
     a: Tensor
     cat: Tensor
 
-    def subset(self, idx: np.ndarray) -> Segments:
-        i = torch.as_tensor(idx, dtype=torch.long)
+    def subset(self, idx: np.ndarray | Tensor) -> Segments:
+        i = torch.as_tensor(idx, dtype=torch.long, device=self.x.device)
         return Segments(self.x[i], self.v[i], self.a[i], self.cat[i])
+
+    def to(self, device: torch.device) -> Segments:
+        """The segments on ``device`` (itself when they are there already)."""
+        if self.x.device == device:
+            return self
+        return Segments(
+            self.x.to(device), self.v.to(device), self.a.to(device), self.cat.to(device)
+        )
+
+    def shard(self) -> Segments:
+        """This worker's rows of a global batch (:func:`tunelab.devices.shard`)."""
+        return Segments(shard(self.x), shard(self.v), shard(self.a), shard(self.cat))
 
     def __len__(self) -> int:
         return len(self.cat)
@@ -944,12 +988,20 @@ def poly_terms(degree: int, keep_const: bool) -> list[tuple[int, int]]:
     return terms if keep_const else terms[1:]
 
 
+def autocast_off(device: torch.device) -> AbstractContextManager[Any]:
+    """Autocast disabled on ``device`` (nothing to disable where autocast does not exist)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 class SSMLayer(nn.Module):
     """Pre-norm residual block: LayerNorm -> diagonal real SSM (S4D-real) -> GELU -> Linear.
 
     Per channel d and state n: h_t = a h_{t-1} + B z_t, y_t = sum_n C h_t + D z_t,
     a = exp(-1 / tau). Training runs it as a causal FFT convolution with kernel
-    K_d(k) = sum_n C B a^k; generation steps the recurrence one sample at a time.
+    K_d(k) = sum_n C B a^k, in fp32 under any autocast (torch.fft has no bf16 and
+    fp16 only at powers of two); generation steps the recurrence one sample at a time.
     """
 
     def __init__(self, d: int, n: int, tau_min: float, tau_max: float) -> None:
@@ -963,15 +1015,16 @@ class SSMLayer(nn.Module):
         self.out = nn.Linear(d, d)
 
     def forward(self, u: Tensor) -> Tensor:  # (B, L, d) -> (B, L, d)
-        z = self.norm(u)
-        length = z.shape[1]
-        t = torch.arange(length, dtype=z.dtype)
-        decay = torch.exp(-t / self.log_tau.exp()[..., None])  # (d, n, L)
-        kernel = torch.einsum("dn,dnl->dl", self.B * self.C, decay)  # (d, L)
-        n_fft = 1 << (2 * length - 1).bit_length()
-        zf = torch.fft.rfft(z.transpose(1, 2), n=n_fft)  # (B, d, F)
-        y = torch.fft.irfft(zf * torch.fft.rfft(kernel, n=n_fft), n=n_fft)[..., :length]
-        y = y.transpose(1, 2) + self.D * z  # (B, L, d)
+        with autocast_off(u.device):  # the convolution in fp32
+            z = self.norm(u.float())
+            length = z.shape[1]
+            t = torch.arange(length, dtype=z.dtype, device=z.device)
+            decay = torch.exp(-t / self.log_tau.exp()[..., None])  # (d, n, L)
+            kernel = torch.einsum("dn,dnl->dl", self.B * self.C, decay)  # (d, L)
+            n_fft = 1 << (2 * length - 1).bit_length()
+            zf = torch.fft.rfft(z.transpose(1, 2), n=n_fft)  # (B, d, F)
+            y = torch.fft.irfft(zf * torch.fft.rfft(kernel, n=n_fft), n=n_fft)[..., :length]
+            y = y.transpose(1, 2) + self.D * z  # (B, L, d)
         return u + self.out(F.gelu(y))
 
     def step(self, u: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:  # (B, d), (B, d, n)
@@ -1012,7 +1065,10 @@ class Encoder(nn.Module):
         return [cast(SSMLayer, layer) for layer in self.layers]
 
     def init_state(self, batch: int) -> list[Tensor]:
-        return [torch.zeros(batch, *layer.log_tau.shape) for layer in self.ssm_layers()]
+        return [
+            torch.zeros(batch, *layer.log_tau.shape, device=layer.log_tau.device)
+            for layer in self.ssm_layers()
+        ]
 
     def step(self, x: Tensor, v: Tensor, states: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         u = self.inp(self.features(x, v))  # (B, d)
@@ -1042,7 +1098,7 @@ def gaussian_kernel(sigma: float) -> Tensor:
 
 def smooth_same(x: Tensor, kernel: Tensor) -> Tensor:
     """Zero-phase smoothing of (B, C, L) along L, edge-renormalised (any L)."""
-    k = kernel.to(x.dtype).view(1, 1, -1).expand(x.shape[1], 1, -1)
+    k = kernel.to(x.device, x.dtype).view(1, 1, -1).expand(x.shape[1], 1, -1)
     pad = kernel.numel() // 2
     num = F.conv1d(x, k, padding=pad, groups=x.shape[1])
     den = F.conv1d(torch.ones_like(x[:1]), k, padding=pad, groups=x.shape[1])
@@ -1069,9 +1125,11 @@ class PolyOuroboros(nn.Module):
             sel[t, i * p1 + j] = 1.0
         self.register_buffer("sel", sel, persistent=False)
         self.sel: Tensor
-        self.lowpass = (
+        lowpass = (
             gaussian_kernel(cfg.ms(cfg.drive_lowpass_ms)) if cfg.drive_lowpass_ms > 0 else None
         )
+        self.register_buffer("lowpass", lowpass, persistent=False)  # moves with the model
+        self.lowpass: Tensor | None
         if cfg.osc_init:
             self._osc_init()
 
@@ -1102,9 +1160,21 @@ class PolyOuroboros(nn.Module):
         gamma = self.gamma_max * torch.tanh(raw[..., 1])
         return omega, gamma, self.w_scale * raw[..., 2:]
 
-    def drives(self, x: Tensor, v: Tensor) -> Drives:
-        """Teacher-forced drives from a target (B, L) waveform and its derivative."""
-        omega, gamma, w = self.raw_to_drives(self.encoder(x, v))
+    def drives(
+        self,
+        x: Tensor,
+        v: Tensor,
+        *,
+        autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+    ) -> Drives:
+        """Teacher-forced drives from a target (B, L) waveform and its derivative (fp32).
+
+        The encoder runs under ``autocast`` (a trial's ``Placement.autocast``); the drive
+        maps and the low-pass in fp32.
+        """
+        with autocast():
+            raw = self.encoder(x, v)  # (B, L, 2+T)
+        omega, gamma, w = self.raw_to_drives(raw.float())
         if self.lowpass is not None:  # zero-phase Gaussian low-pass (PR #5 drive_lowpass_ms)
             stacked = torch.cat([omega[..., None], gamma[..., None], w], -1)  # (B, L, 2+T)
             stacked = smooth_same(stacked.transpose(1, 2), self.lowpass).transpose(1, 2)
@@ -1149,7 +1219,7 @@ def field_matrix(coef: Tensor) -> Tensor:
     (the (0, 1) monomial), column 1 is -K (x'' = -sum_ij K_ij x^i x'^j).
     """
     flat = coef.flatten(-2)  # (..., (P+1)^2)
-    pick_v = torch.zeros(flat.shape[-1], dtype=coef.dtype)
+    pick_v = torch.zeros(flat.shape[-1], dtype=coef.dtype, device=coef.device)
     pick_v[1] = 1.0  # flat index of (i, j) = (0, 1)
     return torch.stack([pick_v.expand_as(flat), -flat], -1)
 
@@ -1192,21 +1262,29 @@ class _RK4Rollout(torch.autograd.Function):
     at the four stage states, every step's Jacobian M_k = d s_{k+1} / d s_k and
     the stage adjoints are built for the whole horizon at once; the only
     sequential part left is the 2x2 linear recurrence g_k = M_k^T g_{k+1} + e_k.
+
+    Device-agnostic: every tensor it makes follows ``coef`` (CPU or CUDA, same
+    code, no host sync). Give it fp32 inputs outside autocast (the callers
+    do): under a bf16 autocast its small matmuls would round every step. On
+    CUDA both sequential loops (H steps forward, H steps back) launch a few
+    small kernels per step, so a rollout is bound by launch latency, not by
+    arithmetic; the batch rides along for free.
     """
 
     @staticmethod
     def forward(
         ctx: Any, x0: Tensor, v0: Tensor, coef: Tensor, degree: int, sat_x: float, sat_v: float
     ) -> Tensor:
-        sat = torch.tensor([sat_x, sat_v], dtype=coef.dtype)
+        sat = torch.tensor([sat_x, sat_v], dtype=coef.dtype, device=coef.device)
         s = torch.stack([x0, v0], -1)  # (B, 2)
         states, z2, z3, z4 = [s], [], [], []
-        for fm in field_matrix(coef).unbind(1)[:-1]:  # hoisted: one unbind, no per-step slicing
-            s, a, b, c = rk4_step(s, fm, degree, sat)
-            states.append(s)
-            z2.append(a)
-            z3.append(b)
-            z4.append(c)
+        with autocast_off(coef.device):  # in the inputs' dtype
+            for fm in field_matrix(coef).unbind(1)[:-1]:  # hoisted: one unbind, no slicing
+                s, a, b, c = rk4_step(s, fm, degree, sat)
+                states.append(s)
+                z2.append(a)
+                z3.append(b)
+                z4.append(c)
         S = torch.stack(states, 1)  # (B, H, 2)
         ctx.save_for_backward(coef)
         ctx.degree, ctx.sat, ctx.S = degree, sat, S
@@ -1227,14 +1305,14 @@ class _RK4Rollout(torch.autograd.Function):
             return e[:, 0, 0], e[:, 0, 1], torch.zeros_like(coef), None, None, None
         K = coef[:, :-1]  # (B, H-1, P+1, P+1): drives of steps 0 .. H-2
         px, pv = powers(Z[..., 0], degree), powers(Z[..., 1], degree)  # (B, H-1, 4, P+1)
-        i = torch.arange(1, degree + 1, dtype=coef.dtype)
+        i = torch.arange(1, degree + 1, dtype=coef.dtype, device=coef.device)
         dpx = torch.cat([torch.zeros_like(px[..., :1]), i * px[..., :-1]], -1)  # d x^i / dx
         dpv = torch.cat([torch.zeros_like(pv[..., :1]), i * pv[..., :-1]], -1)
         a_x = -torch.einsum("bhsi,bhij,bhsj->bhs", dpx, K, pv)  # (B, H-1, 4)
         a_v = -torch.einsum("bhsi,bhij,bhsj->bhs", px, K, dpv)
-        T = torch.zeros(*a_x.shape, 2, 2, dtype=coef.dtype)  # J^T = [[0, a_x], [1, a_v]]
+        T = coef.new_zeros(*a_x.shape, 2, 2)  # J^T = [[0, a_x], [1, a_v]]
         T[..., 0, 1], T[..., 1, 0], T[..., 1, 1] = a_x, 1.0, a_v
-        eye = torch.eye(2, dtype=coef.dtype)
+        eye = torch.eye(2, dtype=coef.dtype, device=coef.device)
         A4 = (eye / 6).expand_as(T[:, :, 3])  # stage adjoints dk_i = A_i du (du: pre-saturation)
         A3 = eye / 3 + T[:, :, 3] @ A4
         A2 = eye / 3 + 0.5 * T[:, :, 2] @ A3
@@ -1269,6 +1347,7 @@ def rk4_rollout(
     Returns:
         (B, H) states x_0 .. x_{H-1} (x_0 = the IC; drives k advance k -> k+1).
 
+    Runs on the inputs' device (CPU or CUDA); pass fp32 tensors outside autocast.
     PR #5's speedups (omega^2 and gamma folded into the coefficients once per
     horizon, drives sliced once per step, powers reused) plus an exact
     adjoint instead of a recorded graph (:class:`_RK4Rollout`). Differentiable
@@ -1321,12 +1400,14 @@ def rk4_rollout_naive(
 def generate_closed_loop(model: PolyOuroboros, n_steps: int, ic: Tensor) -> Tensor:
     """Autonomous generation: the encoder reads the model's own (x, x'): (N, n_steps).
 
-    Starts from ``ic`` (N, 2) with a zero encoder state (as training segments
+    Starts from ``ic`` (N, 2) (on the model's device, fp32; no autocast: a
+    sequential loop of tiny ops that reduced precision would not speed up and
+    whose rounding compounds) with a zero encoder state (as training segments
     do). With ``drive_lowpass_ms`` only the causal half of the Gaussian is
     available here (renormalised), unlike the zero-phase teacher-forced filter.
     """
     cfg = model.cfg
-    sat = torch.tensor([cfg.sat_x, cfg.sat_v])
+    sat = torch.tensor([cfg.sat_x, cfg.sat_v], dtype=ic.dtype, device=ic.device)
     states = model.encoder.init_state(ic.shape[0])
     s = ic.clone()
     out = [s[:, 0]]
@@ -1362,7 +1443,8 @@ def mrstft_configs(ffts: tuple[int, ...], horizon: int) -> list[tuple[int, int]]
 
 def stft_mag(x: Tensor, n_fft: int, hop: int) -> Tensor:
     """|STFT| of (B, T): (B, F, frames), clamped away from 0 for a finite gradient."""
-    spec = torch.stft(x, n_fft, hop, window=_hann(n_fft).to(x.dtype), return_complex=True)
+    window = _hann(n_fft).to(x.device, x.dtype)
+    spec = torch.stft(x, n_fft, hop, window=window, return_complex=True)
     return (spec.real.square() + spec.imag.square()).clamp_min(1e-10).sqrt()
 
 
@@ -1426,8 +1508,10 @@ def autonomy_scores(gen: Tensor, target: Tensor, lead: int, cfg: Config) -> dict
     (|log(rms_gen / rms_target)| over the vocalisation) - pitch_pen
     (|log2(f_gen / f_target)| of the dominant frequency over the vocalisation).
     A window whose rollout is non-finite or reaches ``diverge_frac * sat_x``
-    scores the sentinel -5.0. Returns means over windows plus bounded_frac.
+    scores the sentinel -5.0. Returns means over windows plus bounded_frac. Scored on
+    the CPU in float64, whatever device the rollout ran on.
     """
+    gen, target = gen.cpu(), target.cpu()
     finite = torch.isfinite(gen).all(1)
     g = torch.nan_to_num(gen.double(), nan=0.0, posinf=0.0, neginf=0.0)
     t = target.double()
@@ -1477,43 +1561,69 @@ _STREAM_DATA_ORDER, _STREAM_NOISE = 0, 1
 
 
 class OuroborosExperiment:
-    """One trial: data, model, optimizer, own RNG; tunelab drives the loop."""
+    """One trial: data, model, optimizer, own RNG; tunelab drives the loop.
+
+    Everything lives on ``self.place.device`` but the data-order generator (CPU) and the
+    autonomy windows (scored on the CPU).
+
+    Raises:
+        tunelab.devices.DeviceUnavailable: ``device: cuda`` and no CUDA device is visible
+            (before any data is read).
+    """
 
     def __init__(self, cfg: Config, seed: int, data_root: Path) -> None:
         self.cfg = cfg
         self.seed = seed  # titles the exported spectrogram
-        self.data = load_corpus(cfg, data_root)
-        self.model = PolyOuroboros(cfg)  # init from the global torch RNG (seeded by tunelab)
+        self.place: Placement = placement(cfg)
+        device = self.place.device
+        data = load_corpus(cfg, data_root)
+        self.tf_var = accel_variance(data.train.a)  # once, over the training set (on the CPU)
+        self.data = dataclasses.replace(
+            data, train=data.train.to(device), val=data.val.to(device), test=data.test.to(device)
+        )
+        # init from the global torch RNG (seeded by tunelab) on the CPU, then moved
+        self.model = PolyOuroboros(cfg).to(device)
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         # backward, clip, step or skip; per-layer norms, term shares, explosions (tunelab.health)
-        self.health = HealthMonitor(self.model, self.opt, clip=cfg.grad_clip)
+        self.health = HealthMonitor(
+            self.model, self.opt, clip=cfg.grad_clip, scaler=self.place.grad_scaler()
+        )
         # Separate streams: a lever that draws more (or less) noise never shifts the data order.
+        # The order is drawn on the CPU (the same on every device), the noise on the device.
         self.data_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_DATA_ORDER))
-        self.noise_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_NOISE))
+        self.noise_gen = device_generator(_stream_seed(seed, _STREAM_NOISE), device)
         self.epoch = 0
-        self.tf_var = accel_variance(self.data.train.a)  # once, over the training set
-        self.env_kernel = gaussian_kernel(cfg.ms(cfg.env_ms))
+        self.env_kernel = gaussian_kernel(cfg.ms(cfg.env_ms)).to(device)
 
     # --- loss ---------------------------------------------------------------------
-    def loss_terms(self, batch: Segments, horizon: int, gen: torch.Generator) -> dict[str, Tensor]:
+    def loss_terms(
+        self, batch: Segments, horizon: int, gen: torch.Generator, *, shard_rows: bool = False
+    ) -> dict[str, Tensor]:
         """Spectral-rollout loss parts on a batch (PR #5, spectral_rollout_step).
 
         One encoder pass gives the drives for both the teacher-forced
         acceleration anchor (whole segment) and the RK4 rollout (horizon H:
-        segment start for ONSET and MID, segment end for OFFSET).
+        segment start for ONSET and MID, segment end for OFFSET). The encoder
+        runs under the trial's autocast, the ODE and the losses in fp32.
+        ``shard_rows``: ``batch`` is the global training batch; the cold-start
+        noise is drawn for all of it, then this worker keeps its rows of both.
         """
         cfg, model = self.cfg, self.model
-        n, length = batch.x.shape
-        drives = model.drives(batch.x, batch.v)
+        noise = cfg.ic_noise_rms * torch.randn(
+            len(batch), 2, generator=gen, device=batch.x.device
+        )  # (B, 2) cold-start ICs, drawn for every row
+        if shard_rows:
+            batch, noise = batch.shard(), shard(noise)
+        length = batch.x.shape[1]
+        drives = model.drives(batch.x, batch.v, autocast=self.place.autocast)  # fp32
         tf = (model.accel(batch.x, batch.v, drives) - batch.a).square().mean() / self.tf_var
         start = torch.where(batch.cat == OFFSET, length - horizon, 0)  # (B,)
-        idx = start[:, None] + torch.arange(horizon)  # (B, H)
+        idx = start[:, None] + torch.arange(horizon, device=start.device)  # (B, H)
         coef = model.coefficients(drives.omega, drives.gamma, drives.w)  # (B, L, P+1, P+1)
         coef = coef.gather(1, idx[..., None, None].expand(-1, -1, *coef.shape[2:]))
         target = batch.x.gather(1, idx)  # (B, H)
-        noise = cfg.ic_noise_rms * torch.randn(n, 2, generator=gen)
         cold = batch.cat == ONSET  # cold start from N(0, ic_noise_rms^2)
         x0 = torch.where(cold, noise[:, 0], target[:, 0])
         v0 = torch.where(cold, noise[:, 1], batch.v.gather(1, idx[:, :1])[:, 0])
@@ -1546,8 +1656,8 @@ class OuroborosExperiment:
     # --- evaluation ---------------------------------------------------------------
     def evaluate(self, windows: Tensor) -> dict[str, float]:
         """Cold-start closed-loop autonomy on held-out windows (fixed noise draws)."""
-        g = torch.Generator().manual_seed(EVAL_SEED)
-        ic = self.cfg.ic_noise_rms * torch.randn(windows.shape[0], 2, generator=g)
+        g = device_generator(EVAL_SEED, self.place.device)
+        ic = self.cfg.ic_noise_rms * torch.randn(windows.shape[0], 2, generator=g, device=g.device)
         self.model.eval()
         gen = generate_closed_loop(self.model, windows.shape[1], ic)
         self.model.train()
@@ -1556,7 +1666,8 @@ class OuroborosExperiment:
     @torch.no_grad()
     def segment_loss(self, segs: Segments) -> float:
         """Weighted loss on held-out segments at the current horizon and weights."""
-        parts = self.loss_terms(segs, self.horizon(), torch.Generator().manual_seed(EVAL_SEED))
+        gen = device_generator(EVAL_SEED, self.place.device)
+        parts = self.loss_terms(segs, self.horizon(), gen)
         return float(torch.stack([w * parts[k] for k, w in self.weights().items()]).sum())
 
     # --- tunelab contract -----------------------------------------------------------
@@ -1566,8 +1677,10 @@ class OuroborosExperiment:
         sums = dict.fromkeys(("loss", "spec", "tf", "env", "env_log"), 0.0)
         done = 0
         for _ in range(cfg.steps_per_iter):
+            # the global batch (the order drawn on the CPU); every worker keeps its rows
             idx = torch.randint(len(self.data.train), (cfg.batch_size,), generator=self.data_gen)
-            parts = self.loss_terms(self.data.train.subset(idx.numpy()), horizon, self.noise_gen)
+            batch = self.data.train.subset(idx)
+            parts = self.loss_terms(batch, horizon, self.noise_gen, shard_rows=True)
             step = self.health.step(parts, lam)  # PR #5: a NaN step is skipped and counted
             if not step.applied:
                 continue
@@ -1594,6 +1707,7 @@ class OuroborosExperiment:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, own generators, epoch; loads on any device (load_state_dict)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -1603,10 +1717,11 @@ class OuroborosExperiment:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, saved on any device (``map_location="cpu"`` included)."""
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.data_gen.set_state(state["data_gen"])
-        self.noise_gen.set_state(state["noise_gen"])
+        self.opt.load_state_dict(state["optimizer"])  # moved to the parameters' device
+        load_generator_state(self.data_gen, state["data_gen"], name="ouroboros data_gen")
+        load_generator_state(self.noise_gen, state["noise_gen"], name="ouroboros noise_gen")
         self.epoch = int(state["epoch"])
 
     def export(self, out_dir: Path) -> dict[str, Any]:
@@ -1625,11 +1740,11 @@ class OuroborosExperiment:
         target = self.data.test_windows[:1]  # (1, W)
         width = target.shape[1]
         n_listen = max(1, round(cfg.listen_s * cfg.sample_rate))
-        g = torch.Generator().manual_seed(EVAL_SEED)
-        ic = cfg.ic_noise_rms * torch.randn(1, 2, generator=g)
+        g = device_generator(EVAL_SEED, self.place.device)
+        ic = cfg.ic_noise_rms * torch.randn(1, 2, generator=g, device=g.device)
         self.model.eval()
         # causal: the first W samples of a longer rollout are the W-sample rollout
-        raw_all = generate_closed_loop(self.model, max(width, n_listen), ic)
+        raw_all = generate_closed_loop(self.model, max(width, n_listen), ic).cpu()
         self.model.train()
         raw_all = torch.nan_to_num(raw_all, nan=0.0, posinf=0.0, neginf=0.0)
         raw = raw_all[:, :width]
@@ -1654,6 +1769,8 @@ class OuroborosExperiment:
         return {
             "sample_rate": cfg.sample_rate,
             "generated_s": n_listen / cfg.sample_rate,
+            "device": str(self.place.device),
+            "precision": self.place.precision,
             "val": {
                 **{f"val/{k}": val[k] for k in SCORE_KEYS},
                 M_VAL_LOSS: self.segment_loss(self.data.val),

@@ -38,7 +38,25 @@ the same order for the same seed, which is what makes their comparison paired.
 Rollouts: `parallel_fixed` stacks the K trajectories into one batch (B -> B*K) and runs exactly
 halt_max_steps segments with no halting; `serial_act` runs the K trajectories one after the
 other as batches of B through ACT halting (gradients accumulated, one optimizer step per
-segment). With the same noise and no early halt both give the same loss.
+segment). With the same noise and no early halt both give the same loss. One iteration is
+``steps_per_iter`` training batches (each ``halt_max_steps`` optimizer steps): size it so an
+iteration fits the preemption grace period.
+
+Device, precision and workers (:mod:`tunelab.devices`): the model, its optimizer state, the
+training batches and the trajectory-noise generator live on the trial's device (``device:
+auto`` is CUDA when the trial holds a GPU); the data order is drawn on the CPU, so it is the
+same on every device (on CUDA the noise comes from a CUDA generator: same seed, another
+stream). Every segment runs under the ``precision`` autocast (bf16 replaces the old ``dtype:
+bfloat16``); the initial latents z0 + eps are formed in fp32 outside it and the carried
+latents stay fp32, so the noise survives in the residual stream, but the convolutions see the
+latents rounded to bf16 (spacing 2^-7 near 1.0) or fp16 (2^-10): noise of sigma <= 3e-3 is
+mostly rounded away there (trajectory-augmentation notes), and the experiment warns when the
+noise band reaches that low under bf16 or fp16. With ``resources.workers: N`` every worker
+draws the same global batch (indices and the noise of every trajectory) and keeps its slice
+of the mazes (``tunelab.devices.shard``); the losses are means over trajectories and the
+monitor averages the gradients, so N workers follow one up to float summation order. In
+``serial_act`` the workers stop a batch together, when every trajectory of every worker has
+halted.
 
 By hand (tunelab normally drives ``FAMILY``)::
 
@@ -59,6 +77,7 @@ import copy
 import dataclasses
 import io
 import math
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -71,6 +90,16 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
 import tunelab
+from tunelab.devices import (
+    DeviceFields,
+    Placement,
+    device_generator,
+    load_generator_state,
+    placement,
+    shard,
+    world_size,
+)
+from tunelab.distributed import average_metrics
 from tunelab.errors import DataError
 from tunelab.health import HealthMonitor, StepResult
 from tunelab.names import HEALTH_METRICS, M_HEALTH_GRAD_NORM, M_HEALTH_NAN_SKIPPED
@@ -118,7 +147,6 @@ M_TEST_PERTURBED_10X = "test/perturbed_success_10x"  # final model, noise at 10x
 M_TEST_BEST_ACC = "test/best_acc"  # clean, of the checkpoint with the best val/clean_acc
 M_GRAD_NORM = M_HEALTH_GRAD_NORM
 M_NAN_SKIPPED = M_HEALTH_NAN_SKIPPED
-M_SYS_DTYPE = "sys/dtype"  # manifest field (a string), not an iteration metric
 
 METRICS = (
     M_TRAIN_LOSS,
@@ -138,12 +166,14 @@ METRICS = (
 # Config
 # ---------------------------------------------------------------------------------------------
 @dataclass(config=ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False))
-class Config:
+class Config(DeviceFields):
     """Recursive reasoner config; every field has a CPU-sized default.
 
     Every field carries its domain: floats are finite, sizes and rates positive,
     and each has an upper bound far above any sane run, so ``lr: -0.002``,
     ``hidden: 1e9`` or ``lr: .nan`` is refused at spec validation naming the field.
+    ``device``, ``precision`` (bf16: what ``dtype: bfloat16`` was) and ``deterministic``
+    come from :class:`tunelab.devices.DeviceFields`.
     """
 
     # --- data --------------------------------------------------------------------------------
@@ -223,16 +253,13 @@ class Config:
     grad_clip: Annotated[float, Field(gt=0.0, le=1e6)] = 1.0
     """Clip of the total gradient norm per optimizer step."""
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
-    """Mazes per training batch (B, before the K trajectories)."""
+    """Mazes per training batch (B, before the K trajectories); the global batch: with N
+    workers each trains on batch_size / N of them."""
     steps_per_iter: Annotated[int, Field(ge=1, le=1_000_000)] = 30
-    """Training batches per iteration (each batch = halt_max_steps optimizer steps)."""
+    """Training batches per iteration (each batch = halt_max_steps optimizer steps): the unit
+    of checkpoints, so one iteration must fit the preemption grace period."""
     eval_batch_size: Annotated[int, Field(ge=1, le=1_048_576)] = 512
     """Mazes per evaluation chunk."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute dtype of the latents and the network (bfloat16 via autocast). In bfloat16,
-    sigma <= 3e-3 around latents of size 1 is mostly rounded away."""
-    device: Literal["cpu", "cuda"] = "cpu"
-    """Where the model runs; noise and data order are drawn on the CPU either way."""
 
     @model_validator(mode="after")
     def _check_band(self) -> Config:
@@ -540,22 +567,23 @@ def sigma_scale(step: int, ramp_steps: int, clean_warmup_steps: int = 0) -> floa
 def sample_trajectory_sigmas(
     config: Config, n_traj: int, batch: int, scale: float, generator: torch.Generator
 ) -> Tensor:
-    """Per-trajectory noise std, (n_traj, batch).
+    """Per-trajectory noise std, (n_traj, batch), on the generator's device.
 
     sigma (fixed) or exp(U(log sigma_min, log sigma_max)) (loguniform), times ``scale``; each
     trajectory is clean with probability p_clean; in multi_perturbed_ce trajectory 0 is clean.
     """
-    shape = (n_traj, batch)
+    shape, device = (n_traj, batch), generator.device
     if config.sigma_mode == "none" or scale == 0.0:
-        return torch.zeros(shape)
+        return torch.zeros(shape, device=device)
     if config.sigma_mode == "fixed":
-        sigmas = torch.full(shape, config.sigma)
+        sigmas = torch.full(shape, config.sigma, device=device)
     else:
         lo, hi = math.log(config.sigma_min), math.log(config.sigma_max)
-        sigmas = torch.exp(lo + (hi - lo) * torch.rand(shape, generator=generator))
+        u = torch.rand(shape, generator=generator, device=device)
+        sigmas = torch.exp(lo + (hi - lo) * u)
     sigmas = sigmas * scale
     if config.p_clean > 0.0:
-        sigmas[torch.rand(shape, generator=generator) < config.p_clean] = 0.0
+        sigmas[torch.rand(shape, generator=generator, device=device) < config.p_clean] = 0.0
     if config.loss_mode == "multi_perturbed_ce":
         sigmas[0] = 0.0
     return sigmas
@@ -569,6 +597,16 @@ class TrajectoryNoise:
     eps_H: Tensor | None
     eps_L: Tensor | None
 
+    def shard(self) -> TrajectoryNoise:
+        """This worker's mazes (dimension 1, B) of a global batch's noise (itself with one)."""
+
+        def part(x: Tensor | None) -> Tensor | None:
+            return None if x is None else shard(x.movedim(1, 0)).movedim(0, 1)
+
+        if world_size() == 1:
+            return self
+        return TrajectoryNoise(shard(self.sigmas.T).T, part(self.eps_H), part(self.eps_L))
+
 
 def trajectory_noise(
     config: Config, *, step: int, batch: int, generator: torch.Generator
@@ -576,7 +614,8 @@ def trajectory_noise(
     """Centered latent noise eps = sigma * N(0, I) for the trajectories of one batch.
 
     The latent that ``config.perturb`` leaves alone gets None (z0 unchanged); so does every
-    latent when all sigmas are 0 (warmup, sigma_mode none), which skips the draw.
+    latent when all sigmas are 0 (warmup, sigma_mode none), which skips the draw. Drawn in
+    fp32 on the generator's device.
     """
     n_traj = n_trajectories(config)
     scale = sigma_scale(step, config.ramp_steps, config.clean_warmup_steps)
@@ -587,7 +626,9 @@ def trajectory_noise(
     std = sigmas.view(n_traj, batch, 1, 1, 1)
 
     def draw(wanted: bool) -> Tensor | None:
-        return std * torch.randn(shape, generator=generator) if wanted else None
+        if not wanted:
+            return None
+        return std * torch.randn(shape, generator=generator, device=generator.device)
 
     return TrajectoryNoise(
         sigmas, draw(config.perturb in ("z_H", "both")), draw(config.perturb in ("z_L", "both"))
@@ -639,7 +680,9 @@ class RecursiveReasoner(nn.Module):
             z_H = net_H(z_H, z_L)
         logits = head(z_H); q_halt = q_head(mean_cells(z_H))
 
-    HRM keeps only the last z_L and z_H update in the graph (one-step gradient).
+    HRM keeps only the last z_L and z_H update in the graph (one-step gradient). Segments run
+    under the autocast of ``config.precision`` on the device of their input; the latents stay
+    fp32.
     """
 
     def __init__(self, config: Config) -> None:
@@ -647,7 +690,7 @@ class RecursiveReasoner(nn.Module):
         d = config.hidden
         self.arch = config.arch
         self.H_cycles, self.L_cycles = config.H_cycles, config.L_cycles
-        self.dtype = getattr(torch, config.dtype)
+        self.precision = config.precision
         self.embed = nn.Embedding(N_TOKENS, d)
         self.net_L = ReasoningNet(d, config.n_layers)
         self.net_H = ReasoningNet(d, config.n_layers) if config.arch == "hrm" else None
@@ -668,14 +711,18 @@ class RecursiveReasoner(nn.Module):
     def initial_latents(
         self, n: int, size: int, eps_H: Tensor | None = None, eps_L: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """z0 + eps for ``n`` trajectories: (N, D, S, S) each, in the compute dtype."""
+        """z0 + eps for ``n`` trajectories: (N, D, S, S) each, in fp32 at any precision.
+
+        Formed outside the segments' autocast: bf16 would round sigma <= 3e-3 noise around
+        latents of size 1 away (its spacing near 1.0 is 2^-7).
+        """
         shape = (n, self.z_H0.shape[0], size, size)
         z_H, z_L = self.z_H0.expand(shape), self.z_L0.expand(shape)
         if eps_H is not None:
-            z_H = z_H + eps_H.to(z_H.device)
+            z_H = z_H + eps_H.to(z_H.device, torch.float32)
         if eps_L is not None:
-            z_L = z_L + eps_L.to(z_L.device)
-        return z_H.to(self.dtype).contiguous(), z_L.to(self.dtype).contiguous()
+            z_L = z_L + eps_L.to(z_L.device, torch.float32)
+        return z_H.contiguous(), z_L.contiguous()
 
     def _h_net(self) -> ReasoningNet:
         return self.net_H if self.net_H is not None else self.net_L
@@ -692,12 +739,10 @@ class RecursiveReasoner(nn.Module):
             x: (N, D, S, S) input embedding; z_H, z_L: (N, D, S, S) carried latents.
 
         Returns:
-            z_H, z_L detached for the next segment; logits (N, 2, S, S) and the halting logit
-            (N,), both float32.
+            z_H, z_L detached for the next segment (fp32: the conv outputs are added to the
+            fp32 residual stream); logits (N, 2, S, S) and the halting logit (N,), both fp32.
         """
-        device_type = x.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.dtype != torch.float32):
-            x, z_H, z_L = x.to(self.dtype), z_H.to(self.dtype), z_L.to(self.dtype)
+        with Placement(x.device, self.precision).autocast():
             with torch.no_grad():
                 for _ in range(self.H_cycles - 1):
                     z_H, z_L = self._cycle(x, z_H, z_L, self.L_cycles)
@@ -765,6 +810,11 @@ def train_batch(
     trajectories halted by ACT add 0. One optimizer step per segment, taken by
     ``health`` (backward, clip, step; a non-finite step is skipped and counted).
 
+    In a data-parallel trial, ``tokens``, ``labels`` and ``noise`` are this worker's slice;
+    ``serial_act`` stops when every worker's trajectories have halted, and a worker whose
+    trajectories of one kind all halted still runs them as an empty batch, so every worker
+    hands the monitor gradients of the same parameters to average.
+
     Args:
         health: The monitor over ``model`` and its optimizer.
         tokens, labels: (B, S, S) int64 on the model's device.
@@ -799,11 +849,11 @@ def train_batch(
         halted = [torch.zeros(batch, dtype=torch.bool, device=tokens.device) for _ in range(n_traj)]
         denom = n_traj * batch
         for _ in range(halt_max_steps):
-            if all(bool(h.all()) for h in halted):
+            if _all_halted(halted):
                 break  # every trajectory halted: nothing left to train on this batch
             for k in range(n_traj):
                 active = (~halted[k]).nonzero().squeeze(1)  # (n_active,)
-                if active.numel() == 0:
+                if active.numel() == 0 and world_size() == 1:
                     continue
                 z_H, z_L = carries[k]
                 sub = None if active.numel() == batch else active
@@ -831,6 +881,14 @@ def train_batch(
     return stats
 
 
+def _all_halted(halted: list[Tensor]) -> bool:
+    """Whether every trajectory has halted, on every worker (the workers stop together)."""
+    done = all(bool(h.all()) for h in halted)
+    if world_size() == 1:
+        return done
+    return average_metrics({"running": 0.0 if done else 1.0})["running"] == 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
@@ -851,11 +909,12 @@ def evaluate_exact_match(
 ) -> float:
     """Fraction of mazes solved (every cell right) after ``n_segments`` segments, no halting.
 
-    sigma > 0 perturbs the initial latents with noise drawn from ``noise_seed`` (the same
-    draws at every call, so scores are comparable across iterations and sigmas).
+    sigma > 0 perturbs the initial latents with noise drawn from ``noise_seed`` on the
+    model's device (the same draws at every call, so scores are comparable across iterations
+    and sigmas).
     """
-    generator = torch.Generator().manual_seed(noise_seed)
     device = next(model.parameters()).device
+    generator = device_generator(noise_seed, device)
     d, size = model.z_H0.shape[0], tokens.shape[-1]
     solved = 0
     for lo in range(0, tokens.shape[0], chunk):
@@ -864,7 +923,7 @@ def evaluate_exact_match(
         n = tok.shape[0]
         eps_H = eps_L = None
         if sigma > 0:
-            eps = sigma * torch.randn((2, n, d, size, size), generator=generator)
+            eps = sigma * torch.randn((2, n, d, size, size), generator=generator, device=device)
             eps_H = eps[0] if perturb in ("z_H", "both") else None
             eps_L = eps[1] if perturb in ("z_L", "both") else None
         z_H, z_L = model.initial_latents(n, size, eps_H, eps_L)
@@ -887,13 +946,28 @@ def _stream_seed(seed: int, stream: int) -> int:
 _STREAM_DATA_ORDER, _STREAM_NOISE = 0, 1
 
 
-class RecursiveReasonerExperiment:
-    """One trial: model, optimizer, own RNGs, data cursor, best snapshot, metric history."""
+#: Noise below this sigma is mostly rounded away around latents of size 1 in bf16 / fp16 ops.
+_LOW_PRECISION_SIGMA = 3e-3
 
-    def __init__(self, config: Config, seed: int, data: MazeData) -> None:
+
+class RecursiveReasonerExperiment:
+    """One trial: model, optimizer, own RNGs, data cursor, best snapshot, metric history.
+
+    Everything lives on ``self.place.device`` but the data order (CPU) and the mazes (CPU;
+    each batch is moved).
+
+    Raises:
+        tunelab.devices.DeviceUnavailable: ``device: cuda`` and no CUDA device is visible.
+    """
+
+    def __init__(
+        self, config: Config, seed: int, data: MazeData, *, place: Placement | None = None
+    ) -> None:
         self.config = config
         self.data = data
-        self.device = torch.device(config.device)
+        self.place = place if place is not None else placement(config)
+        self.device = self.place.device
+        _warn_if_noise_is_rounded_away(config)
         self.model = RecursiveReasoner(config).to(self.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -902,10 +976,13 @@ class RecursiveReasonerExperiment:
             betas=(0.9, 0.95),
         )
         # backward, clip, step or skip; per-layer norms, term shares, explosions (tunelab.health)
-        self.health = HealthMonitor(self.model, self.optimizer, clip=config.grad_clip)
+        self.health = HealthMonitor(
+            self.model, self.optimizer, clip=config.grad_clip, scaler=self.place.grad_scaler()
+        )
         # Separate streams: a lever that draws more (or no) noise never shifts the data order.
+        # The order is drawn on the CPU (the same on every device), the noise on the device.
         self.data_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_DATA_ORDER))
-        self.noise_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_NOISE))
+        self.noise_gen = device_generator(_stream_seed(seed, _STREAM_NOISE), self.device)
         self.perm = torch.randperm(config.n_train, generator=self.data_gen)
         self.cursor = 0
         self.step = 0  # training batches done
@@ -935,16 +1012,17 @@ class RecursiveReasonerExperiment:
         self.model.train()
         totals = BatchStats()
         for _ in range(cfg.steps_per_iter):
-            idx = self._next_indices()
+            idx = self._next_indices()  # the global batch
             noise = trajectory_noise(
                 cfg, step=self.step, batch=idx.numel(), generator=self.noise_gen
             )
+            idx = shard(idx)  # this worker's mazes (all of them with one worker)
             stats = train_batch(
                 self.model,
                 self.health,
                 self.data.train_tokens[idx].to(self.device),
                 self.data.train_labels[idx].to(self.device),
-                noise,
+                noise.shard(),
                 rollout=cfg.rollout,
                 halt_max_steps=cfg.halt_max_steps,
                 act=cfg.act,
@@ -1055,11 +1133,13 @@ class RecursiveReasonerExperiment:
         return {**self._training_state(), "best_state": self.best_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, saved on any device (``map_location="cpu"`` included)."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.data_gen.set_state(state["data_gen"])
-        self.noise_gen.set_state(state["noise_gen"])
-        self.perm = state["perm"].clone()
+        self.optimizer.load_state_dict(state["optimizer"])  # moved to the parameters' device
+        name = "recursive_reasoner"
+        load_generator_state(self.data_gen, state["data_gen"], name=f"{name} data_gen")
+        load_generator_state(self.noise_gen, state["noise_gen"], name=f"{name} noise_gen")
+        self.perm = state["perm"].to("cpu", copy=True)
         self.cursor = int(state["cursor"])
         self.step = int(state["step"])
         self.iteration = int(state["iteration"])
@@ -1100,7 +1180,8 @@ class RecursiveReasonerExperiment:
         final = self.history[-1] if self.history else {}
         manifest: dict[str, Any] = {
             "family": "recursive_reasoner",
-            M_SYS_DTYPE: self.config.dtype,
+            "device": str(self.place.device),
+            "precision": self.place.precision,
             M_VAL_BEST_ACC: self.best_acc if self.history else None,
             M_VAL_FINAL_ACC: final.get(M_VAL_FINAL_ACC),
             M_VAL_PERTURBED: final.get(M_VAL_PERTURBED),
@@ -1129,9 +1210,32 @@ class RecursiveReasonerExperiment:
         return manifest
 
 
+def _warn_if_noise_is_rounded_away(config: Config) -> None:
+    """Warn when bf16 / fp16 meets a noise band reaching sigma <= 3e-3 (rounded away there)."""
+    if config.precision == "fp32":
+        return
+    low = config.sigma_min if config.sigma_mode == "loguniform" else config.sigma
+    if 0.0 < low <= _LOW_PRECISION_SIGMA:
+        warnings.warn(
+            f"recursive_reasoner: precision {config.precision} with noise down to sigma "
+            f"{low:g} (<= {_LOW_PRECISION_SIGMA:g}): z0 + eps is kept in fp32, but the "
+            f"network's {config.precision} ops round such noise around latents of size 1 "
+            "mostly away; use precision fp32 to study noise that small",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def build(config: Config, seed: int, data_root: Path) -> RecursiveReasonerExperiment:
-    """tunelab entry point: mazes from ``data_seed`` (shared), everything else from ``seed``."""
-    return RecursiveReasonerExperiment(config, seed, load_or_generate_mazes(config, data_root))
+    """tunelab entry point: mazes from ``data_seed`` (shared), everything else from ``seed``.
+
+    Raises:
+        tunelab.devices.DeviceUnavailable: ``device: cuda`` and no CUDA device is visible
+            (before any maze is generated).
+    """
+    place = placement(config)
+    data = load_or_generate_mazes(config, data_root)
+    return RecursiveReasonerExperiment(config, seed, data, place=place)
 
 
 FAMILY = tunelab.Family(

@@ -21,10 +21,12 @@ import datetime
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tunelab import _preemption as preemption
 from tunelab._callback import TrialFailures, disk_full_guard, raise_if_disk_full
 from tunelab._checkpoint import (
     atomic_write_json,
@@ -87,6 +89,7 @@ def run_experiment(
     progress: bool | None = None,
     overrides: Sequence[str] = (),
     tracker: Tracker | None = None,
+    dashboard: bool = True,
 ) -> dict[str, Any]:
     """Validate ``spec_file`` and run it to the end.
 
@@ -101,6 +104,7 @@ def run_experiment(
         overrides: ``dotted.key=value`` changes applied after ``quick``.
         tracker: A tracking backend (default: :class:`~tunelab.tracking.MlflowTracker`
             on ``tracking_uri``); its ``uri`` is recorded for resume.
+        dashboard: Start the Ray dashboard with the local Ray (see :func:`init_ray`).
 
     Returns:
         The summary (also written to ``summary.json``): ``experiment_dir``,
@@ -164,7 +168,15 @@ def run_experiment(
         )
         atomic_write_json(layout.state_file, dataclasses.asdict(state))
         with disk_full_guard(layout.root):
-            return _run(state, spec, tracker, address=address, progress=progress, restore=False)
+            return _run(
+                state,
+                spec,
+                tracker,
+                address=address,
+                progress=progress,
+                restore=False,
+                dashboard=dashboard,
+            )
 
 
 def resume_experiment(
@@ -173,8 +185,11 @@ def resume_experiment(
     address: str | None = None,
     progress: bool | None = None,
     tracker: Tracker | None = None,
+    dashboard: bool = True,
 ) -> dict[str, Any]:
     """Continue an interrupted experiment from its folder to the same final state.
+
+    ``dashboard``: start the Ray dashboard with the local Ray (:func:`init_ray`).
 
     Trials keep reporting through the tracker the experiment started with
     (Tune restores its callbacks from the experiment state); ``tracker`` is
@@ -202,7 +217,15 @@ def resume_experiment(
         _fail_parent_on_error(tracker, state.parent_run_id),
         disk_full_guard(state.layout.root),
     ):
-        return _run(state, spec, tracker, address=address, progress=progress, restore=True)
+        return _run(
+            state,
+            spec,
+            tracker,
+            address=address,
+            progress=progress,
+            restore=True,
+            dashboard=dashboard,
+        )
 
 
 def _check_data(spec: AnySpec, data_root: Path) -> None:
@@ -228,8 +251,18 @@ def _fail_parent_on_error(tracker: Tracker, parent_run_id: str) -> Iterator[None
         raise
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, *, dashboard: bool | None = None) -> str | None:
     """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local Ray with one CPU per core.
+
+    The local Ray starts the Ray dashboard on 127.0.0.1, port 8265 or the
+    next free one, unless ``dashboard`` is False (None: unless
+    ``$TUNELAB_NO_DASHBOARD`` is 1). Ray's state API, which frees the workers of a culled multi-worker
+    trial, needs it. Ray Train's controller polls its workers every
+    ``$RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (0.5 s here unless set; each
+    report waits for a poll).
+
+    Returns:
+        The dashboard's URL, or None (no dashboard, or a cluster's own).
 
     Ray's token authentication is on unless ``RAY_AUTH_MODE=disabled``. The
     local Ray listens on 127.0.0.1 only; its token file (``$RAY_AUTH_TOKEN_PATH``,
@@ -250,12 +283,12 @@ def init_ray(address: str | None) -> None:
     from ray._raylet import Config  # type: ignore[attr-defined]
 
     if ray.is_initialized():
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         ray.init(address=address, log_to_driver=False)
-        return
+        return None
     if "RAY_AUTH_MODE" not in os.environ:  # Ray's own default, set here without its warning
         os.environ["RAY_AUTH_MODE"] = "token"
         Config.initialize("")
@@ -269,15 +302,40 @@ def init_ray(address: str | None) -> None:
             token.chmod(0o600)
     port = os.environ.get("TUNELAB_METRICS_EXPORT_PORT")
     extra: dict[str, Any] = {"_metrics_export_port": int(port)} if port else {}
+    if dashboard is None:
+        dashboard = os.environ.get("TUNELAB_NO_DASHBOARD", "") not in ("1", "true")
+    if dashboard:
+        extra.update(dashboard_host="127.0.0.1", dashboard_port=_free_port(DASHBOARD_PORT))
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # Ray binds its servers to 127.0.0.1 when that is the node's address, which it
     # picks only where it does not expect a multi-node cluster (ENABLE_RAY_CLUSTER).
     on_network, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     try:
-        ray.init(
-            num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=False, **extra
+        context = ray.init(
+            num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=dashboard, **extra
         )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = on_network
+    url = getattr(context, "dashboard_url", None) if dashboard else None
+    return f"http://{url}" if url and "://" not in url else url or None
+
+
+#: The Ray dashboard's usual port; the next free one is taken when it is in use.
+DASHBOARD_PORT = 8265
+
+
+def _free_port(first: int, tries: int = 100) -> int:
+    """``first`` or the next port after it that 127.0.0.1 can bind."""
+    import socket
+
+    for port in range(first, first + tries):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return 0
 
 
 # -- running ----------------------------------------------------------------------------
@@ -289,20 +347,41 @@ def _run(
     address: str | None,
     progress: bool | None,
     restore: bool,
+    dashboard: bool = True,
 ) -> dict[str, Any]:
     kind = get_kind(spec.kind)(spec, state.layout)
     state.layout.stopped_file.unlink(missing_ok=True)  # running again: not stopped any more
+    state.layout.preempt_file.unlink(missing_ok=True)  # trials wait while it exists
     try:
         return _run_once(
-            state, spec, tracker, kind, address=address, progress=progress, restore=restore
+            state,
+            spec,
+            tracker,
+            kind,
+            address=address,
+            progress=progress,
+            restore=restore,
+            dashboard=dashboard,
         )
     except ExperimentInterrupted:
         # what `platform status` reads: trials Tune had started were interrupted, not running
-        atomic_write_json(
-            state.layout.stopped_file,
-            {"stopped": datetime.datetime.now().isoformat(timespec="seconds")},
-        )
+        stopped: dict[str, Any] = {"stopped": datetime.datetime.now().isoformat(timespec="seconds")}
+        preempted = preemption.finish()
+        if preempted is not None:
+            stopped["preemption"] = preempted
+            took = preempted["all_checkpointed_s"]
+            print(
+                f"preemption: {preempted['trials_checkpointed']} running trial(s) checkpointed "
+                + (f"in {took:.1f} s" if took is not None else "(not all within the grace)")
+                + f" (grace {preempted['grace_s']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        atomic_write_json(state.layout.stopped_file, stopped)
         raise
+    finally:
+        preemption.finish()
+        state.layout.preempt_file.unlink(missing_ok=True)
 
 
 def _run_once(
@@ -314,11 +393,16 @@ def _run_once(
     address: str | None,
     progress: bool | None,
     restore: bool,
+    dashboard: bool = True,
 ) -> dict[str, Any]:
     root = state.layout.root
-    with _StopSignals(root) as stop, _stdout_to_stderr():  # stdout stays for --json
+    with _StopSignals(state.layout) as stop, _stdout_to_stderr():  # stdout stays for --json
         with _ray_keeps_sigterm():
-            init_ray(address)
+            # multi-worker trials need Ray's state API to free a culled trial's workers
+            on = True if spec.resources.workers > 1 else (None if dashboard else False)
+            url = init_ray(address, dashboard=on)
+        if url:
+            print(f"Ray dashboard: {url}", file=sys.stderr, flush=True)
         stop.reinstall()
         stop.raise_if_signalled()
         tuner = _tuner(state, spec, kind, tracker, progress=progress, restore=restore)
@@ -360,12 +444,14 @@ class _StopSignals:
 
     _SIGNALS = ("SIGINT", "SIGTERM")
 
-    def __init__(self, experiment_dir: Path) -> None:
-        self.experiment_dir = experiment_dir
+    def __init__(self, layout: ExperimentLayout) -> None:
+        self.layout = layout
+        self.experiment_dir = layout.root
         self.signalled = False
         self.tune_running = False
         self.finalizing = False
         self._forwarded = False
+        self._lock = threading.Lock()
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
@@ -426,16 +512,26 @@ class _StopSignals:
 
         while self.tune_running and not self._tune_handler_installed():
             time.sleep(0.05)
-        if self.tune_running and not self._forwarded:
+        with self._lock:
+            if not self.tune_running or self._forwarded:
+                return
             self._forwarded = True
-            os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
 
     def _on_signal(self, sig: int, frame: Any) -> None:
+        import signal
         import threading
 
         first = not self.signalled
         self.signalled = True
-        if self.finalizing or not self.tune_running or not first:
+        if self.finalizing or not self.tune_running:
+            return
+        if not first and preemption.active() is None:
+            return
+        grace = preemption.grace_s()
+        if first and sig == signal.SIGTERM and grace > 0:
+            # preemption: running trials checkpoint their current iteration first
+            preemption.Preemption(self.layout.preempt_file, grace, self._forward_to_tune).start()
             return
         if self._tune_handler_installed():
             self._forward_to_tune()
@@ -487,8 +583,14 @@ def _trainable(state: RunState, spec: AnySpec, kind: ExperimentKind) -> Any:
         artifacts_root=str(layout.artifacts_dir),
         threads=max(1, int(spec.resources.cpu)),
         health=spec.health,
+        workers=spec.resources.workers,
+        cpu=spec.resources.cpu,
+        gpu=spec.resources.gpu,
+        preempt_file=str(layout.preempt_file),
     )
     resources: dict[str, float] = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    if spec.resources.workers > 1:  # the Ray Train workers hold the CPUs and GPUs
+        resources = {"cpu": 0, "gpu": 0, "memory": 1}  # a bundle Ray accepts, holding nothing
     if spec.resources.memory_gb:
         resources["memory"] = spec.resources.memory_gb * 1024**3
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
@@ -544,6 +646,7 @@ def _tuner(
             milestones=kind.milestones(),
         ),
         TrialStateMetrics(spec=spec.name, family=spec.family, budget=spec.budget),
+        preemption.PreemptionCallback(),
         # last, so Tune's own logger callbacks still run when it stops the experiment
         TrialFailures(experiment_dir=str(layout.root)),
     ]

@@ -683,6 +683,8 @@ class HealthMonitor:
             },
             "history": self.history,
             "events": [dataclasses.asdict(e) for e in self.events],
+            # fp16: the loss scale and its growth tracker (a resume must not restart at 2**16)
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -698,6 +700,8 @@ class HealthMonitor:
             o.in_explosion = bool(s["in_explosion"])
         self.history = list(state["history"])
         self.events = [Diagnosis(**e) for e in state["events"]]
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     def report(self) -> dict[str, Any]:
         """The artifact tunelab writes (``health.json``): diagnosis, events, per-layer history."""

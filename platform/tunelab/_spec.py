@@ -136,6 +136,8 @@ MAX_TRIALS = 100_000
 #: Most CPUs per trial.
 MAX_CPU = 1024
 #: Most GPUs per trial.
+MAX_WORKERS = 1024
+"""Upper bound of ``resources.workers`` (Ray Train workers per trial)."""
 MAX_GPU = 64
 #: Most memory per trial (GB).
 MAX_MEMORY_GB = 16_384
@@ -171,11 +173,17 @@ class MetricSpec(Strict):
 
 
 class ResourcesSpec(Strict):
-    """Resources per trial, as Ray understands them (``cpu`` <= 1024, ``gpu`` <= 64, GB <= 16384)."""
+    """Resources per trial, as Ray understands them (``cpu`` <= 1024, ``gpu`` <= 64, GB <= 16384).
+
+    ``workers: N`` (default 1) makes each trial a Ray Train data-parallel run
+    of N workers (``TorchTrainer``; gloo on CPUs, nccl on GPUs); ``cpu`` and
+    ``gpu`` are then per worker, so a trial holds ``N * cpu`` CPUs.
+    """
 
     cpu: Annotated[Finite, Field(gt=0, le=MAX_CPU)] = 1.0
     gpu: Annotated[Finite, Field(ge=0, le=MAX_GPU)] = 0.0
     memory_gb: Annotated[Finite, Field(ge=0, le=MAX_MEMORY_GB)] | None = None
+    workers: Annotated[WholeNumber, Field(ge=1, le=MAX_WORKERS)] = 1
 
 
 class CheckpointSpec(Strict):

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunelab import distributed
 from tunelab._checkpoint import (
     RESERVE_FILE,
     STATE_FILE,
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
     from tunelab.layout import HEALTH_ARTIFACT
 from tunelab.health import HealthMonitor
 
-__all__ = ["TrialSetup", "build_experiment", "restore_experiment", "run_trial"]
+__all__ = ["TrialLoop", "TrialSetup", "build_experiment", "restore_experiment", "run_trial"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,12 @@ class TrialSetup:
         threads: torch intra-op threads per trial.
         health: The numerical-health policy (the spec's ``health:`` block),
             given to the family's :class:`~tunelab.health.HealthMonitor`.
+        workers: Ray Train workers per trial (1: the trial trains in its own
+            process; N > 1: a data-parallel ``TorchTrainer`` run).
+        cpu: CPUs per worker (with ``workers > 1``; the trial's own otherwise).
+        gpu: GPUs per worker (with ``workers > 1``; the trial's own otherwise).
+        preempt_file: The driver's preemption request (see
+            :attr:`~tunelab.layout.ExperimentLayout.preempt_file`); empty: none.
     """
 
     family: str
@@ -89,6 +97,10 @@ class TrialSetup:
     artifacts_root: str = ""
     threads: int = 1
     health: HealthPolicy = dataclasses.field(default_factory=HealthPolicy)
+    workers: int = 1
+    cpu: float = 1.0
+    gpu: float = 0.0
+    preempt_file: str = ""
 
 
 def build_experiment(
@@ -127,7 +139,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune function trainable (bind ``setup`` with ``tune.with_parameters``).
 
     ``config`` holds ``seed`` and ``config`` (the family config) plus any
-    keys the runner adds (``arm`` for lever A/B).
+    keys the runner adds (``arm`` for lever A/B). With ``setup.workers > 1``
+    the trial is a Ray Train data-parallel run (:mod:`tunelab._train_workers`).
 
     Raises:
         DiskFullError: a write (checkpoint, its copy into storage, artifacts,
@@ -135,80 +148,173 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """
     trial_dir = _storage_trial_dir()
     with _disk_full_names(trial_dir or Path(setup.data_root)):
-        _run_trial(config, setup, trial_dir)
+        if setup.workers > 1:
+            from tunelab._train_workers import run_workers
+
+            run_workers(config, setup, trial_dir)
+        else:
+            _run_trial(config, setup, trial_dir)
+
+
+#: ``report(metrics, checkpoint_dir)``: hand one iteration's metrics (and a checkpoint
+#: folder, only on the lead worker) to Tune or to Ray Train.
+Report = Callable[[dict[str, Any], "Path | None"], None]
 
 
 def _run_trial(config: dict[str, Any], setup: TrialSetup, trial_dir: Path | None) -> None:
-    import torch
     from ray import tune
 
-    torch.set_num_threads(max(1, setup.threads))
-    seed = int(config["seed"])
-    data_root = Path(setup.data_root)
-    start = 0
     checkpoint = tune.get_checkpoint()
-    # The driver's reserved space (experiment folder = <root>/tune/<trial>): once it is
-    # released, the disk is full and the experiment is stopping: write no more checkpoints.
-    reserve = trial_dir.parent.parent / RESERVE_FILE if trial_dir is not None else None
-    had_reserve = reserve is not None and reserve.is_file()
+    reserve = _Reserve(trial_dir)
     if trial_dir is not None:
         _remove_incomplete(trial_dir, keep=checkpoint.path if checkpoint is not None else None)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            exp, start = restore_experiment(
-                setup.family, config["config"], seed, data_root, Path(d)
-            )
+            loop = TrialLoop(config, setup, Path(d))
     else:
-        exp = build_experiment(setup.family, config["config"], seed, data_root)
-    trial_id = tune.get_context().get_trial_id()
-    recorder = TrialRecorder(
-        setup.spec, family_label(setup.family)
-    )  # Prometheus metrics (tunelab.metrics)
-    monitor = monitor_of(exp)
-    if monitor is not None:
-        monitor.policy = setup.health
-    out = Path(setup.artifacts_root) / trial_id if setup.artifacts_root else None
-    for it in range(start + 1, setup.budget + 1):
-        t0 = time.perf_counter()
-        metrics, diagnosis = _train_iteration(exp, monitor, setup.family)
-        metrics[M_ITER_TIME] = time.perf_counter() - t0
-        metrics[ITERATION] = it
-        recorder.iteration(metrics[M_ITER_TIME], metrics)
-        if diagnosis is not None:
-            # Diverged: report it (NaN for the family's metrics), keep the diagnosis, end.
-            recorder.diverged()
-            if out is not None and monitor is not None:
-                with _disk_full_names(out):
-                    atomic_write_json(out / HEALTH_ARTIFACT, monitor.report())
-            tune.report({**metrics, DIVERGED: 1.0, HEALTH_DIAGNOSIS: diagnosis.line()})
-            return
-        if it == setup.budget and out is not None:
-            with _disk_full_names(out):
-                if monitor is not None:
-                    atomic_write_json(out / HEALTH_ARTIFACT, monitor.report())
-                manifest = exp.export(out)
-                where = {
-                    "hostname": socket.gethostname(),
-                    "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                }
-                atomic_write_json(
-                    out / "manifest.json", {"seed": seed, "iteration": it, **where, **manifest}
-                )
-        if it % setup.checkpoint_every == 0 or it in setup.milestones or it == setup.budget:
-            with tempfile.TemporaryDirectory(prefix="tunelab-ckpt-") as d:
-                t1 = time.perf_counter()
-                extra = {_HEALTH_STATE: monitor.state_dict()} if monitor is not None else None
-                save_state(Path(d), exp.state_dict(), iteration=it, extra=extra, durable=False)
-                metrics[M_CKPT_TIME] = time.perf_counter() - t1
-                metrics[M_CKPT_BYTES] = float((Path(d) / STATE_FILE).stat().st_size)
-                recorder.checkpoint(metrics[M_CKPT_TIME], metrics[M_CKPT_BYTES])
-                if had_reserve and reserve is not None and not reserve.exists():
-                    raise DiskFullError(trial_dir or d)
-                # Tune copies the folder into the experiment's storage here.
-                with _disk_full_names(trial_dir or Path(d)):
-                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-        else:
+        loop = TrialLoop(config, setup, None)
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is None:
             tune.report(metrics)
+            return
+        reserve.check(trial_dir or checkpoint_dir)
+        # Tune copies the folder into the experiment's storage here.
+        with _disk_full_names(trial_dir or checkpoint_dir):
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+
+    loop.run(tune.get_context().get_trial_id(), report)
+
+
+class _Reserve:
+    """The driver's reserved space (experiment folder = <root>/tune/<trial>).
+
+    Once the driver released it, the disk is full and the experiment is
+    stopping: no more checkpoints are written.
+    """
+
+    def __init__(self, trial_dir: Path | None) -> None:
+        self.file = trial_dir.parent.parent / RESERVE_FILE if trial_dir is not None else None
+        self.held = self.file is not None and self.file.is_file()
+
+    def check(self, where: Path) -> None:
+        """Raise :class:`DiskFullError` naming ``where`` if the reserve was released."""
+        if self.held and self.file is not None and not self.file.exists():
+            raise DiskFullError(where)
+
+
+class TrialLoop:
+    """One trial's iterations on one worker: build or restore, train, report, checkpoint.
+
+    Shared by the one-worker trial and every worker of a data-parallel trial.
+    The lead worker (rank 0) alone writes checkpoints, artifacts and the
+    Prometheus metrics; every worker reports the same (averaged) metrics.
+
+    Args:
+        config: The trial's config (``seed``, ``config``).
+        setup: The experiment's trial constants.
+        checkpoint_dir: A checkpoint folder to restore from, or None.
+    """
+
+    def __init__(
+        self, config: dict[str, Any], setup: TrialSetup, checkpoint_dir: Path | None
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, setup.threads))
+        self.setup = setup
+        self.seed = int(config["seed"])
+        self.lead = distributed.rank() == 0
+        data_root = Path(setup.data_root)
+        self.start = 0
+        if checkpoint_dir is not None:
+            self.exp, self.start = restore_experiment(
+                setup.family, config["config"], self.seed, data_root, checkpoint_dir
+            )
+        else:
+            self.exp = build_experiment(setup.family, config["config"], self.seed, data_root)
+        self.monitor = monitor_of(self.exp)
+        if self.monitor is not None:
+            self.monitor.policy = setup.health
+
+    def run(self, trial_id: str, report: Report) -> None:
+        """Train from the restored iteration to the budget, reporting every iteration."""
+        setup, exp, monitor = self.setup, self.exp, self.monitor
+        recorder = TrialRecorder(setup.spec, family_label(setup.family)) if self.lead else None
+        out = Path(setup.artifacts_root) / trial_id if setup.artifacts_root and self.lead else None
+        for it in range(self.start + 1, setup.budget + 1):
+            t0 = time.perf_counter()
+            metrics, diagnosis = _train_iteration(exp, monitor, setup.family)
+            metrics[M_ITER_TIME] = time.perf_counter() - t0
+            if distributed.is_distributed():
+                metrics = distributed.average_metrics(metrics)
+            metrics[ITERATION] = it
+            if recorder is not None:
+                recorder.iteration(metrics[M_ITER_TIME], metrics)
+            if diagnosis is not None:
+                # Diverged: report it (NaN for the family's metrics), keep the diagnosis, end.
+                if recorder is not None:
+                    recorder.diverged()
+                if out is not None and monitor is not None:
+                    with _disk_full_names(out):
+                        atomic_write_json(out / HEALTH_ARTIFACT, monitor.report())
+                report({**metrics, DIVERGED: 1.0, HEALTH_DIAGNOSIS: diagnosis.line()}, None)
+                return
+            if it == setup.budget and out is not None:
+                self._export(out, it)
+            preempted = self._preempt_requested()
+            due = it % setup.checkpoint_every == 0 or it in setup.milestones
+            if not (due or preempted or it == setup.budget):
+                report(metrics, None)
+                continue
+            if not self.lead:
+                report(metrics, None)
+            else:
+                with tempfile.TemporaryDirectory(prefix="tunelab-ckpt-") as d:
+                    t1 = time.perf_counter()
+                    extra = {_HEALTH_STATE: monitor.state_dict()} if monitor is not None else None
+                    save_state(Path(d), exp.state_dict(), iteration=it, extra=extra, durable=False)
+                    metrics[M_CKPT_TIME] = time.perf_counter() - t1
+                    metrics[M_CKPT_BYTES] = float((Path(d) / STATE_FILE).stat().st_size)
+                    if recorder is not None:
+                        recorder.checkpoint(metrics[M_CKPT_TIME], metrics[M_CKPT_BYTES])
+                    report(metrics, Path(d))
+            if preempted and it < setup.budget:
+                self._wait_for_stop()
+
+    def _export(self, out: Path, it: int) -> None:
+        with _disk_full_names(out):
+            if self.monitor is not None:
+                atomic_write_json(out / HEALTH_ARTIFACT, self.monitor.report())
+            manifest = self.exp.export(out)
+            where = {
+                "hostname": socket.gethostname(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "workers": distributed.world_size(),
+            }
+            atomic_write_json(
+                out / "manifest.json", {"seed": self.seed, "iteration": it, **where, **manifest}
+            )
+
+    def _preempt_requested(self) -> bool:
+        """Whether the driver asked trials to checkpoint now (one decision for all workers)."""
+        path = self.setup.preempt_file
+        return distributed.broadcast_flag(bool(path) and os.path.exists(path))
+
+    def _wait_for_stop(self) -> None:
+        """After the preemption checkpoint: start no new iteration until the driver stops Tune.
+
+        Waits while the driver's preemption file exists, at most its grace time
+        (then training goes on: the stop did not come).
+        """
+        path = Path(self.setup.preempt_file)
+        try:
+            grace = float(json.loads(path.read_text()).get("grace_s", 60.0))
+        except (OSError, ValueError, AttributeError):
+            grace = 60.0
+        deadline = time.monotonic() + grace
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def _train_iteration(

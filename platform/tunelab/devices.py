@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
 from tunelab.distributed import rank, shard, world_size
@@ -56,6 +58,8 @@ __all__ = [
     "DeviceUnavailable",
     "Placement",
     "Precision",
+    "device_generator",
+    "load_generator_state",
     "placement",
     "rank",
     "resolve_device",
@@ -71,14 +75,23 @@ Precision = Literal["fp32", "bf16", "fp16"]
 class DeviceFields:
     """The device keys every family config inherits (``class Config(DeviceFields)``)."""
 
-    device: Device = "auto"
-    """Where the model, batches and noise live: auto (CUDA when the trial has a GPU), cpu or
-    cuda."""
-    precision: Precision = "fp32"
-    """Autocast dtype of the forward pass: fp32, bf16, or fp16 (with a gradient scaler)."""
-    deterministic: bool = False
-    """Deterministic kernels on CUDA (torch.use_deterministic_algorithms); CPU runs are
-    bit-exact either way."""
+    # Field descriptions, not attribute docstrings: pydantic does not carry those into the
+    # subclasses (the families' configs).
+    device: Device = Field(
+        default="auto",
+        description="Where the model, batches and noise live: auto (CUDA when the trial has "
+        "a GPU), cpu or cuda.",
+    )
+    precision: Precision = Field(
+        default="fp32",
+        description="Autocast dtype of the forward pass: fp32, bf16, or fp16 (with a "
+        "gradient scaler).",
+    )
+    deterministic: bool = Field(
+        default=False,
+        description="Deterministic kernels on CUDA (torch.use_deterministic_algorithms); CPU "
+        "runs are bit-exact either way.",
+    )
 
 
 class DeviceUnavailable(RuntimeError):
@@ -194,3 +207,40 @@ def placement(config: Any) -> Placement:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     return Placement(device=device, precision=precision, deterministic=deterministic)
+
+
+def device_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed``; draw with ``device=gen.device``.
+
+    On the CPU it is the usual Mersenne Twister (``torch.Generator().manual_seed(seed)``,
+    so CPU runs draw what they always drew); on CUDA a Philox generator. Their
+    states differ in kind (5056 bytes against 16): see :func:`load_generator_state`.
+    """
+    import torch
+
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def load_generator_state(gen: torch.Generator, state: torch.Tensor, *, name: str) -> None:
+    """Restore ``gen`` from a saved ``get_state()`` (any device's: a checkpoint loads anywhere).
+
+    A state saved by a generator of another device type (CPU vs CUDA) cannot
+    be set: ``gen`` is re-seeded from a hash of it instead (a warning names
+    ``name``), so the noise from here on differs from the saved run's but is
+    the same on every resume.
+    """
+    import torch
+
+    state = state.detach().to("cpu", torch.uint8)
+    if state.numel() == gen.get_state().numel():
+        gen.set_state(state)
+        return
+    digest = hashlib.sha256(state.numpy().tobytes()).digest()
+    gen.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    warnings.warn(
+        f"{name}: the checkpoint's generator state ({state.numel()} bytes) was saved on "
+        f"another kind of device than this {gen.device.type} generator; re-seeded from it, "
+        "so the noise from here on differs from the saved run's",
+        RuntimeWarning,
+        stacklevel=2,
+    )

@@ -83,6 +83,12 @@ class ExperimentLayout:
         return self.root / "tunelab_stopped.json"
 
     @property
+    def preempt_file(self) -> Path:
+        """Written by the driver on SIGTERM (preemption): trials checkpoint at the end of their
+        current iteration and wait. Removed when the experiment runs again."""
+        return self.root / "tunelab_preempt.json"
+
+    @property
     def runs_file(self) -> Path:
         return self.root / "tunelab_runs.json"
 

@@ -15,6 +15,8 @@ import torch
 
 from trainables import cascade_mixer as cm
 from tunelab import capture_rng_state, get_family, restore_rng_state, seed_everything
+from tunelab.devices import DeviceUnavailable
+from tunelab.names import M_HEALTH_AMP_SKIPPED, M_HEALTH_NAN_SKIPPED
 
 torch.set_num_threads(1)
 
@@ -43,7 +45,9 @@ def _snapshot(exp: cm.CascadeMixerExperiment) -> dict[str, Any]:
 
 
 def _restore(exp: cm.CascadeMixerExperiment, snap: dict[str, Any]) -> None:
-    exp.load_state_dict(torch.load(io.BytesIO(snap["family"]), weights_only=True))
+    # as tunelab loads a checkpoint: onto the CPU, tensors and containers only
+    state = torch.load(io.BytesIO(snap["family"]), map_location="cpu", weights_only=True)
+    exp.load_state_dict(state)
     exp.health.load_state_dict(copy.deepcopy(snap["health"]))
     restore_rng_state(snap["rng"])
 
@@ -108,6 +112,29 @@ def test_export_writes_metrics_and_png(tmp_path: Path) -> None:
     json.dumps(manifest)  # JSON-able
     assert {"metrics.json", "mix.png"} <= {p.name for p in tmp_path.iterdir()}
     assert math.isfinite(manifest["metrics"][cm.M_VAL_MIX_ERROR])
+    assert (manifest["device"], manifest["precision"]) == ("cpu", "fp32")
+
+
+# --- device and precision ---------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_device_cuda_without_a_gpu_is_refused_by_build() -> None:
+    with pytest.raises(DeviceUnavailable, match="device: cuda"):
+        _build(**TINY, device="cuda")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_an_iteration_on_the_cpu(precision: str) -> None:
+    # autocast on the CPU; fp16 steps through a gradient scaler (its overflow skips counted)
+    exp = _build(**TINY, discriminator=True, device="cpu", precision=precision)
+    metrics = exp.train_iteration()
+    assert isinstance(exp.health.scaler, torch.amp.GradScaler) == (precision == "fp16")
+    assert (M_HEALTH_AMP_SKIPPED in metrics) == (precision == "fp16")
+    skipped = metrics[M_HEALTH_NAN_SKIPPED] + metrics.get(M_HEALTH_AMP_SKIPPED, 0.0)
+    assert math.isfinite(metrics[cm.M_TRAIN_LOSS]) or skipped == TINY["steps_per_iter"]
+    assert math.isfinite(metrics[cm.M_VAL_MIX_ERROR])
+    assert {p.dtype for p in exp.model.parameters()} == {torch.float32}  # fp32 master weights
 
 
 # --- numerical health -------------------------------------------------------
@@ -136,7 +163,10 @@ def test_clamped_weak_residual_trains_without_events() -> None:
 # --- checkpointing ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [WEAK, {"discriminator": True}])
+@pytest.mark.parametrize(
+    "overrides",
+    [WEAK, {"discriminator": True}, {"precision": "fp16"}],
+)
 def test_resume_is_bit_exact(overrides: dict[str, Any]) -> None:
     exp = _build(**TINY, **overrides)
     exp.train_iteration()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import io
 import json
 import math
 from pathlib import Path
@@ -10,10 +12,13 @@ from typing import Any
 import pydantic
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from trainables import flow_policy as fp
 from tunelab import load_state, save_state, seed_everything
-from tunelab.names import is_per_name_health_metric
+from tunelab.devices import DeviceUnavailable
+from tunelab.names import M_HEALTH_AMP_SKIPPED, M_HEALTH_NAN_SKIPPED, is_per_name_health_metric
 
 torch.set_num_threads(1)
 
@@ -275,7 +280,7 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
     save_state(tmp_path, b.state_dict(), iteration=n)
 
     c = _build(seed=999)  # a different seed: the restore must do all the work
-    payload = load_state(tmp_path)
+    payload = load_state(tmp_path)  # torch.load(map_location="cpu", weights_only=True)
     c.load_state_dict(payload["family"])
     for _ in range(n):
         metrics_c = c.train_iteration()
@@ -293,6 +298,87 @@ def test_export_writes_metrics_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "chunks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"val/spike_l1", "test/spike_l1", "test/flat_l1"} <= set(saved["metrics"])
     assert manifest["metrics"] == saved["metrics"]
+    assert (manifest["device"], manifest["precision"]) == ("cpu", "fp32")
+
+
+def test_a_generator_state_from_another_device_reseeds_with_a_warning() -> None:
+    # a CUDA generator's state (16 bytes of Philox seed and offset) cannot set a CPU one:
+    # the checkpoint still loads, the stream is re-seeded from it, the same way every time
+    exp = _build()
+    exp.train_iteration()
+    buf = io.BytesIO()
+    torch.save({**exp.state_dict(), "noise_gen": torch.arange(16, dtype=torch.uint8)}, buf)
+    resumed = []
+    for _ in range(2):
+        buf.seek(0)
+        state = torch.load(buf, map_location="cpu", weights_only=True)
+        c = _build(seed=999)
+        with pytest.warns(RuntimeWarning, match="flow_policy noise_gen"):
+            c.load_state_dict(state)
+        assert torch.equal(c.data_gen.get_state(), exp.data_gen.get_state())
+        resumed.append(c.train_iteration())
+    assert resumed[0] == resumed[1]
+
+
+# --- device and precision ---------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_device_cuda_without_a_gpu_is_refused_by_build() -> None:
+    with pytest.raises(DeviceUnavailable, match="device: cuda"):
+        _build(device="cuda")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_an_iteration_on_the_cpu(precision: str) -> None:
+    # autocast on the CPU; fp16 steps through a gradient scaler (its overflow skips counted)
+    exp = _build(device="cpu", precision=precision, readout="mode_aware")
+    metrics = exp.train_iteration()
+    assert isinstance(exp.health.scaler, torch.amp.GradScaler) == (precision == "fp16")
+    assert (M_HEALTH_AMP_SKIPPED in metrics) == (precision == "fp16")
+    skipped = metrics[M_HEALTH_NAN_SKIPPED] + metrics.get(M_HEALTH_AMP_SKIPPED, 0.0)
+    assert math.isfinite(metrics[fp.M_TRAIN_LOSS]) or skipped == TINY["steps_per_iter"]
+    assert math.isfinite(metrics[fp.M_SAMPLE_L1])
+    assert {p.dtype for p in exp.net.parameters()} == {torch.float32}  # fp32 master weights
+
+
+def _data_parallel_worker(rank: int, world: int, store: str, out: str) -> None:
+    """One worker of a gloo group: one iteration on its shard of every global batch."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),  # a failed peer ends the test, not the job
+    )
+    try:
+        exp = _build(seed=5)
+        metrics = exp.train_iteration()
+        torch.save({"metrics": metrics, "params": exp.net.state_dict()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="this torch has no torch.distributed")
+def test_two_workers_follow_one_worker_on_the_same_global_batch(tmp_path: Path) -> None:
+    # each worker trains on its half of every global batch (same indices, times and eps), the
+    # monitor averages the gradients: the replicas agree, and follow one worker up to float
+    # summation order; the mean of the workers' slice losses is the global batch's loss
+    out = str(tmp_path / "worker")
+    mp.spawn(_data_parallel_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    workers = [torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1)]
+    one = _build(seed=5)
+    alone = one.train_iteration()
+    for name, p in one.net.state_dict().items():
+        assert torch.equal(workers[0]["params"][name], workers[1]["params"][name]), name
+        torch.testing.assert_close(workers[0]["params"][name], p, rtol=1e-5, atol=1e-6)
+    for name in (fp.M_TRAIN_LOSS, fp.M_TRAIN_MSE):
+        mean = (workers[0]["metrics"][name] + workers[1]["metrics"][name]) / 2
+        assert mean == pytest.approx(alone[name], rel=1e-5), name
+    for name in (fp.M_SAMPLE_L1, fp.M_SPIKE_L1, fp.M_FLAT_L1):  # full evaluation on each
+        assert workers[0]["metrics"][name] == workers[1]["metrics"][name], name
+        assert workers[0]["metrics"][name] == pytest.approx(alone[name], rel=1e-5), name
 
 
 # --- evaluation honesty -------------------------------------------------------

@@ -14,8 +14,9 @@ import torch
 
 from trainables import ouroboros as O
 from tunelab import load_state, save_state, seed_everything
+from tunelab.devices import DeviceUnavailable
 from tunelab.health import HealthPolicy
-from tunelab.names import M_HEALTH_NAN_SKIPPED, is_per_name_health_metric
+from tunelab.names import M_HEALTH_AMP_SKIPPED, M_HEALTH_NAN_SKIPPED, is_per_name_health_metric
 
 # A tiny size: every build + iteration takes well under a second on one core.
 TINY: dict[str, Any] = {
@@ -268,6 +269,33 @@ def test_rollout_is_saturated_by_soft_tanh() -> None:
     assert torch.isfinite(x).all() and x.abs().max() <= 0.7
 
 
+def test_fused_rollout_and_its_adjoint_make_no_tensor_off_their_device() -> None:
+    # the meta device stands in for CUDA (no GPU here): a tensor made on the CPU inside the
+    # rollout, its adjoint, the drives, the losses or closed-loop generation fails as on CUDA
+    meta = torch.device("meta")
+    inputs = _drives(3, False)[2:]  # x0, v0, omega, gamma, w
+    model = O.PolyOuroboros(O.Config(sample_rate=8000, hidden=8, drive_lowpass_ms=0.5)).to(meta)
+    x0, v0, om, ga, w = (t.detach().float().to(meta).requires_grad_() for t in inputs)
+    x = O.rk4_rollout(x0, v0, model.coefficients(om, ga, w), 3, 1.0, 0.8)
+    loss = O.mrstft_loss(x, x.detach() + 1, (16, 32)) + O.envelope(x, O.gaussian_kernel(2)).mean()
+    grads = torch.autograd.grad(loss, (x0, v0, om, ga, w))
+    assert x.device == meta and all(g.device == meta for g in grads)
+    wave = torch.zeros(2, 64, device=meta)
+    assert model.drives(wave, wave).w.device == meta  # encoder FFT + drive low-pass
+    assert O.generate_closed_loop(model, 8, torch.zeros(2, 2, device=meta)).device == meta
+
+
+def test_rollout_integrates_in_its_inputs_dtype_under_autocast() -> None:
+    # under a bf16 autocast the RK4 matmuls would round every step: the rollout switches it off
+    model, _, *inputs = _drives(3, False)
+    x0, v0, om, ga, w = (t.detach().float() for t in inputs)
+    coef = model.coefficients(om, ga, w)
+    plain = O.rk4_rollout(x0, v0, coef, 3, 1.0, 0.8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = O.rk4_rollout(x0, v0, coef, 3, 1.0, 0.8)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+
+
 def test_encoder_step_mode_equals_sequence_mode() -> None:
     # closed-loop generation steps the same causal SSM that training runs as a convolution
     seed_everything(0)
@@ -434,6 +462,26 @@ def test_iteration_reports_every_declared_metric(data_root: Path) -> None:
     assert all(isinstance(v, float) for v in metrics.values())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_device_cuda_without_a_gpu_is_refused_before_any_data_is_made(tmp_path: Path) -> None:
+    with pytest.raises(DeviceUnavailable, match="device: cuda"):
+        make(0, tmp_path, device="cuda")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_an_iteration_on_the_cpu(data_root: Path, precision: str) -> None:
+    # the encoder under autocast, the ODE in fp32; fp16 through a gradient scaler
+    exp = make(0, data_root, device="cpu", precision=precision)
+    metrics = exp.train_iteration()
+    assert isinstance(exp.health.scaler, torch.amp.GradScaler) == (precision == "fp16")
+    assert (M_HEALTH_AMP_SKIPPED in metrics) == (precision == "fp16")
+    skipped = metrics[M_HEALTH_NAN_SKIPPED] + metrics.get(M_HEALTH_AMP_SKIPPED, 0.0)
+    assert math.isfinite(metrics[O.M_TRAIN_LOSS]) or skipped == TINY["steps_per_iter"]
+    assert math.isfinite(metrics[O.M_VAL_AUTONOMY])
+    assert {p.dtype for p in exp.model.parameters()} == {torch.float32}  # fp32 master weights
+
+
 def test_resume_is_bit_exact(data_root: Path, tmp_path: Path) -> None:
     n = 2
     a = make(3, data_root)
@@ -444,7 +492,7 @@ def test_resume_is_bit_exact(data_root: Path, tmp_path: Path) -> None:
         b.train_iteration()
     save_state(tmp_path, b.state_dict(), iteration=n)
     c = make(99, data_root)  # a different seed: the restore must do all the work
-    payload = load_state(tmp_path)
+    payload = load_state(tmp_path)  # torch.load(map_location="cpu", weights_only=True)
     c.load_state_dict(payload["family"])
     for _ in range(n):
         last_c = c.train_iteration()
@@ -470,6 +518,7 @@ def test_export_writes_readable_wav_and_png_with_finite_scores(
     manifest = exp.export(out)
     audio, sr = sf.read(out / "generated.wav")
     assert sr == manifest["sample_rate"] == 8000
+    assert (manifest["device"], manifest["precision"]) == ("cpu", "fp32")
     # the deployed generation lasts listen_s, not one test window
     assert sf.info(out / "generated.wav").duration == pytest.approx(0.1)
     assert manifest["generated_s"] == pytest.approx(0.1)

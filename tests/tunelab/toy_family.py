@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass
 
 from tunelab import Family
+from tunelab.devices import rank, shard
 from tunelab.health import HealthMonitor
 from tunelab.names import HEALTH_METRICS
 
@@ -34,6 +37,7 @@ class Config:
     nan_loss_at: int = 0  # the "aux" loss term is NaN from this iteration on (0 = never)
     crash_once_at: int = 0  # crash once at this iteration (a worker crash Tune retries; 0 = never)
     crash_seed: int = -1  # with crash_once_at: only this seed crashes (-1 = every seed)
+    kill_rank: int = -1  # with crash_once_at: that worker's process is SIGKILLed (-1 = raise)
     build_error: str = ""  # building raises ValueError(build_error) (a deterministic setup error)
     export_error: str = ""  # the driver's export of the selected seed raises RuntimeError(this)
     ballast_kb: int = 0  # extra KiB in every checkpoint (fills a small disk)
@@ -60,10 +64,13 @@ class Toy:
         if self.cfg.fail_at and self.it == self.cfg.fail_at:
             raise RuntimeError("toy failure")
         if self._crashes_now():
+            if self.cfg.kill_rank >= 0:  # the worker process dies (SIGKILL), not the code
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("toy worker crash (once)")
         for _ in range(self.cfg.steps_per_iter):
             x = torch.rand(32, 1) * 6 - 3  # global RNG: restored by tunelab
             y = torch.sin(x) + self.cfg.noise * torch.randn(32, 1)
+            x, y = shard(x), shard(y)  # this worker's slice of the global batch
             loss = torch.mean((self.net(x) - y) ** 2)
             self.health.step({"mse": loss, "aux": self._aux(loss)})
         with torch.no_grad():
@@ -92,6 +99,8 @@ class Toy:
         if not cfg.crash_once_at or self.it != cfg.crash_once_at or self.data_root is None:
             return False
         if cfg.crash_seed not in (-1, self.seed):
+            return False
+        if cfg.kill_rank >= 0 and cfg.kill_rank != rank():
             return False
         marker = Path(self.data_root) / f"toy-crashed-seed{self.seed}"
         if marker.exists():
