@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
@@ -128,14 +129,19 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _trial_has_gpu() -> bool:
-    """Whether this Ray trial (or worker) was given a GPU; True outside Ray."""
-    try:
-        import ray
+    """Whether this Ray trial (or worker) was given a GPU; True outside Ray.
 
+    Ray is only asked when this process already imported it (a plain process,
+    e.g. ``bench/gpu_check.py``, never imports Ray through here).
+    """
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return True
+    try:
         if not ray.is_initialized():
             return True
         return bool(ray.get_gpu_ids())
-    except Exception:  # no Ray installed or no worker context: a plain process
+    except Exception:  # no worker context: a plain process
         return True
 
 
