@@ -657,7 +657,8 @@ def _tuner(
             scheduler=kind.scheduler(),
             search_alg=kind.search_alg(),
             num_samples=kind.num_samples(),
-            reuse_actors=True,
+            # a multi-worker trial's actor must go with it: its Ray Train workers are freed then
+            reuse_actors=spec.resources.workers == 1,
             max_concurrent_trials=spec.max_concurrent,
             trial_dirname_creator=_trial_dirname,
             trial_name_creator=_trial_dirname,

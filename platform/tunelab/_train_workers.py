@@ -41,7 +41,7 @@ from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
-from tunelab._trial import TrialLoop, TrialSetup
+from tunelab._trial import TrialLoop, TrialSetup, exit_if_tune_stops
 
 __all__ = ["ForwardToTune", "run_workers"]
 
@@ -167,6 +167,7 @@ def run_workers(config: dict[str, Any], setup: TrialSetup, trial_dir: Path | Non
             except Empty:
                 if not thread.is_alive():
                     break
+                exit_if_tune_stops()  # the workers wait for the trial's actor to go
                 continue
             if path is None:
                 tune.report(metrics)

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -314,7 +315,26 @@ class TrialLoop:
             grace = 60.0
         deadline = time.monotonic() + grace
         while path.exists() and time.monotonic() < deadline:
+            exit_if_tune_stops()
             time.sleep(0.2)
+
+
+def exit_if_tune_stops() -> None:
+    """End this trial's thread the way Tune's own ``report`` does once Tune stops the trial.
+
+    A trial waiting for the stop (preemption) would otherwise hold Tune's
+    stop for its forced-cleanup timeout (10 s). Outside a Tune session, nothing.
+    """
+    try:
+        from ray.train._internal.session import get_session  # Ray's developer API
+
+        session = get_session()
+    except Exception:  # no Tune session (a Ray Train worker, a direct call)
+        return
+    stop = getattr(session, "stop_event", None)
+    if stop is not None and stop.is_set():
+        stop.clear()
+        sys.exit(0)  # what ray.train._internal.session does on a stopped trial's report
 
 
 def _train_iteration(
