@@ -99,6 +99,8 @@ def ci_site(base: Path, *, min_workers: int = 1) -> dict[str, Any]:
         "a100x1_gpus": 0,
         "a100x1_mem": None,
         "time_limit": "00:15:00",
+        # Short: a preempted worker (scancel --batch --signal=TERM) drains for 2 s only.
+        "preempt_grace_s": 5,
         "a100x4_sbatch_extra": [],
         "a100x1_sbatch_extra": [],
         "a100x4_min_workers": 0,

@@ -235,6 +235,10 @@ def test_worker_script_sets_job_identity_and_drops_head_env(
     assert "RAY_OVERRIDE_RESOURCES" not in env
     assert f"--address={provider.settings.gcs_address} --num-cpus=1 --num-gpus=0" in text
     assert text.splitlines()[0].endswith("--block")
+    # SLURM warns the job before its end; the grace time is the site's preempt_grace_s
+    assert env["TUNELAB_PREEMPT_GRACE_S"] == "5"
+    script = Path(provider.settings.state_dir, f"{WORKER}.sbatch").read_text()
+    assert "#SBATCH --signal=B:TERM@5\n" in script
 
 
 @slurm
@@ -377,6 +381,14 @@ def test_unknown_site_key_is_an_error() -> None:
             lambda c: c["available_node_types"]["head"].update(node_config={"partition": "x"}),
             r"head\.node_config must be empty",
         ),
+        (
+            lambda c: c["provider"].update(preempt_grace_s="2m"),
+            r"provider\.preempt_grace_s is '2m', but must be whole seconds 0-65535",
+        ),
+        (
+            lambda c: c["provider"].update(preempt_grace_s=-1),
+            r"provider\.preempt_grace_s is -1",
+        ),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(
@@ -425,6 +437,28 @@ def test_check_reports_what_no_node_has(
     problems = check_cluster_config(config, query_partitions())
     assert len(problems) == 1
     assert message in problems[0]
+
+
+@slurm
+def test_check_reports_a_grace_not_shorter_than_the_job(slurm: Path, tmp_path: Path) -> None:
+    # the end-of-job warning must come before the job ends: one problem per node type
+    site = {**ci_site(tmp_path), "preempt_grace_s": 900}  # time_limit 00:15:00 = 900 s
+    problems = check_cluster_config(
+        load_cluster_config(CLUSTER_YAML, site=site), query_partitions()
+    )
+    assert [p.split(" jobs ")[0] for p in problems] == [
+        f"provider.preempt_grace_s is 900 s, not shorter than the time of {t}"
+        for t in ("a100x4", "a100x1")
+    ]
+
+
+def test_no_grace_asks_slurm_for_no_warning(tmp_path: Path) -> None:
+    # preempt_grace_s 0: no --signal line; the driver is told to stop at once
+    script = render_head_job(
+        ci_config(tmp_path, preempt_grace_s=0), node_type=WORKER, nodes=1, command="true"
+    )
+    assert not [line for line in script.splitlines() if line.startswith("#SBATCH --signal")]
+    assert "export TUNELAB_PREEMPT_GRACE_S=0\n" in script
 
 
 def test_gpu_partition_from_sinfo_counts_typed_gres() -> None:

@@ -3,8 +3,9 @@
 One cluster for the module, brought up once; the tests run in file order:
 workers join as Ray nodes, request_resources submits a job, a Tune run uses
 the SLURM worker, `platform sweep` of a shipped spec runs its trials on head
-and workers and logs to the cluster's MLflow server, a cancelled worker is
-replaced, `ray down` leaves nothing.
+and workers and logs to the cluster's MLflow server, a worker job warned of its
+end (SIGTERM) drains as preempted and its trial is retried without using up
+failure.retries, a cancelled worker is replaced, `ray down` leaves nothing.
 The head stays on this machine (head num_cpus=1) and each worker job has one
 CPU: the SLURM node has 2, so at most 2 workers run.
 
@@ -341,6 +342,58 @@ def test_sweep_logs_parent_and_child_runs_to_the_cluster_mlflow(sweep: Sweep) ->
     assert len(children) == SWEEP_TRIALS
 
 
+def test_preempted_worker_trial_is_retried_without_using_up_retries(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    # SLURM's end-of-job warning to a worker job running a trial (scancel --batch
+    # --signal=TERM, what --signal=B:TERM@<grace> sends): the job drains its Ray node as
+    # preempted and stops Ray; with failure.retries 0 the trial is still retried from its
+    # checkpoint (Tune does not count a preempted node's actor error) and finishes
+    shared = Path(cluster.settings.shared_dir)
+    spec = shared / "preempt.yaml"
+    spec.write_text(PREEMPT_SPEC)
+    storage = shared / "preempt_results"
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    # on the head (this machine) with RAY_ADDRESS, as head_exec runs it, without ray exec's
+    # start-up (seconds)
+    env = {**cluster.env, "RAY_ADDRESS": cluster.settings.gcs_address}
+    command = f"platform sweep {spec} --storage {storage} --json"
+    with out.open("w") as o, err.open("w") as e:
+        driver = subprocess.Popen(["bash", "-c", command], env=env, stdout=o, stderr=e)
+    try:
+
+        def worker_trial() -> tuple[str, str] | None:  # (job, trial id) once it has reported
+            jobs = set(cluster.jobs())
+            for trial_id, rows in _trial_results(storage).items():
+                job = _slurm_job_of(rows[-1].get("pid"))
+                if len(rows) >= 2 and job in jobs:
+                    return job, trial_id
+            return None
+
+        victim, trial_id = wait_for(worker_trial, 90, "a trial running in a worker job", cluster)
+        t0 = time.monotonic()
+        subprocess.run(["scancel", "--batch", "--signal=TERM", victim], check=True)
+        wait_for(lambda: victim not in cluster.jobs(), 60, f"job {victim} to end", cluster)
+        TIMINGS["preempted worker job ended after its warning"] = time.monotonic() - t0
+        driver.wait(timeout=generous(120))
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    log = _job_log(cluster, victim)
+    assert driver.returncode == 0, _failure(command, _completed(driver, out, err), cluster)
+    summary = json.loads(out.read_text().strip().splitlines()[-1])
+    assert [(t["status"], t["iterations"]) for t in summary["trials"]] == [
+        ("finished", PREEMPT_BUDGET)
+    ] * 2
+    assert "draining Ray node" in log, log[-3000:]
+    rows = _trial_results(storage)[trial_id]  # a second process went on from a checkpoint
+    pids = list(dict.fromkeys(row["pid"] for row in rows))
+    assert len(pids) == 2
+    assert next(r["training_iteration"] for r in rows if r["pid"] == pids[1]) > 1
+    error = _trial_error(Path(summary["experiment_dir"]), trial_id)
+    assert getattr(error, "preempted", False), f"{type(error).__name__}: {error}\n{log[-3000:]}"
+
+
 def test_cancelled_worker_is_replaced(cluster: RayCluster) -> None:
     # scancel one worker: the autoscaler notices and a new job joins Ray in its place
     before = set(cluster.jobs())
@@ -397,6 +450,64 @@ TUNE_DRIVER = textwrap.dedent(
     print("TRIALS=" + json.dumps(trials))
     """
 )
+
+
+PREEMPT_BUDGET = 60
+# Two trials of PREEMPT_BUDGET iterations of 0.1-0.3 s: one runs in a worker job long
+# enough for its warning to end the job mid-run (provider.preempt_grace_s 5: Ray stops
+# as soon as `ray drain-node` has run, 3-10 s).
+PREEMPT_SPEC = textwrap.dedent(
+    f"""
+    kind: sweep
+    name: toy-worker-preempted
+    family: "tests.tunelab.toy_family:FAMILY"
+    config: {{hidden: 8, steps_per_iter: 100}}
+    budget: {PREEMPT_BUDGET}
+    metric: {{name: val/score, mode: max}}
+    search: {{lr: {{grid: [0.01, 0.02]}}}}
+    failure: {{retries: 0, tolerate: 0}}
+    """
+)
+
+
+def _slurm_job_of(pid: Any) -> str | None:
+    """SLURM_JOB_ID in the environment of process `pid` (None: not in a job, or gone)."""
+    try:
+        environ = Path(f"/proc/{int(pid)}/environ").read_bytes().split(b"\0")
+    except (OSError, TypeError, ValueError):
+        return None
+    prefix = b"SLURM_JOB_ID="
+    return next((v[len(prefix) :].decode() for v in environ if v.startswith(prefix)), None)
+
+
+def _trial_results(storage: Path) -> dict[str, list[dict[str, Any]]]:
+    from tunelab.layout import ExperimentLayout
+
+    found = list(storage.glob("*/tunelab.json"))
+    return ExperimentLayout(found[0].parent).trial_results() if found else {}
+
+
+def _trial_error(experiment_dir: Path, trial_id: str) -> BaseException | None:
+    """The error Tune pickled for a trial (error.pkl in its folder), if any."""
+    import cloudpickle
+
+    from tunelab.layout import ExperimentLayout
+
+    files = list(ExperimentLayout(experiment_dir).trial_dir(trial_id).glob("error.pkl"))
+    return cloudpickle.loads(files[0].read_bytes()) if files else None
+
+
+def _job_log(cluster: RayCluster, job_id: str) -> str:
+    logs = list(Path(cluster.settings.state_dir, "logs").glob(f"*-{job_id}.out"))
+    return logs[0].read_text(errors="replace") if logs else "(no job log)"
+
+
+def _completed(
+    proc: subprocess.Popen[bytes], out: Path, err: Path
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode or 0, out.read_text(), err.read_text()
+    )
 
 
 def _diagnostics(cluster: RayCluster) -> str:

@@ -65,16 +65,18 @@ def check_cluster_config(
 
     Checks the provider block and every worker node type: the partition exists
     and is up, one node has the CPUs, GPUs (GRES of the requested type), memory
-    and time the job asks for, and Ray's resources do not exceed the job's.
+    and time the job asks for, Ray's resources do not exceed the job's, and the
+    job's time is longer than its end-of-job warning (provider.preempt_grace_s).
 
     Returns:
         One sentence per problem, naming the node type and the fix; [] if none.
     """
     problems = []
+    grace = 0
     try:
-        ProviderSettings.from_provider_config(
+        grace = ProviderSettings.from_provider_config(
             config.get("provider") or {}, config.get("cluster_name", "")
-        )
+        ).preempt_grace_s
     except ValueError as e:
         problems.append(str(e))
     head_type = config.get("head_node_type")
@@ -89,6 +91,12 @@ def check_cluster_config(
             problems.append(str(e))
             continue
         problems += _check_job(name, spec, partitions)
+        if spec.time is not None and grace >= parse_slurm_time(spec.time):
+            problems.append(
+                f"provider.preempt_grace_s is {grace} s, not shorter than the time of "
+                f"{name} jobs ({spec.time}): the end-of-job warning would come at once; "
+                "lower it."
+            )
     return problems
 
 

@@ -37,7 +37,10 @@ def render_head_job(
         node_type: Worker node type whose node_config every node of the job uses.
         nodes: Number of nodes (>= 1); the first one is the Ray head.
         command: Driver command run on the head once all nodes joined, with
-            RAY_ADDRESS and MLFLOW_TRACKING_URI set (e.g. `platform sweep spec.yaml`).
+            RAY_ADDRESS and MLFLOW_TRACKING_URI set (e.g. `platform sweep spec.yaml`),
+            by `bash -c` in its own process group. The job's end-of-job warning
+            (SIGTERM, provider.preempt_grace_s before the end) is forwarded to
+            that group; its exit status is the job's.
         job_name: SLURM job name; default `ray-<cluster_name>:<node_type>-allocation`.
 
     Returns:
@@ -68,6 +71,7 @@ def render_head_job(
         os.path.abspath(_stop.__file__),
         *("--temp-dir", settings.ray_temp_dir, "--gcs-port", str(settings.gcs_port)),
     ]
+    options = spec.sbatch_options(nodes, preempt_grace_s=settings.preempt_grace_s)
     return render_template(
         "head_job.sbatch.tmpl",
         {
@@ -76,7 +80,7 @@ def render_head_job(
             "nodes": str(nodes),
             "job_name": job_name or f"{settings.job_name_prefix}{node_type}-allocation",
             "log_path": os.path.join(settings.state_dir, "logs", "%x-%j.out"),
-            "sbatch_lines": "\n".join(f"#SBATCH {o}" for o in spec.sbatch_options(nodes)),
+            "sbatch_lines": "\n".join(f"#SBATCH {o}" for o in options),
             "path": shlex.quote(job_path()),
             "exports": "\n".join(export_lines(exports)),
             "env_setup": "\n".join(settings.env_setup) or "# (provider.env_setup is empty)",
@@ -84,7 +88,8 @@ def render_head_job(
             "auth_setup": _auth_setup(settings),
             "resource_args": f"--num-cpus={spec.cpus} --num-gpus={spec.gpus}",
             "mlflow_start": _mlflow_start(settings),
-            "command": command,
+            "grace": str(settings.preempt_grace_s),
+            "command": shlex.quote(command),
         },
     )
 

@@ -46,6 +46,7 @@ _OUR_PROVIDER_KEYS = (
     "state_dir",
     "env_setup",
     "env",
+    "preempt_grace_s",
 )
 NODE_CONFIG_KEYS = (
     "partition",
@@ -59,6 +60,10 @@ NODE_CONFIG_KEYS = (
     "sbatch_extra",
 )
 PROVIDER_MODULE = "tunelab.slurm.SlurmNodeProvider"
+#: Seconds of warning before a job's end when cluster.yaml sets none.
+DEFAULT_PREEMPT_GRACE_S = 120
+# sbatch --signal=...@<sig_time>: SLURM takes 0-65535 seconds.
+_MAX_SIG_TIME_S = 65535
 
 # Ray gives its worker processes ports 10002-19999 by default; a fixed port in
 # that range collides with them sooner or later.
@@ -95,6 +100,12 @@ class ProviderSettings:
         env_setup: Shell lines run before every head command and in every
             worker job before `ray start` (module loads, venv activation).
         env: Variables exported to every head command and worker job.
+        preempt_grace_s: Seconds of warning before a job ends (time limit or
+            preemption): every job asks SLURM for SIGTERM this long before its
+            end (`#SBATCH --signal=B:TERM@<s>`) and exports it as
+            TUNELAB_PREEMPT_GRACE_S, the time a driver gives its trials to
+            checkpoint; a worker job drains its Ray node as preempted. 0 = no
+            warning.
     """
 
     cluster_name: str
@@ -109,6 +120,7 @@ class ProviderSettings:
     state_dir: str
     env_setup: tuple[str, ...]
     env: dict[str, str]
+    preempt_grace_s: int = DEFAULT_PREEMPT_GRACE_S
 
     @classmethod
     def from_provider_config(
@@ -148,6 +160,7 @@ class ProviderSettings:
             state_dir=_abs_path(provider_config, "state_dir", state_default),
             env_setup=_env_setup(provider_config.get("env_setup")),
             env=_env(provider_config.get("env")),
+            preempt_grace_s=_grace(provider_config.get("preempt_grace_s")),
         )
 
     @property
@@ -196,6 +209,7 @@ class ProviderSettings:
             "TUNELAB_AUTH_SCRIPT": os.path.abspath(_auth.__file__),
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": os.path.join(self.auth_dir, _auth.RAY_TOKEN_FILE),
+            "TUNELAB_PREEMPT_GRACE_S": str(self.preempt_grace_s),
         }
         if self.mlflow_port is not None:
             out["TUNELAB_MLFLOW_PORT"] = str(self.mlflow_port)
@@ -284,8 +298,13 @@ class JobSpec:
             )
         return cls(cpus=cpus, gpus=gpus, sbatch_extra=tuple(extra), **strings)
 
-    def sbatch_options(self, nodes: int = 1) -> list[str]:
-        """The options as `#SBATCH` arguments (one task per node), in a stable order."""
+    def sbatch_options(self, nodes: int = 1, *, preempt_grace_s: int = 0) -> list[str]:
+        """The options as `#SBATCH` arguments (one task per node), in a stable order.
+
+        With `preempt_grace_s` > 0 the job's batch shell gets SIGTERM that many
+        seconds before the job ends (`--signal=B:TERM@<s>`; SLURM may send it up
+        to a minute earlier, never later).
+        """
         opts = [f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={self.cpus}"]
         for flag, value in (
             ("partition", self.partition),
@@ -299,6 +318,8 @@ class JobSpec:
         if self.gpus > 0:
             kind = f"gpu:{self.gpu_type}" if self.gpu_type else "gpu"
             opts.append(f"--gres={kind}:{self.gpus}")
+        if preempt_grace_s > 0:
+            opts.append(f"--signal=B:TERM@{preempt_grace_s}")
         return opts + list(self.sbatch_extra)
 
 
@@ -445,6 +466,17 @@ def _env(value: object) -> dict[str, str]:
             raise ValueError(f"provider.env.{name} is {val!r}, but must be a string or number.")
         out[name] = str(val)
     return out
+
+
+def _grace(value: object) -> int:
+    if value is None:
+        return DEFAULT_PREEMPT_GRACE_S
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_SIG_TIME_S:
+        raise ValueError(
+            f"provider.preempt_grace_s is {value!r}, but must be whole seconds 0-{_MAX_SIG_TIME_S} "
+            f"(SLURM's limit for --signal; 0 = no warning, default {DEFAULT_PREEMPT_GRACE_S})."
+        )
+    return value
 
 
 def _count(where: str, cfg: Mapping[str, Any], key: str, default: int, *, minimum: int) -> int:
