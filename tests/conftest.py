@@ -55,6 +55,21 @@ def cli_json(*args: str, **kw: Any) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
+def start_cli(*args: str, logs: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``platform ...`` in the background; stdout and stderr go to ``logs/stdout|stderr``.
+
+    Files, not pipes: an unread pipe could block the driver.
+    """
+    out_file, err_file = (logs / "stdout").open("w"), (logs / "stderr").open("w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", *args],
+        cwd=ROOT,
+        stdout=out_file,
+        stderr=err_file,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def write_spec(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -22,7 +22,11 @@ Tune stays the one source of truth, so culling, selection, lever A/B,
   folder, ``train/``) is scratch, cleared at each start;
 - a failed worker (a killed process, a lost node) fails ``fit``; the Tune
   trial raises it and Tune retries the trial from its last checkpoint within
-  ``failure.retries`` (a preempted node's actors do not count, Tune's rule).
+  ``failure.retries``. A node drained as preempted (tunelab's SLURM worker
+  jobs do so on SIGTERM) is Ray Train's to recover: it restarts the workers
+  from its latest checkpoint without failing the trial
+  (``max_preemption_failures=-1``, Ray's default; not exercised here: the
+  SLURM test preempts a one-worker trial).
 
 Each ``ray.train.report`` waits for the controller's next poll of the workers
 (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default in Ray; tunelab's
@@ -71,7 +75,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     setup: TrialSetup = loop_config["setup"]
-    start = loop_config["checkpoint"]
+    # Ray Train restarts its workers itself only after a node preemption (max_failures=0,
+    # max_preemption_failures=-1): then its own latest checkpoint (the one Tune got too)
+    # is the start; otherwise the trial's Tune checkpoint.
+    own = ray.train.get_checkpoint()
+    start = own.path if own is not None else loop_config["checkpoint"]
     loop = TrialLoop(loop_config["config"], setup, Path(start) if start else None)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:

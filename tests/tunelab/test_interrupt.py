@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
 
-from tests.conftest import ROOT, TOY, cli_json, write_spec
+from tests.conftest import TOY, cli_json, start_cli, write_spec
 from tunelab.layout import ExperimentLayout
 
 pytestmark = pytest.mark.slow
@@ -89,14 +87,7 @@ def test_a_stopped_driver_finalizes_nothing_and_resumes_to_the_straight_state(
 ) -> None:
     spec = write_spec(tmp_path / "s.yaml", SPEC.replace("{extra}", ""))
     storage = tmp_path / "res"
-    out_file, err_file = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
-    proc = subprocess.Popen(  # files, not pipes: an unread pipe could block the driver
-        [sys.executable, "-m", "cli", "sweep", str(spec), "--storage", str(storage), "--json"],
-        cwd=ROOT,
-        stdout=out_file,
-        stderr=err_file,
-        env=os.environ.copy(),
-    )
+    proc = start_cli("sweep", str(spec), "--storage", str(storage), "--json", logs=tmp_path)
     reached = MOMENTS[moment]
     deadline = time.monotonic() + 300
     while not reached(storage) and proc.poll() is None and time.monotonic() < deadline:
@@ -166,14 +157,7 @@ max_concurrent: 1
 
 def _run_and_stop(spec: Path, storage: Path, tmp_path: Path, after_results: int) -> Path:
     """Start a sweep, SIGTERM it once ``after_results`` results are recorded; its folder."""
-    out_file, err_file = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "sweep", str(spec), "--storage", str(storage), "--json"],
-        cwd=ROOT,
-        stdout=out_file,
-        stderr=err_file,
-        env=os.environ.copy(),
-    )
+    proc = start_cli("sweep", str(spec), "--storage", str(storage), "--json", logs=tmp_path)
     deadline = time.monotonic() + 300
     while _results(storage) < after_results and proc.poll() is None:
         assert time.monotonic() < deadline, "the sweep never got there"

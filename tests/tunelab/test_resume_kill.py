@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TOY, cli_json, write_spec
+from tests.conftest import TOY, cli_json, start_cli, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -50,14 +48,7 @@ def test_stopped_driver_resumes_to_the_same_selection(
 ) -> None:
     spec, straight_summary = straight
     storage = tmp_path / "killed"
-    out_file, err_file = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
-    proc = subprocess.Popen(  # files, not pipes: an unread pipe could block the driver
-        [sys.executable, "-m", "cli", "sweep", str(spec), "--storage", str(storage), "--json"],
-        cwd=ROOT,
-        stdout=out_file,
-        stderr=err_file,
-        env=os.environ.copy(),
-    )
+    proc = start_cli("sweep", str(spec), "--storage", str(storage), "--json", logs=tmp_path)
     deadline = time.monotonic() + 300
     cull_file = None
     while time.monotonic() < deadline:  # kill once the cull has begun: some seeds paused at it

@@ -16,15 +16,13 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, TOY, cli_json, generous, write_spec
+from tests.conftest import TOY, cli_json, generous, start_cli, write_spec
 from tunelab._trial import build_experiment
 from tunelab.layout import ExperimentLayout, read_result_lines
 
@@ -121,13 +119,8 @@ def test_a_killed_driver_resumes_two_worker_trials_bit_exactly(
     seed = summary["selected"]["seed"]
     spec = write_spec(tmp_path / "one.yaml", _spec(f"[{seed}]", kind="sweep"))
     storage = tmp_path / "killed"
-    out_file, err_file = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
-    proc = subprocess.Popen(  # files, not pipes: an unread pipe could block the driver
-        [sys.executable, "-m", "cli", "sweep", str(spec), "--storage", str(storage), "--json"],
-        cwd=ROOT,
-        stdout=out_file,
-        stderr=err_file,
-        env={**os.environ, **ENV},
+    proc = start_cli(
+        "sweep", str(spec), "--storage", str(storage), "--json", logs=tmp_path, env=ENV
     )
     deadline = time.monotonic() + generous(120)
     while time.monotonic() < deadline and proc.poll() is None:  # past the cull's checkpoint
