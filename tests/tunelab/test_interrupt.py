@@ -66,7 +66,6 @@ def _started(storage: Path) -> bool:
 
 MOMENTS: dict[str, Callable[[Path], bool]] = {
     "ray-start-up": _started,  # the folder exists; Ray / Tune are still starting
-    "all-created-running": lambda s: _results(s) >= 1,  # first results: created trials all run
     "at-the-cull": lambda s: _results(s) >= 9,  # some seeds paused at the milestone
     # after the cull; 2 survivors x 6 iterations left: a window of a second or more
     "survivors-running": lambda s: _results(s) >= 13,
@@ -76,8 +75,9 @@ MOMENTS: dict[str, Callable[[Path], bool]] = {
 @pytest.mark.parametrize(
     ("moment", "sig"),
     [
+        # CI time: the stop while the first trials run is left out (SIGINT while Tune runs is
+        # the survivors' moment; the SIGTERM preemption is the cull's and test_preemption's)
         ("ray-start-up", signal.SIGINT),
-        ("all-created-running", signal.SIGINT),
         ("at-the-cull", signal.SIGTERM),
         ("survivors-running", signal.SIGINT),
     ],
@@ -173,8 +173,8 @@ def _run_and_stop(spec: Path, storage: Path, tmp_path: Path, after_results: int)
     ("scheduler", "pruner"),
     [
         # Hyperband and Wilcoxon resume through the same rebuilt study: their pruning of
-        # a NaN or late seed is replayed offline (test_divergence, test_schedulers)
-        ("asha", "successive_halving"),
+        # a NaN or late seed is replayed offline (test_divergence, test_schedulers). ASHA's
+        # state is Tune's own experiment state (CI time: its resume case is left out).
         ("optuna", "successive_halving"),
     ],
 )
