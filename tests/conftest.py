@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,21 @@ WAIT_SCALE = float(os.environ.get("TUNELAB_TEST_WAIT_SCALE", "4"))
 def generous(seconds: float) -> float:
     """A wait limit for a condition that usually holds within ``seconds`` on a quiet machine."""
     return seconds * WAIT_SCALE
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); fail naming ``what``.
+
+    ``timeout`` is scaled by :func:`generous`: it only matters when the condition never holds.
+    """
+    timeout = generous(timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def run_cli(

@@ -456,7 +456,6 @@ class _StopSignals:
 
     def __enter__(self) -> _StopSignals:
         import signal
-        import threading
 
         if threading.current_thread() is threading.main_thread():
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -520,7 +519,6 @@ class _StopSignals:
 
     def _on_signal(self, sig: int, frame: Any) -> None:
         import signal
-        import threading
 
         first = not self.signalled
         self.signalled = True

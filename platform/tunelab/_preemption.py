@@ -70,7 +70,6 @@ class Preemption:
         self.checkpointed: set[str] = set()
         self.all_checkpointed = threading.Event()
         self.checkpointed_s: float | None = None
-        self.running = 0
 
     def start(self) -> None:
         """Write the request and wait in a thread (call from the signal handler)."""
@@ -100,7 +99,6 @@ class Preemption:
     def on_trials(self, trials: list[Any]) -> None:
         """Set the event once every running trial has checkpointed since the signal."""
         running = [t.trial_id for t in trials if t.status == "RUNNING"]
-        self.running = max(self.running, len(running))
         if all(t in self.checkpointed for t in running) and not self.all_checkpointed.is_set():
             self.checkpointed_s = time.monotonic() - self.started
             self.all_checkpointed.set()

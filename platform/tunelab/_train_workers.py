@@ -83,6 +83,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     loop = TrialLoop(loop_config["config"], setup, Path(start) if start else None)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        # A Ray Train worker, not a Tune trial: ray.train's report is the one here (the
+        # Tune trial that fits this trainer reports to Tune with ray.tune's, run_workers).
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 

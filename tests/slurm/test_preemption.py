@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, TOY, cli_json, generous, write_spec
+from tests.conftest import ROOT, TOY, cli_json, generous, wait_for, write_spec
 from tests.slurm.conftest import CLUSTER_YAML, ci_site
 from tunelab.layout import ExperimentLayout
 from tunelab.slurm import (
@@ -116,10 +116,10 @@ def test_warned_driver_job_checkpoints_exits_130_and_resumes_to_the_straight_run
     provider = config["provider"]
     try:
         # both seeds run (2 CPUs) and have reported (before the cull, most of the time)
-        wait_for(lambda: _both_running(storage), 180, job)
+        wait_for(lambda: _both_running(storage), 180, f"trials to run (job {job})")
         signalled = time.monotonic()
         subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True)
-        wait_for(lambda: job not in _squeue(), 120, job, "the job to end")
+        wait_for(lambda: job not in _squeue(), 120, f"the job to end (job {job})")
         job_s = time.monotonic() - signalled
     finally:
         subprocess.run(["scancel", job], check=False)
@@ -151,19 +151,6 @@ def test_warned_driver_job_checkpoints_exits_130_and_resumes_to_the_straight_run
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, job: str, what: str = "trials to run"
-) -> Any:
-    timeout = generous(timeout)  # polls: the limit only matters when the condition never holds
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (job {job})")
 
 
 def _both_running(storage: Path) -> bool:

@@ -16,7 +16,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from ray.autoscaler.tags import (
     TAG_RAY_USER_NODE_TYPE,
 )
 
-from tests.conftest import generous
+from tests.conftest import wait_for
 from tests.slurm.conftest import CLUSTER_YAML, ci_site
 from tunelab.slurm import (
     SlurmNodeProvider,
@@ -65,17 +64,6 @@ def squeue(*args: str) -> str:
     return subprocess.run(
         ["squeue", "-h", *args], check=True, capture_output=True, text=True
     ).stdout.strip()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    timeout = generous(timeout)  # polls: the limit only matters when the condition never holds
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def worker_tags(node_type: str = WORKER) -> dict[str, str]:
