@@ -54,7 +54,7 @@ val/flat_l1 by about 0.03)::
     quick: {budget: 10, config: {hidden: 96, n_layers: 2, steps_per_iter: 80, n_val: 4096}}
 
 Run it through a tunelab spec with ``family: flow_policy`` (the contract is in
-``tunelab/_family.py``), or directly::
+``tunelab/family.py``), or directly::
 
     seed_everything(1001)
     exp = FAMILY.build(FAMILY.make_config({"lds_alpha": 0.5}), 1001, Path("/tmp/data"))

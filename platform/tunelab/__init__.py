@@ -22,7 +22,7 @@ Modules with their own public API: :mod:`tunelab.names` (tags, statuses),
 
 from typing import TYPE_CHECKING
 
-from tunelab._checkpoint import (
+from tunelab.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
     capture_rng_state,
@@ -34,15 +34,6 @@ from tunelab._checkpoint import (
     sorted_checkpoints,
     strict_json,
 )
-from tunelab._family import (
-    FAMILY_GROUP,
-    Experiment,
-    Family,
-    FamilyConflictError,
-    family_names,
-    get_family,
-)
-from tunelab._spec import load_spec, parse_spec
 from tunelab.errors import (
     ExperimentError,
     ExperimentInterrupted,
@@ -51,6 +42,15 @@ from tunelab.errors import (
     TableError,
     TunelabError,
 )
+from tunelab.family import (
+    FAMILY_GROUP,
+    Experiment,
+    Family,
+    FamilyConflictError,
+    family_names,
+    get_family,
+)
+from tunelab.spec import load_spec, parse_spec
 
 if TYPE_CHECKING:
     from tunelab._driver import init_ray, resume_experiment, run_experiment

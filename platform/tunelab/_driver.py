@@ -27,18 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from tunelab import _preemption as preemption
-from tunelab._callback import TrialFailures, disk_full_guard, raise_if_disk_full
-from tunelab._checkpoint import (
+from tunelab._trial import TrialSetup, run_trial
+from tunelab.callbacks import TrialFailures, disk_full_guard, raise_if_disk_full
+from tunelab.checkpoint import (
     atomic_write_json,
     read_json,
     remove_incomplete_checkpoints,
     sorted_checkpoints,
     strict_json,
 )
-from tunelab._family import check_family_data
-from tunelab._spec import AnySpec, load_spec, parse_spec, spec_hash
-from tunelab._trial import TrialSetup, run_trial
 from tunelab.errors import ExperimentInterrupted
+from tunelab.family import check_family_data
 from tunelab.kinds import ExperimentKind, FinalizeContext, get_kind
 from tunelab.layout import (
     ExperimentLayout,
@@ -63,6 +62,7 @@ from tunelab.names import (
     is_decision_tag,
 )
 from tunelab.outcome import TrialOutcome, outcome_from_result
+from tunelab.spec import AnySpec, load_spec, parse_spec, spec_hash
 from tunelab.tracking import (
     GuardedTracker,
     MlflowTracker,

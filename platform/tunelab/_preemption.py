@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunelab._callback import DriverCallback
-from tunelab._checkpoint import atomic_write_json
+from tunelab.callbacks import DriverCallback
+from tunelab.checkpoint import atomic_write_json
 
 __all__ = ["Preemption", "PreemptionCallback", "grace_s"]
 

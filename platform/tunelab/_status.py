@@ -14,13 +14,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tunelab._checkpoint import read_json
-from tunelab._spec import parse_spec
+from tunelab.checkpoint import read_json
 from tunelab.errors import ExperimentError
 from tunelab.kinds import get_kind
 from tunelab.layout import ExperimentLayout, find_experiments, read_state
 from tunelab.names import ARM_CONTROL, TrialStatus, as_float
 from tunelab.outcome import TrialOutcome, final_metrics, outcomes_from_folder, trial_status
+from tunelab.spec import parse_spec
 
 __all__ = ["experiment_status", "format_value", "latest_experiment"]
 

@@ -12,7 +12,7 @@ Every checkpoint folder gets its completion marker last (:func:`save_state`);
 before restoring, a trial deletes its incomplete checkpoint folders (a copy
 into storage that a full disk or a crash stopped half way). A full disk or
 quota anywhere in a trial raises :class:`~tunelab.errors.DiskFullError`
-naming the path; the driver's :class:`~tunelab._callback.TrialFailures`
+naming the path; the driver's :class:`~tunelab.callbacks.TrialFailures`
 then stops the experiment for ``platform resume``.
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab import distributed
-from tunelab._checkpoint import (
+from tunelab.checkpoint import (
     RESERVE_FILE,
     STATE_FILE,
     atomic_write_json,
@@ -44,8 +44,8 @@ from tunelab._checkpoint import (
     seed_everything,
     sorted_checkpoints,
 )
-from tunelab._family import Experiment, get_family
 from tunelab.errors import DiskFullError, find_disk_full
+from tunelab.family import Experiment, get_family
 from tunelab.health import Diagnosis, HealthPolicy, TrialDiverged, monitor_of
 from tunelab.layout import HEALTH_ARTIFACT
 from tunelab.metrics import TrialRecorder, family_label

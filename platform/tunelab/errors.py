@@ -103,7 +103,7 @@ class DataError(TunelabError, ValueError):
     missing, empty or non-numeric annotation, a corrupt cached data set.
 
     ``str(err)`` is ``"<file>: <reason>"``. Raised by a family's data check
-    (``Family.data_check``, run by ``tunelab._family.check_family_data`` before any
+    (``Family.data_check``, run by ``tunelab.family.check_family_data`` before any
     trial starts) and by its loader (inside a trial, where it is the same on every
     attempt: a deterministic error, not worth a retry).
     """

@@ -54,7 +54,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tunelab._callback import DriverCallback
+from tunelab.callbacks import DriverCallback
 from tunelab.names import LIVE_STATES, M_HEALTH_EXPLOSIONS, M_HEALTH_NAN_SKIPPED, TrialStatus
 
 __all__ = [
@@ -313,7 +313,7 @@ def family_label(family: str) -> str:
     if ":" not in family:
         return family
     try:
-        from tunelab._family import get_family
+        from tunelab.family import get_family
 
         return get_family(family).name
     except Exception:

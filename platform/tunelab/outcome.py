@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tunelab._checkpoint import read_json
+from tunelab.checkpoint import read_json
 from tunelab.errors import error_summary
 from tunelab.layout import ExperimentLayout
 from tunelab.names import DIVERGED, HEALTH_DIAGNOSIS, ITERATION, TrialStatus, as_float, is_number

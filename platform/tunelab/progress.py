@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from tunelab._callback import DriverCallback
+from tunelab.callbacks import DriverCallback
 from tunelab.names import HEALTH_DIAGNOSIS, LIVE_STATES, TrialStatus
 from tunelab.outcome import result_status
 

@@ -86,7 +86,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tunelab._checkpoint import read_json
+from tunelab.checkpoint import read_json
 from tunelab.errors import ReportError
 from tunelab.layout import RUN_STATE_FILE, ExperimentLayout, find_experiments, read_result_lines
 from tunelab.names import ARM_CONTROL, ITERATION, TrialStatus, is_number

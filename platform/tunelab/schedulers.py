@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from tunelab._checkpoint import atomic_write_json, read_json
+from tunelab.checkpoint import atomic_write_json, read_json
 from tunelab.names import ITERATION, as_float
 
 if TYPE_CHECKING:

@@ -47,8 +47,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from tunelab._callback import DriverCallback
-from tunelab._checkpoint import atomic_write_bytes, atomic_write_json, data_lock, read_json
+from tunelab.callbacks import DriverCallback
+from tunelab.checkpoint import atomic_write_bytes, atomic_write_json, data_lock, read_json
 from tunelab.errors import TrackingUnavailable
 from tunelab.layout import ExperimentLayout
 from tunelab.metrics import family_label
@@ -876,7 +876,7 @@ def log_summary(tracker: Tracker, run_id: str, values: Mapping[str, float | None
     MLflow experiment list sorts and reads by it (the selected value, per-lever effects).
     Non-numbers are skipped; NaN is logged as it is.
     """
-    from tunelab._spec import metric_name_problem
+    from tunelab.spec import metric_name_problem
 
     ts = int(time.time() * 1000)
     points = [

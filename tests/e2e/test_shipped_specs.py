@@ -93,7 +93,7 @@ def test_the_a100_overrides_in_a_spec_comment_validate() -> None:
     import re
     import shlex
 
-    from tunelab._spec import load_spec
+    from tunelab.spec import load_spec
 
     for path in sorted((ROOT / "search_spaces").glob("*.yaml")):
         lines = path.read_text().splitlines()

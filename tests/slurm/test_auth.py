@@ -21,14 +21,14 @@ import pytest
 
 from tests.slurm.conftest import CLUSTER_YAML, ci_site
 from tunelab.slurm import (
+    JobSpec,
+    LocalCommandRunner,
     ProviderSettings,
     SlurmNodeProvider,
+    ensure_cluster_secrets,
     load_cluster_config,
     render_head_job,
 )
-from tunelab.slurm._auth import ensure_cluster_secrets
-from tunelab.slurm._runner import LocalCommandRunner
-from tunelab.slurm._settings import JobSpec
 
 WORKER = "a100x1"
 ALLOWED_HOSTS = '--allowed-hosts "$TUNELAB_HEAD_IP:$TUNELAB_MLFLOW_PORT,localhost:*,127.0.0.1:*"'

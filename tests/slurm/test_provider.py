@@ -33,16 +33,18 @@ from ray.autoscaler.tags import (
 from tests.conftest import wait_for
 from tests.slurm.conftest import CLUSTER_YAML, ci_site
 from tunelab.slurm import (
+    LocalCommandRunner,
     SlurmNodeProvider,
+    SrunCommandRunner,
     check_cluster_config,
     cluster_processes,
     load_cluster_config,
+    parse_sinfo,
+    parse_slurm_time,
     query_partitions,
     render_head_job,
     stop_cluster_processes,
 )
-from tunelab.slurm._check import parse_sinfo, parse_slurm_time
-from tunelab.slurm._runner import LocalCommandRunner, SrunCommandRunner
 
 slurm = pytest.mark.slurm
 WORKER = "a100x1"

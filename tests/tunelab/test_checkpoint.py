@@ -21,7 +21,7 @@ from tunelab import (
     save_state,
     sorted_checkpoints,
 )
-from tunelab._checkpoint import (
+from tunelab.checkpoint import (
     COMPLETE_FILE,
     RESERVE_FILE,
     IncompleteCheckpointError,

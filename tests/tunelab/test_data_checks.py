@@ -19,8 +19,8 @@ import soundfile as sf
 
 from trainables import ouroboros as O
 from trainables import recursive_reasoner as R
-from tunelab._family import Family, check_family_data, get_family
 from tunelab.errors import EXIT_INVALID, DataError
+from tunelab.family import Family, check_family_data, get_family
 
 # A small corpus: 6 recordings of 2 syllables at 8 kHz (about 0.2 s each).
 TINY: dict[str, Any] = {

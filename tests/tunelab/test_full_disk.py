@@ -34,8 +34,8 @@ import typer
 
 import tunelab
 from tests.conftest import TOY, write_spec
-from tunelab._callback import TrialFailures, disk_full_guard, raise_if_disk_full
-from tunelab._checkpoint import RESERVE_FILE, is_complete_checkpoint, sorted_checkpoints
+from tunelab.callbacks import TrialFailures, disk_full_guard, raise_if_disk_full
+from tunelab.checkpoint import RESERVE_FILE, is_complete_checkpoint, sorted_checkpoints
 from tunelab.errors import (
     EXIT_DISK_FULL,
     DiskFullError,

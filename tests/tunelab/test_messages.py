@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cli import app
 from tests.conftest import TOY
 from tunelab import SpecError
-from tunelab._spec import did_you_mean, parse_spec
+from tunelab.spec import did_you_mean, parse_spec
 
 SEED_CULL: dict[str, Any] = {
     "kind": "seed_cull",

@@ -14,7 +14,7 @@ from cli import app
 from tests.conftest import TOY, run_cli
 from tests.tunelab import toy_family
 from tunelab import SpecError, load_spec
-from tunelab._spec import metric_name_problem
+from tunelab.spec import metric_name_problem
 
 VALID = f"""
 kind: seed_cull

@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from tests.conftest import TOY, run_cli, write_spec
-from tunelab._checkpoint import strict_json
-from tunelab._spec import parse_spec
-from tunelab.kinds._lever_searcher import PairedLeverSearcher
+from tunelab.checkpoint import strict_json
+from tunelab.kinds.lever_searcher import PairedLeverSearcher
 from tunelab.names import ITERATION
+from tunelab.spec import parse_spec
 
 NUMBERS = ("verdict", "meaningful", "effect", "ci_low", "ci_high", "p_value", "n_pairs")
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TOY, cli_json, generous, start_cli, write_spec
-from tunelab._trial import build_experiment
+from tunelab import build_experiment
 from tunelab.layout import ExperimentLayout, read_result_lines
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from tunelab.kinds._base import ExperimentKind, FinalizeContext
 
 if TYPE_CHECKING:
-    from tunelab._spec import BaseSpec
+    from tunelab.spec import BaseSpec
 
 __all__ = ["KINDS", "ExperimentKind", "FinalizeContext", "get_kind", "kind_names", "spec_class"]
 

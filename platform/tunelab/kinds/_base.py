@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from tunelab.names import Role
 
 if TYPE_CHECKING:
-    from tunelab._spec import BaseSpec
     from tunelab.layout import ExperimentLayout, RunState
     from tunelab.outcome import TrialOutcome
+    from tunelab.spec import BaseSpec
     from tunelab.tracking import Tracker
 
 __all__ = ["ExperimentKind", "FinalizeContext"]
@@ -37,7 +37,7 @@ class FinalizeContext:
 class ExperimentKind:
     """Everything one kind of experiment decides; the driver asks, never branches.
 
-    Subclasses set :attr:`spec_cls` (a :class:`~tunelab._spec.BaseSpec`
+    Subclasses set :attr:`spec_cls` (a :class:`~tunelab.spec.BaseSpec`
     subclass with ``kind: Literal["<name>"]``) and override what differs from
     the defaults here (a FIFO run of ``config`` on every seed).
 

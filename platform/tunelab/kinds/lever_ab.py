@@ -6,7 +6,7 @@ a time; paired per-seed differences of the pre-registered metric give each
 lever an effect, a confidence interval and a verdict (``win``, ``negative``,
 ``null``, ``inconclusive``, ``crashed``), guardrails must not regress, and
 confirmed wins are stacked into the next round's control. The trials are
-planned by :class:`~tunelab.kinds._lever_searcher.PairedLeverSearcher`, a Tune
+planned by :class:`~tunelab.kinds.lever_searcher.PairedLeverSearcher`, a Tune
 searcher; this module holds the spec and the post-processing (tags, verdicts.json).
 """
 
@@ -19,17 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tunelab._checkpoint import atomic_write_json
-from tunelab._spec import (
-    MAX_SEEDS,
-    BaseSpec,
-    ConfigUse,
-    Finite,
-    Seed,
-    Strict,
-    WholeNumber,
-    apply_overrides,
-)
+from tunelab.checkpoint import atomic_write_json
 from tunelab.kinds._base import ExperimentKind, FinalizeContext
 from tunelab.names import (
     ARM_CONTROL,
@@ -52,6 +42,16 @@ from tunelab.names import (
     TrialStatus,
 )
 from tunelab.outcome import TrialOutcome
+from tunelab.spec import (
+    MAX_SEEDS,
+    BaseSpec,
+    ConfigUse,
+    Finite,
+    Seed,
+    Strict,
+    WholeNumber,
+    apply_overrides,
+)
 
 __all__ = ["DecisionSpec", "GuardrailSpec", "LeverAB", "LeverABSpec", "lever_trial_tags"]
 
@@ -177,7 +177,7 @@ class LeverAB(ExperimentKind):
     spec: LeverABSpec
 
     def search_alg(self) -> Any:
-        from tunelab.kinds._lever_searcher import PairedLeverSearcher
+        from tunelab.kinds.lever_searcher import PairedLeverSearcher
 
         return PairedLeverSearcher(self.spec, state_file=str(self.layout.lever_state_file))
 
@@ -206,7 +206,7 @@ class LeverAB(ExperimentKind):
 
     def finalize(self, ctx: FinalizeContext, outcomes: list[TrialOutcome]) -> dict[str, Any]:
         """Tag runs with their verdicts and outcomes; write ``verdicts.json``."""
-        from tunelab.kinds._lever_searcher import LeverState
+        from tunelab.kinds.lever_searcher import LeverState
         from tunelab.tracking import log_summary, verdict_tags
 
         tracker, parent = ctx.tracker, ctx.state.parent_run_id

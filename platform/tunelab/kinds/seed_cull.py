@@ -18,18 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tunelab._checkpoint import atomic_write_json, read_json
-from tunelab._family import get_family
-from tunelab._spec import (
-    MAX_BUDGET,
-    MAX_SEEDS,
-    BaseSpec,
-    ConfigUse,
-    Finite,
-    Seed,
-    Strict,
-    WholeNumber,
-)
+from tunelab.checkpoint import atomic_write_json, read_json
+from tunelab.family import get_family
 from tunelab.kinds._base import ExperimentKind, FinalizeContext
 from tunelab.layout import write_table
 from tunelab.names import (
@@ -43,6 +33,16 @@ from tunelab.names import (
     TrialStatus,
 )
 from tunelab.outcome import TrialOutcome
+from tunelab.spec import (
+    MAX_BUDGET,
+    MAX_SEEDS,
+    BaseSpec,
+    ConfigUse,
+    Finite,
+    Seed,
+    Strict,
+    WholeNumber,
+)
 from tunelab.tracking import log_summary
 
 __all__ = ["CullSpec", "SeedCull", "SeedCullSpec", "SelectSpec"]

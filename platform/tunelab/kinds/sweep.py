@@ -13,7 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from tunelab._spec import (
+from tunelab.kinds._base import ExperimentKind, FinalizeContext
+from tunelab.names import ITERATION, Role, TrialStatus
+from tunelab.outcome import TrialOutcome
+from tunelab.spec import (
     MAX_BUDGET,
     MAX_SAMPLES,
     BaseSpec,
@@ -23,9 +26,6 @@ from tunelab._spec import (
     Strict,
     WholeNumber,
 )
-from tunelab.kinds._base import ExperimentKind, FinalizeContext
-from tunelab.names import ITERATION, Role, TrialStatus
-from tunelab.outcome import TrialOutcome
 
 __all__ = ["SchedulerSpec", "Sweep", "SweepSpec", "best_trial"]
 
@@ -41,7 +41,7 @@ class SchedulerSpec(Strict):
 class SweepSpec(BaseSpec):
     """Search a space of family configs (Tune search algorithms and schedulers).
 
-    ``num_samples`` is 1..10 000 (:data:`~tunelab._spec.MAX_SAMPLES`);
+    ``num_samples`` is 1..10 000 (:data:`~tunelab.spec.MAX_SAMPLES`);
     ``search_alg: optuna_tpe`` runs on one seed (the searcher needs one result
     per suggestion).
     """

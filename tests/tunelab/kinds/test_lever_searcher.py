@@ -23,8 +23,8 @@ from statsmodels.stats.multitest import multipletests
 from tests.conftest import TOY
 from tunelab import parse_spec
 from tunelab import verdicts as vd
-from tunelab.kinds._lever_searcher import LeverState, PairedLeverSearcher, PlannedTrial, Stage
 from tunelab.kinds.lever_ab import LeverABSpec
+from tunelab.kinds.lever_searcher import LeverState, PairedLeverSearcher, PlannedTrial, Stage
 from tunelab.names import ARM_CONTROL, DIVERGED, ITERATION
 
 BUDGET = 3

@@ -40,11 +40,11 @@ import numpy as np
 from ray.tune.search import Searcher
 
 from tunelab import verdicts as vd
-from tunelab._checkpoint import atomic_write_json
-from tunelab._spec import apply_overrides
+from tunelab.checkpoint import atomic_write_json
 from tunelab.metrics import record_verdicts
 from tunelab.names import ARM_CONTROL, TrialStatus, as_float
 from tunelab.outcome import result_status
+from tunelab.spec import apply_overrides
 
 if TYPE_CHECKING:
     from tunelab.kinds.lever_ab import LeverABSpec

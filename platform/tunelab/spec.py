@@ -76,8 +76,8 @@ from pydantic import (
     model_validator,
 )
 
-from tunelab._family import Family, get_family
 from tunelab.errors import SpecError
+from tunelab.family import Family, get_family
 from tunelab.health import HealthPolicy
 
 __all__ = [

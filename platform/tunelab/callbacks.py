@@ -8,7 +8,7 @@
   retries, and the whole experiment stops gracefully (Tune's own stop: the
   experiment state is saved, trials keep their last complete checkpoint). The
   space that lets Tune's last writes complete is held from the start
-  (:func:`~tunelab._checkpoint.reserve_space` in the experiment folder) and
+  (:func:`~tunelab.checkpoint.reserve_space` in the experiment folder) and
   released at that moment. The free space of the experiment's disk is also
   watched between Tune's steps: below ``$TUNELAB_LOW_SPACE_BYTES`` (1 MiB)
   the experiment stops the same way before the driver's own writes fail. The
@@ -35,7 +35,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from tunelab._checkpoint import RESERVE_BYTES, release_space, reserve_space
+from tunelab.checkpoint import RESERVE_BYTES, release_space, reserve_space
 from tunelab.errors import DiskFullError, error_summary, find_disk_full
 
 __all__ = ["DriverCallback", "TrialFailures", "disk_full_guard", "raise_if_disk_full"]
