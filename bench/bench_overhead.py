@@ -122,7 +122,8 @@ def trial_start_times(reuse: bool, n: int, storage: Path) -> list[float]:
         tune_config=tune.TuneConfig(reuse_actors=reuse, max_concurrent_trials=1),
         run_config=tune.RunConfig(name=f"start-{reuse}", storage_path=str(storage), verbose=0),
     )
-    rows = sorted((r.metrics for r in tuner.fit()), key=lambda m: m["t_first"])
+    grid = tuner.fit()
+    rows = sorted((grid[i].metrics or {} for i in range(len(grid))), key=lambda m: m["t_first"])
     return [b["t_first"] - a["t_end"] for a, b in itertools.pairwise(rows)]
 
 

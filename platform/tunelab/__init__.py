@@ -53,7 +53,8 @@ from tunelab.family import (
 from tunelab.spec import load_spec, parse_spec
 
 if TYPE_CHECKING:
-    from tunelab._driver import init_ray, resume_experiment, run_experiment
+    from tunelab._driver import resume_experiment, run_experiment
+    from tunelab._ray_start import init_ray
     from tunelab._status import experiment_status, latest_experiment
     from tunelab._trial import build_experiment, restore_experiment
 
@@ -96,7 +97,7 @@ _LAZY = {  # heavy (Ray, torch) imports, loaded on first use
     "restore_experiment": "tunelab._trial",
     "experiment_status": "tunelab._status",
     "latest_experiment": "tunelab._status",
-    "init_ray": "tunelab._driver",
+    "init_ray": "tunelab._ray_start",
     "resume_experiment": "tunelab._driver",
     "run_experiment": "tunelab._driver",
 }

@@ -11,6 +11,12 @@ algorithm, param space, per-trial tags and the post-processing. The folder's
 paths are :class:`~tunelab.layout.ExperimentLayout`'s; trial outcomes are
 decided by :mod:`tunelab.outcome`; tracking goes through a
 :class:`~tunelab.tracking.Tracker`.
+
+This module owns the run: the experiment folder and parent run, the
+``Tuner`` (its trainable, callbacks, scheduler and search algorithm) and
+telling a finished run from an interrupted one. Ray start-up and the stop
+signals are :mod:`tunelab._ray_start`'s; the results table and
+``summary.json`` are :mod:`tunelab._finalize`'s.
 """
 
 from __future__ import annotations
@@ -21,47 +27,30 @@ import datetime
 import logging
 import os
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from tunelab import _preemption as preemption
+from tunelab._finalize import finalize
+from tunelab._ray_start import StopSignals, init_ray, ray_keeps_sigterm, stdout_to_stderr
 from tunelab._trial import TrialSetup, run_trial
 from tunelab.callbacks import TrialFailures, disk_full_guard, raise_if_disk_full
-from tunelab.checkpoint import (
-    atomic_write_json,
-    read_json,
-    remove_incomplete_checkpoints,
-    sorted_checkpoints,
-    strict_json,
-)
+from tunelab.checkpoint import atomic_write_json, read_json, remove_incomplete_checkpoints
 from tunelab.errors import ExperimentInterrupted
 from tunelab.family import check_family_data
-from tunelab.kinds import ExperimentKind, FinalizeContext, get_kind
-from tunelab.layout import (
-    ExperimentLayout,
-    RunState,
-    read_state,
-    shared_data_root,
-    write_table,
-)
+from tunelab.kinds import ExperimentKind, get_kind
+from tunelab.layout import ExperimentLayout, RunState, read_state, shared_data_root
 from tunelab.names import (
-    TAG_CULLED_AT,
     TAG_EXPERIMENT_DIR,
     TAG_FAMILY,
     TAG_GIT_COMMIT,
     TAG_KIND,
     TAG_MLFLOW_NOTE,
-    TAG_N_FAILED,
-    TAG_N_TRIALS,
     TAG_ROLE,
     TAG_SPEC,
     TAG_SPEC_HASH,
-    TrialStatus,
-    is_decision_tag,
 )
-from tunelab.outcome import TrialOutcome, outcome_from_result
 from tunelab.spec import AnySpec, load_spec, parse_spec, spec_hash
 from tunelab.tracking import (
     GuardedTracker,
@@ -74,7 +63,7 @@ from tunelab.tracking import (
     tracking_guard,
 )
 
-__all__ = ["init_ray", "resume_experiment", "run_experiment"]
+__all__ = ["resume_experiment", "run_experiment"]
 
 logger = logging.getLogger(__name__)
 
@@ -251,93 +240,6 @@ def _fail_parent_on_error(tracker: Tracker, parent_run_id: str) -> Iterator[None
         raise
 
 
-def init_ray(address: str | None, *, dashboard: bool | None = None) -> str | None:
-    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local Ray with one CPU per core.
-
-    The local Ray starts the Ray dashboard on 127.0.0.1, port 8265 or the
-    next free one, unless ``dashboard`` is False (None: unless
-    ``$TUNELAB_NO_DASHBOARD`` is 1). Ray's state API, which frees the workers of a culled multi-worker
-    trial, needs it. Ray Train's controller polls its workers every
-    ``$RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (0.5 s here unless set; each
-    report waits for a poll).
-
-    Returns:
-        The dashboard's URL, or None (no dashboard, or a cluster's own).
-
-    Ray's token authentication is on unless ``RAY_AUTH_MODE=disabled``. The
-    local Ray listens on 127.0.0.1 only; its token file (``$RAY_AUTH_TOKEN_PATH``,
-    default ``~/.ray/auth_token``) is created user-only (0600) where Ray would
-    create it readable by everyone. A driver connecting to ``address`` sends a
-    token when one is available (Ray itself does so only for ``address="auto"``).
-
-    ``TUNELAB_METRICS_EXPORT_PORT`` serves Ray's and tunelab's metrics to
-    Prometheus from the local Ray (dashboards/README.md).
-    """
-    import secrets
-
-    import ray
-    from ray._private import ray_constants
-    from ray._private.authentication.authentication_token_setup import (
-        maybe_enable_token_auth_if_token_available,
-    )
-    from ray._raylet import Config  # type: ignore[attr-defined]
-
-    if ray.is_initialized():
-        return None
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-        ray.init(address=address, log_to_driver=False)
-        return None
-    if "RAY_AUTH_MODE" not in os.environ:  # Ray's own default, set here without its warning
-        os.environ["RAY_AUTH_MODE"] = "token"
-        Config.initialize("")
-    if os.environ["RAY_AUTH_MODE"].lower() == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
-        token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-        token.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        with contextlib.suppress(FileExistsError), open(os.open(token, flags, 0o600), "w") as f:
-            f.write(secrets.token_hex(32))
-        if token.stat().st_mode & 0o077 and token.stat().st_uid == os.getuid():
-            token.chmod(0o600)
-    port = os.environ.get("TUNELAB_METRICS_EXPORT_PORT")
-    extra: dict[str, Any] = {"_metrics_export_port": int(port)} if port else {}
-    if dashboard is None:
-        dashboard = os.environ.get("TUNELAB_NO_DASHBOARD", "") not in ("1", "true")
-    if dashboard:
-        extra.update(dashboard_host="127.0.0.1", dashboard_port=_free_port(DASHBOARD_PORT))
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # Ray binds its servers to 127.0.0.1 when that is the node's address, which it
-    # picks only where it does not expect a multi-node cluster (ENABLE_RAY_CLUSTER).
-    on_network, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
-    try:
-        context = ray.init(
-            num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=dashboard, **extra
-        )
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = on_network
-    url = getattr(context, "dashboard_url", None) if dashboard else None
-    return f"http://{url}" if url and "://" not in url else url or None
-
-
-#: The Ray dashboard's usual port; the next free one is taken when it is in use.
-DASHBOARD_PORT = 8265
-
-
-def _free_port(first: int, tries: int = 100) -> int:
-    """``first`` or the next port after it that 127.0.0.1 can bind."""
-    import socket
-
-    for port in range(first, first + tries):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return 0
-
-
 # -- running ----------------------------------------------------------------------------
 def _run(
     state: RunState,
@@ -396,8 +298,8 @@ def _run_once(
     dashboard: bool = True,
 ) -> dict[str, Any]:
     root = state.layout.root
-    with _StopSignals(state.layout) as stop, _stdout_to_stderr():  # stdout stays for --json
-        with _ray_keeps_sigterm():
+    with StopSignals(state.layout) as stop, stdout_to_stderr():  # stdout stays for --json
+        with ray_keeps_sigterm():
             # multi-worker trials need Ray's state API to free a culled trial's workers
             on = True if spec.resources.workers > 1 else (None if dashboard else False)
             url = init_ray(address, dashboard=on)
@@ -421,145 +323,7 @@ def _run_once(
         # exit 75, resumable, if the server is still down); an outage in a tracker call
         # while finalizing is the same error, and resume finalizes again from scratch.
         drain_tracking(state.layout, tracker)
-        return _finalize(state, spec, kind, GuardedTracker(tracker, root), grid)
-
-
-class _StopSignals:
-    """SIGINT and SIGTERM (Ctrl-C, ``scancel``, SLURM preemption) stop the driver the same way.
-
-    The handler never raises: an exception thrown from a signal handler lands
-    wherever the main thread happens to be, and Python drops it silently inside
-    fork hooks, finalizers and logging. It only records the signal. Before Tune
-    runs, the driver checks the record between phases (Ray start-up, building
-    the tuner) and raises :class:`ExperimentInterrupted`. While Tune runs, the
-    signal becomes Tune's graceful stop (SIGUSR1: the experiment state is saved
-    one last time and ``fit`` returns); a signal that arrives before Tune has
-    installed its handler is forwarded as soon as it has. Either way the
-    experiment is not finalized and ``platform resume`` continues it. Once
-    every trial has ended, a signal no longer interrupts: the few seconds of
-    post-processing finish, so a decision is never half written. Tune's own
-    SIGINT handler is switched off (``TUNE_DISABLE_SIGINT_HANDLER``) so that
-    both signals take this path.
-    """
-
-    _SIGNALS = ("SIGINT", "SIGTERM")
-
-    def __init__(self, layout: ExperimentLayout) -> None:
-        self.layout = layout
-        self.experiment_dir = layout.root
-        self.signalled = False
-        self.tune_running = False
-        self.finalizing = False
-        self._forwarded = False
-        self._lock = threading.Lock()
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        import signal
-
-        if threading.current_thread() is threading.main_thread():
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-            for name in self._SIGNALS:
-                sig = getattr(signal, name)
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import signal
-
-        self.tune_running = False
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-    def reinstall(self) -> None:
-        """Put tunelab's handlers back after ``ray.init``.
-
-        Ray's core worker installs a C-level failure handler for SIGTERM (it
-        prints "SIGTERM received" and aborts at exit) that Python's
-        ``signal.getsignal`` cannot see; ``signal.signal`` replaces it.
-        """
-        import signal
-
-        for sig in self._previous:
-            signal.signal(sig, self._on_signal)
-
-    def raise_if_signalled(self) -> None:
-        """Raise :class:`ExperimentInterrupted` if a stop signal arrived (before Tune runs)."""
-        if self.signalled:
-            raise ExperimentInterrupted(self.experiment_dir, -1)
-
-    def start_tune(self) -> None:
-        """Mark Tune as running; from now on a signal becomes Tune's graceful stop."""
-        import signal
-
-        if self._previous and hasattr(signal, "SIGUSR1"):
-            # A Tune run earlier in this process leaves its SIGUSR1 handler behind
-            # (Tune never restores it); ignored until this run's Tune installs its own.
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        self.tune_running = True
-
-    def _tune_handler_installed(self) -> bool:
-        import signal
-
-        handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
-        return handler not in (signal.SIG_DFL, signal.SIG_IGN, None)
-
-    def _forward_to_tune(self) -> None:
-        """Send Tune its stop signal once it listens (polled; Tune installs it within seconds)."""
-        import signal
-        import time
-
-        while self.tune_running and not self._tune_handler_installed():
-            time.sleep(0.05)
-        with self._lock:
-            if not self.tune_running or self._forwarded:
-                return
-            self._forwarded = True
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    def _on_signal(self, sig: int, frame: Any) -> None:
-        import signal
-
-        first = not self.signalled
-        self.signalled = True
-        if self.finalizing or not self.tune_running:
-            return
-        if not first and preemption.active() is None:
-            return
-        grace = preemption.grace_s()
-        if first and sig == signal.SIGTERM and grace > 0:
-            # preemption: running trials checkpoint their current iteration first
-            preemption.Preemption(self.layout.preempt_file, grace, self._forward_to_tune).start()
-            return
-        if self._tune_handler_installed():
-            self._forward_to_tune()
-        else:
-            threading.Thread(target=self._forward_to_tune, name="tunelab-stop", daemon=True).start()
-
-
-@contextlib.contextmanager
-def _ray_keeps_sigterm() -> Iterator[None]:
-    """Keep tunelab's SIGTERM handler while ``ray.init`` runs.
-
-    ``ray.init`` installs a SIGTERM handler that calls ``sys.exit`` wherever the
-    signal lands; inside a fork hook Python drops that exception, and the stop
-    is lost. Ray installs it through ``ray._private.utils.set_sigterm_handler``
-    (Ray 2.x), which is skipped here; :meth:`_StopSignals.reinstall` puts
-    tunelab's back right after start-up whatever Ray installed.
-    (``ray.init`` cannot run in a helper thread instead: Ray's daemons are
-    started with ``PR_SET_PDEATHSIG`` and die with the thread that started them.)
-    """
-    import ray._private.utils as ray_utils
-
-    original = getattr(ray_utils, "set_sigterm_handler", None)
-    if original is None:
-        yield
-        return
-    ray_utils.set_sigterm_handler = lambda handler: None
-    try:
-        yield
-    finally:
-        ray_utils.set_sigterm_handler = original
+        return finalize(state, spec, kind, GuardedTracker(tracker, root), grid)
 
 
 def _unfinished_trials(grid: Any) -> int:
@@ -676,94 +440,6 @@ def _trial_dirname(trial: Any) -> str:
     return ExperimentLayout.trial_dirname(trial.trial_id)
 
 
-# -- post-processing --------------------------------------------------------------------
-def _finalize(
-    state: RunState, spec: AnySpec, kind: ExperimentKind, tracker: Tracker, grid: Any
-) -> dict[str, Any]:
-    layout = state.layout
-    runs = read_json(layout.runs_file, {})
-    outcomes = [
-        outcome_from_result(result, spec.budget, runs=runs, checkpoint=_last_checkpoint(result))
-        for result in grid
-    ]
-    outcomes.sort(key=lambda o: (o.seed if isinstance(o.seed, int) else 0, o.trial_id))
-    # Decisions are written from scratch: none left by an earlier finalization survives.
-    for run_id in [state.parent_run_id, *(o.run_id for o in outcomes if o.run_id)]:
-        tracker.clear_tags(run_id, is_decision_tag)
-    for o in outcomes:
-        if o.run_id is None:
-            continue
-        if o.status is TrialStatus.CULLED:
-            tracker.set_tags(o.run_id, {TAG_CULLED_AT: o.iterations})
-        tracker.end_run(o.run_id, "FAILED" if o.status is TrialStatus.ERROR else "FINISHED")
-    table = _results_table(outcomes, kind.placement)
-    write_table(table, layout.results_stem)
-    failed = sum(o.status is TrialStatus.ERROR for o in outcomes)
-    summary: dict[str, Any] = {
-        "experiment_dir": str(layout.root),
-        "tracking_uri": state.tracking_uri,
-        "mlflow_experiment": state.mlflow_experiment,
-        "mlflow_experiment_id": state.mlflow_experiment_id,
-        "parent_run_id": state.parent_run_id,
-        "spec": spec.name,
-        "kind": spec.kind,
-        "metric": spec.metric.model_dump(),
-        "trials": [_summary_trial(o, kind.placement) for o in outcomes],
-        "failed": failed,
-        "failure_budget": spec.failure.tolerate,
-    }
-    ctx = FinalizeContext(state=state, layout=layout, tracker=tracker, table=table)
-    summary.update(kind.finalize(ctx, outcomes))
-    parent = state.parent_run_id
-    tracker.set_tags(parent, {TAG_N_TRIALS: len(outcomes), TAG_N_FAILED: failed})
-    tracker.log_artifact(parent, layout.results_csv)
-    tracker.log_dict(parent, strict_json(summary), layout.summary_file.name)
-    tracker.end_run(parent, "FAILED" if failed > spec.failure.tolerate else "FINISHED")
-    # Last: summary.json marks the experiment finalized (resume then changes nothing).
-    atomic_write_json(layout.summary_file, summary)
-    return summary
-
-
-def _summary_trial(o: TrialOutcome, placement: tuple[str, ...]) -> dict[str, Any]:
-    return {
-        "trial_id": o.trial_id,
-        "run_id": o.run_id,
-        "seed": o.seed,
-        **{k: getattr(o, k) for k in placement},
-        "iterations": o.iterations,
-        "status": o.status.value,
-        "metrics": o.metrics,
-        "error": o.error,
-        "diagnosis": o.diagnosis,
-    }
-
-
-def _results_table(outcomes: list[TrialOutcome], placement: tuple[str, ...]) -> Any:
-    import pandas as pd
-
-    return pd.DataFrame(
-        [
-            {
-                "trial_id": o.trial_id,
-                "run_id": o.run_id,
-                "seed": o.seed,
-                **{k: getattr(o, k) for k in placement},
-                "status": o.status.value,
-                "iterations": o.iterations,
-                "culled_at": o.culled_at,
-                "diagnosis": o.diagnosis,
-                **{
-                    f"config.{k}": v
-                    for k, v in o.config.items()
-                    if isinstance(v, (int, float, str, bool))
-                },
-                **o.metrics,
-            }
-            for o in outcomes
-        ]
-    )
-
-
 def _base_tags(spec: AnySpec, commit: str) -> dict[str, str]:
     return {
         TAG_KIND: spec.kind,
@@ -772,19 +448,3 @@ def _base_tags(spec: AnySpec, commit: str) -> dict[str, str]:
         TAG_FAMILY: spec.family,
         TAG_GIT_COMMIT: commit,
     }
-
-
-def _last_checkpoint(result: Any) -> str | None:
-    if result.checkpoint is not None:
-        return str(result.checkpoint.path)
-    found = (
-        sorted_checkpoints(Path(result.path)) if result.path and Path(result.path).is_dir() else []
-    )
-    return str(found[-1]) if found else None
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Keep stdout clean for ``--json``: anything Ray/Tune prints goes to stderr."""
-    with contextlib.redirect_stdout(sys.stderr):
-        yield

@@ -21,6 +21,10 @@ than one lever). With the experiment's own settings (:func:`table_settings`
 reads them from the ``tunelab.json`` beside the table) the records equal
 ``verdicts.json``.
 
+The reading and checking of a table's columns is :mod:`tunelab._table_io`,
+the analysis of a lever A/B table :mod:`tunelab._lever_ab_table` (both
+private).
+
 Example:
 
     .. code::
@@ -37,9 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +49,27 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from tunelab._lever_ab_table import _is_lever_ab_table, _lever_ab_verdicts
+from tunelab._table_io import (
+    COL_ARM,
+    COL_ROUND,
+    COL_SEED,
+    COL_STAGE,
+    COL_STATUS,
+    _check_columns,
+    _check_duplicates,
+    _check_pairing,
+    _clean_keys,
+    _numeric,
+    _read,
+    _seed_values,
+    _sorted_seeds,
+)
 from tunelab.errors import TableError
 from tunelab.verdicts import (
     MODES,
-    WIN,
     Decision,
     Guardrail,
-    LeverVerdict,
     adjust_family,
     analyze_lever,
     verdict_to_dict,
@@ -75,17 +91,7 @@ __all__ = [
     "verdict_table",
 ]
 
-COL_SEED = "seed"
-COL_ARM = "arm"
-COL_ROUND = "round"
-COL_STAGE = "stage"
-COL_STATUS = "status"
-STAGE_CONFIRM = "confirm"
-STATUS_FINISHED = "finished"
-_LOOK_STAGE = re.compile(r"look([1-9][0-9]*)")
 _RUN_STATE_FILE = "tunelab.json"  # tunelab.layout.RUN_STATE_FILE
-_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-_MAX_ROWS_NAMED = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,49 +205,6 @@ def load_paired_table(
     return _paired(p, _read(p), metric=metric, control=control, guardrails=guardrails)
 
 
-def _paired(
-    p: Path, df: pd.DataFrame, *, metric: str, control: str, guardrails: Sequence[str]
-) -> PairedTable:
-    metrics = list(dict.fromkeys([metric, *guardrails]))
-    _check_columns(p, df, [COL_SEED, COL_ARM, *metrics])
-    if df.empty:
-        raise TableError(f"{p}: the table has no data rows.")
-    row_no = np.arange(1, len(df) + 1)  # 1-based data rows
-    arms = _clean_keys(p, df[COL_ARM], COL_ARM, row_no)
-    seeds = _seed_values(_clean_keys(p, df[COL_SEED], COL_SEED, row_no))
-    values = {m: _numeric(p, df[m], m, row_no) for m in metrics}
-    _check_duplicates(p, seeds, arms, row_no)
-
-    arm_names = list(dict.fromkeys(arms))
-    if control not in arm_names:
-        raise TableError(
-            f"{p}: no control arm {control!r} in column {COL_ARM!r}; arms present: "
-            f"{arm_names}. Pass the control's name (--control)."
-        )
-    levers = [a for a in arm_names if a != control]
-    if not levers:
-        raise TableError(f"{p}: only the control arm {control!r} is present; no lever arm to test.")
-
-    index = {(s, a): i for i, (s, a) in enumerate(zip(seeds, arms, strict=True))}
-    control_seeds = _sorted_seeds(s for s, a in zip(seeds, arms, strict=True) if a == control)
-    _check_pairing(p, control, control_seeds, levers, seeds, arms, row_no)
-
-    out = {}
-    for lever in levers:
-        ci = np.array([index[(s, control)] for s in control_seeds])  # (N,) control row ids
-        vi = np.array([index[(s, lever)] for s in control_seeds])  # (N,) lever row ids
-        out[lever] = PairedArm(
-            lever=lever,
-            seeds=tuple(control_seeds),
-            control=values[metric][ci],
-            variant=values[metric][vi],
-            guardrails={g: (values[g][ci], values[g][vi]) for g in guardrails},
-        )
-    return PairedTable(
-        path=p, metric=metric, control=control, seeds=tuple(control_seeds), levers=out
-    )
-
-
 def parse_guardrail(spec: str) -> Guardrail:
     """Parse ``"name:mode:margin"`` (e.g. ``"val/flat_l1:min:0.005"``) into a Guardrail.
 
@@ -353,348 +316,44 @@ def verdict_table(
     return [verdict_to_dict(v) for v in adjust_family(verdicts, decision.correction)]
 
 
-# ----------------------------------------------------------------------------
-# tunelab's own lever A/B tables (round, stage, status)
-# ----------------------------------------------------------------------------
-
-
-def _is_lever_ab_table(df: pd.DataFrame) -> bool:
-    """A table written by a tunelab lever A/B: a ``stage`` column of ``lookN`` / ``confirm``."""
-    if COL_STAGE not in df.columns or df.empty:
-        return False
-    stages = [v.strip() if isinstance(v, str) else v for v in df[COL_STAGE].tolist()]
-    return all(
-        isinstance(v, str) and (v == STAGE_CONFIRM or _LOOK_STAGE.fullmatch(v)) for v in stages
-    )
-
-
-def _lever_ab_verdicts(
-    p: Path,
-    df: pd.DataFrame,
-    *,
-    metric: str,
-    mode: str,
-    decision: Decision,
-    guardrails: Sequence[Guardrail],
-    control: str,
-    round_no: int | None,
-    seed_order: Sequence[Any] | None,
-    confirm_order: Sequence[Any] | None,
-) -> list[dict[str, Any]]:
-    """Verdicts of a tunelab lever A/B table, decided as its experiment decided them."""
-    metrics = list(dict.fromkeys([metric, *(g.name for g in guardrails)]))
-    _check_columns(p, df, [COL_SEED, COL_ARM, COL_STAGE, *metrics])
+def _paired(
+    p: Path, df: pd.DataFrame, *, metric: str, control: str, guardrails: Sequence[str]
+) -> PairedTable:
+    metrics = list(dict.fromkeys([metric, *guardrails]))
+    _check_columns(p, df, [COL_SEED, COL_ARM, *metrics])
+    if df.empty:
+        raise TableError(f"{p}: the table has no data rows.")
     row_no = np.arange(1, len(df) + 1)  # 1-based data rows
     arms = _clean_keys(p, df[COL_ARM], COL_ARM, row_no)
     seeds = _seed_values(_clean_keys(p, df[COL_SEED], COL_SEED, row_no))
-    stages = [str(v).strip() for v in df[COL_STAGE].tolist()]
-    rounds = _round_values(p, df, row_no)
-    values = {m: _numeric(p, df[m], m, row_no).copy() for m in metrics}
-    if COL_STATUS in df.columns:  # a trial that did not finish is a missing pair
-        status = df[COL_STATUS].map(lambda v: v.strip() if isinstance(v, str) else v)
-        unfinished = np.array(status != STATUS_FINISHED, dtype=bool)
-        for m in metrics:
-            values[m][unfinished] = math.nan
-    confirm = np.array([s == STAGE_CONFIRM for s in stages], dtype=bool)
-    keys = [(r, s, a, c) for r, s, a, c in zip(rounds, seeds, arms, confirm, strict=True)]
-    dup = pd.Series(keys).duplicated(keep=False).to_numpy()
-    if dup.any():
-        pairs = sorted({f"(round={r}, seed={s}, arm={a})" for r, s, a, _ in pd.Series(keys)[dup]})
+    values = {m: _numeric(p, df[m], m, row_no) for m in metrics}
+    _check_duplicates(p, seeds, arms, row_no)
+
+    arm_names = list(dict.fromkeys(arms))
+    if control not in arm_names:
         raise TableError(
-            f"{p}: duplicate {', '.join(pairs)} at {_rows(row_no, dup)} "
-            "(1-based, header excluded); keep one row per round, seed and arm."
+            f"{p}: no control arm {control!r} in column {COL_ARM!r}; arms present: "
+            f"{arm_names}. Pass the control's name (--control)."
         )
-    present = sorted(set(rounds))
-    if round_no is not None and round_no not in present:
-        raise TableError(f"{p}: no round {round_no}; the table has rounds {present}.")
-    out: list[dict[str, Any]] = []
-    for rnd in present if round_no is None else [round_no]:
-        in_round = np.array([r == rnd for r in rounds], dtype=bool)
-        look_idx = {  # (arm, seed) -> row of a look trial of this round
-            (arms[i], seeds[i]): int(i) for i in np.flatnonzero(in_round & ~confirm)
-        }
-        confirm_idx = {(arms[i], seeds[i]): int(i) for i in np.flatnonzero(in_round & confirm)}
-        order = _round_seed_order(p, rnd, control, look_idx, stages, seed_order)
-        levers = list(dict.fromkeys(a for a, _ in look_idx if a != control))
-        verdicts = [
-            _lever_ab_lever(
-                p, rnd, lever, control, order, look_idx, values, metric, mode, decision, guardrails
-            )
-            for lever in levers
-        ]
-        if decision.correction != "none" and len(verdicts) > 1:
-            verdicts = adjust_family(verdicts, decision.correction)
-        for v in sorted(verdicts, key=lambda v: v.lever):
-            rec = verdict_to_dict(v)
-            rec["round"] = rnd
-            rec["look_no"], rec["n_seeds"] = _look_no(v, decision)
-            if rec["verdict"] == WIN and rec["meaningful"]:
-                _confirm(rec, control, confirm_idx, values[metric], mode, confirm_order)
-            out.append(rec)
-    return out
+    levers = [a for a in arm_names if a != control]
+    if not levers:
+        raise TableError(f"{p}: only the control arm {control!r} is present; no lever arm to test.")
 
+    index = {(s, a): i for i, (s, a) in enumerate(zip(seeds, arms, strict=True))}
+    control_seeds = _sorted_seeds(s for s, a in zip(seeds, arms, strict=True) if a == control)
+    _check_pairing(p, control, control_seeds, levers, seeds, arms, row_no)
 
-def _round_values(p: Path, df: pd.DataFrame, row_no: npt.NDArray[np.int64]) -> list[int]:
-    if COL_ROUND not in df.columns:
-        return [1] * len(df)
-    raw = _seed_values(_clean_keys(p, df[COL_ROUND], COL_ROUND, row_no))
-    bad = np.array([not isinstance(r, int) or r < 1 for r in raw], dtype=bool)
-    if bad.any():
-        raise TableError(
-            f"{p}: column {COL_ROUND!r} holds a value that is not a round number (1, 2, ...) at "
-            f"{_rows(row_no, bad)} (1-based, header excluded)."
-        )
-    return [int(r) for r in raw]
-
-
-def _round_seed_order(
-    p: Path,
-    rnd: int,
-    control: str,
-    look_idx: dict[tuple[Any, Any], int],
-    stages: list[str],
-    seed_order: Sequence[Any] | None,
-) -> list[Any]:
-    """The control's look seeds of a round, in the order the looks took them."""
-    look_of = {s: _look_number(stages[i]) for (a, s), i in look_idx.items() if a == control}
-    if not look_of:
-        arms = sorted({str(a) for a, _ in look_idx})
-        raise TableError(
-            f"{p}: round {rnd} has no control arm {control!r} in column {COL_ARM!r} "
-            f"(arms: {arms}). Pass the control's name (--control)."
-        )
-    spec_rank = {s: i for i, s in enumerate(seed_order or ())}
-    return sorted(
-        look_of,
-        key=lambda s: (look_of[s], spec_rank.get(s, len(spec_rank)), isinstance(s, str), s),
-    )
-
-
-def _look_number(stage: str) -> int:
-    found = _LOOK_STAGE.fullmatch(stage)
-    return int(found.group(1)) if found else 0
-
-
-def _lever_ab_lever(
-    p: Path,
-    rnd: int,
-    lever: str,
-    control: str,
-    order: list[Any],
-    look_idx: dict[tuple[Any, Any], int],
-    values: dict[str, npt.NDArray[np.float64]],
-    metric: str,
-    mode: str,
-    decision: Decision,
-    guardrails: Sequence[Guardrail],
-) -> LeverVerdict:
-    """One lever of one round, on the control's seeds it ran (a prefix of ``order``)."""
-    ran = [s for s in order if (lever, s) in look_idx]
-    known = set(order)
-    extra = _sorted_seeds(s for a, s in look_idx if a == lever and s not in known)
-    if extra:
-        raise TableError(
-            f"{p}: round {rnd}: lever {lever!r} has seeds {extra} with no {control!r} row. "
-            "Every lever runs on the control's seeds; a failed trial is a row whose status "
-            "is not finished or whose metric is empty."
-        )
-    if ran != order[: len(ran)]:
-        gaps = [s for s in order[: order.index(ran[-1])] if (lever, s) not in look_idx]
-        raise TableError(
-            f"{p}: round {rnd}: lever {lever!r} has no rows for seeds {gaps}, which come "
-            f"before seeds it ran (looks take the control's seeds in order); a failed trial "
-            "is a row whose status is not finished or whose metric is empty."
-        )
-    if decision.looks is not None and len(ran) > decision.looks[-1]:
-        raise TableError(
-            f"{p}: round {rnd}: lever {lever!r} has {len(ran)} paired seeds, but the looks "
-            f"{decision.looks} plan at most {decision.looks[-1]}; give the experiment's looks "
-            f"(--looks)."
-        )
-    ci = np.array([look_idx[(control, s)] for s in ran])  # (N,) control rows
-    vi = np.array([look_idx[(lever, s)] for s in ran])  # (N,) lever rows
-    return analyze_lever(
-        values[metric][ci],
-        values[metric][vi],
-        mode=mode,
-        decision=decision,
-        guardrails={g.name: (values[g.name][ci], values[g.name][vi], g) for g in guardrails},
-        lever=lever,
-        seeds=ran,
-    )
-
-
-def _look_no(v: LeverVerdict, decision: Decision) -> tuple[int, int]:
-    """``(look_no, n_seeds)`` of a verdict as the experiment records them."""
-    n = len(v.seeds) + len(v.crashed_seeds)  # the seeds analysed (crashed ones too)
-    if decision.looks is None:
-        return 1, n
-    if v.look:  # decided (or last reached) at this 1-based look
-        return v.look, decision.looks[v.look - 1]
-    reached = [k for k, n_k in enumerate(decision.looks, start=1) if n_k <= n]
-    return (reached[-1], decision.looks[reached[-1] - 1]) if reached else (0, n)
-
-
-def _confirm(
-    rec: dict[str, Any],
-    control: str,
-    confirm_idx: dict[tuple[Any, Any], int],
-    metric: npt.NDArray[np.float64],
-    mode: str,
-    confirm_order: Sequence[Any] | None,
-) -> None:
-    """Add ``confirmed`` / ``confirm_diffs`` from the confirmation rows, as the experiment did."""
-    lever = rec["lever"]
-    table_seeds = {s for a, s in confirm_idx if a in (control, lever)}
-    if not any(a == lever for a, _ in confirm_idx):
-        return
-    ordered = list(confirm_order or ()) or sorted(
-        table_seeds, key=lambda s: (isinstance(s, str), s)
-    )
-    sign = 1.0 if mode == "max" else -1.0
-    diffs = []
-    for seed in ordered:
-        c, v = confirm_idx.get((control, seed)), confirm_idx.get((lever, seed))
-        diffs.append(
-            math.nan if c is None or v is None else sign * (float(metric[v]) - float(metric[c]))
-        )
-    rec["confirmed"] = bool(diffs) and all(math.isfinite(d) and d > 0 for d in diffs)
-    rec["confirm_diffs"] = diffs
-
-
-# ----------------------------------------------------------------------------
-# Private helpers
-# ----------------------------------------------------------------------------
-
-
-def _read(p: Path) -> pd.DataFrame:
-    kind = _SUFFIXES.get(p.suffix.lower())
-    if kind is None:
-        raise TableError(
-            f"{p}: unknown file type {p.suffix!r}; use one of {sorted(_SUFFIXES)} "
-            "(columns seed, arm, <metrics>)."
-        )
-    try:
-        if kind == "csv":
-            return pd.read_csv(p, dtype=str, skipinitialspace=True)
-        return pd.read_parquet(p)
-    except Exception as exc:  # any reader failure is reported the same way
-        raise TableError(f"{p}: cannot read the {kind} file: {exc}") from None
-
-
-def _check_columns(p: Path, df: pd.DataFrame, needed: Sequence[str]) -> None:
-    missing = [c for c in dict.fromkeys(needed) if c not in df.columns]
-    if missing:
-        raise TableError(
-            f"{p}: missing column(s) {missing}; the file has columns {list(df.columns)}."
-        )
-
-
-def _rows(row_no: npt.NDArray[np.int64], mask: npt.NDArray[np.bool_]) -> str:
-    rows = [int(r) for r in row_no[mask]]
-    shown = ", ".join(str(r) for r in rows[:_MAX_ROWS_NAMED])
-    more = f" and {len(rows) - _MAX_ROWS_NAMED} more" if len(rows) > _MAX_ROWS_NAMED else ""
-    return f"data row{'s' if len(rows) > 1 else ''} {shown}{more}"
-
-
-def _clean_keys(p: Path, col: pd.Series, name: str, row_no: npt.NDArray[np.int64]) -> list[Any]:
-    values = [v.strip() if isinstance(v, str) else v for v in col.tolist()]
-    empty = np.array(
-        [v is None or v == "" or (isinstance(v, float) and np.isnan(v)) for v in values]
-    )
-    if empty.any():
-        raise TableError(
-            f"{p}: empty {name!r} in {_rows(row_no, empty)} (1-based, header excluded)."
-        )
-    return values
-
-
-def _seed_values(raw: list[Any]) -> list[Any]:
-    """Integer seeds when every seed is an integer ("7", 7, 7.0), else strings."""
-    try:
-        as_float = [float(v) for v in raw]
-    except (TypeError, ValueError):
-        return [str(v) for v in raw]
-    if all(np.isfinite(f) and f.is_integer() for f in as_float):
-        return [int(f) for f in as_float]
-    return [str(v) for v in raw]
-
-
-def _numeric(
-    p: Path, col: pd.Series, name: str, row_no: npt.NDArray[np.int64]
-) -> npt.NDArray[np.float64]:
-    if pd.api.types.is_bool_dtype(col) or not (
-        pd.api.types.is_numeric_dtype(col)
-        or pd.api.types.is_object_dtype(col)
-        or pd.api.types.is_string_dtype(col)
-    ):
-        raise TableError(f"{p}: column {name!r} has dtype {col.dtype}, not numbers.")
-    stripped = col.map(lambda v: v.strip() if isinstance(v, str) else v)
-    numbers = pd.to_numeric(stripped, errors="coerce")
-    blank = stripped.isna() | (stripped == "")
-    # Spelled-out NaN ("nan", "NaN") is a crashed value, not a typo.
-    spelled_nan = stripped.map(lambda v: isinstance(v, str) and v.lower() == "nan")
-    bad = np.array(numbers.isna() & ~blank & ~spelled_nan, dtype=bool)
-    if bad.any():
-        examples = ", ".join(
-            f"row {int(r)}: {v!r}"
-            for r, v in list(zip(row_no[bad], stripped[bad], strict=True))[:_MAX_ROWS_NAMED]
-        )
-        raise TableError(
-            f"{p}: non-numeric values in column {name!r} at {_rows(row_no, bad)} "
-            f"(1-based, header excluded): {examples}. Leave a crashed run empty or NaN."
-        )
-    return numbers.to_numpy(dtype=float)
-
-
-def _check_duplicates(
-    p: Path, seeds: list[Any], arms: list[Any], row_no: npt.NDArray[np.int64]
-) -> None:
-    keys = pd.Series(list(zip(seeds, arms, strict=True)))
-    dup = keys.duplicated(keep=False).to_numpy()
-    if dup.any():
-        pairs = sorted({f"(seed={s}, arm={a})" for (s, a) in keys[dup]})
-        raise TableError(
-            f"{p}: duplicate (seed, arm) {', '.join(pairs)} at {_rows(row_no, dup)} "
-            "(1-based, header excluded); keep one row per seed and arm."
-        )
-
-
-def _sorted_seeds(seeds: Iterable[Any]) -> list[Any]:
-    unique = list(dict.fromkeys(seeds))
-    return sorted(unique, key=lambda s: (isinstance(s, str), s))
-
-
-def _check_pairing(
-    p: Path,
-    control: str,
-    control_seeds: list[Any],
-    levers: list[str],
-    seeds: list[Any],
-    arms: list[Any],
-    row_no: npt.NDArray[np.int64],
-) -> None:
-    problems = []
-    control_set = set(control_seeds)
-    seed_arr = np.array(seeds, dtype=object)
-    arm_arr = np.array(arms, dtype=object)
+    out = {}
     for lever in levers:
-        lever_set = set(seed_arr[arm_arr == lever])
-        extra = (arm_arr == lever) & np.array([s not in control_set for s in seeds])
-        if extra.any():
-            problems.append(
-                f"lever {lever!r} has seeds {_sorted_seeds(seed_arr[extra])} with no "
-                f"{control!r} row ({_rows(row_no, extra)})"
-            )
-        lacking = (arm_arr == control) & np.array([s not in lever_set for s in seeds])
-        if lacking.any():
-            problems.append(
-                f"control seeds {_sorted_seeds(seed_arr[lacking])} ({_rows(row_no, lacking)}) "
-                f"have no {lever!r} row"
-            )
-    if problems:
-        raise TableError(
-            f"{p}: unpaired seeds: {'; '.join(problems)} (1-based, header excluded). "
-            "Every lever must run on exactly the control's seeds; a failed run is a row "
-            "with an empty or NaN metric."
+        ci = np.array([index[(s, control)] for s in control_seeds])  # (N,) control row ids
+        vi = np.array([index[(s, lever)] for s in control_seeds])  # (N,) lever row ids
+        out[lever] = PairedArm(
+            lever=lever,
+            seeds=tuple(control_seeds),
+            control=values[metric][ci],
+            variant=values[metric][vi],
+            guardrails={g: (values[g][ci], values[g][vi]) for g in guardrails},
         )
+    return PairedTable(
+        path=p, metric=metric, control=control, seeds=tuple(control_seeds), levers=out
+    )

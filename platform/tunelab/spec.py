@@ -36,6 +36,12 @@ The keys every kind shares are :class:`BaseSpec`; each kind's own model
 :mod:`tunelab.kinds` and is found through the kind registry by the spec's
 ``kind``.
 
+This module holds the models and the entry points. Reading the YAML (and
+its limits) is :mod:`tunelab._spec_yaml`; checking a raw spec against its
+kind's model and its family, with the did-you-mean messages, is
+:mod:`tunelab._spec_checks`. Both are private; :func:`did_you_mean`,
+:func:`metric_name_problem` and the YAML limits are re-exported here.
+
 Example (``search_spaces/seed_cull.yaml``)::
 
     kind: seed_cull
@@ -54,19 +60,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
-import re
-import types
-import typing
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import pydantic
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -76,8 +76,10 @@ from pydantic import (
     model_validator,
 )
 
+from tunelab._spec_checks import _check_quick, _validate, did_you_mean, metric_name_problem
+from tunelab._spec_yaml import MAX_YAML_DEPTH, MAX_YAML_NODES, _load_yaml
 from tunelab.errors import SpecError
-from tunelab.family import Family, get_family
+from tunelab.family import get_family
 from tunelab.health import HealthPolicy
 
 __all__ = [
@@ -119,10 +121,6 @@ Mode = Literal["max", "min"]
 
 #: Largest spec file read (bytes).
 MAX_SPEC_BYTES = 1_000_000
-#: Most YAML values (scalars, lists, mappings) a spec may expand to, aliases expanded.
-MAX_YAML_NODES = 50_000
-#: Deepest nesting of lists / mappings in a spec.
-MAX_YAML_DEPTH = 32
 #: Most seeds a spec may run (``seeds: N`` or a list).
 MAX_SEEDS = 10_000
 #: Largest seed (numpy seeds are 32-bit).
@@ -378,21 +376,6 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return out
 
 
-_QUICK_KEYS = {
-    "budget",
-    "seeds",
-    "config",
-    "control",
-    "cull",
-    "num_samples",
-    "search",
-    "max_concurrent",
-    "decision",
-    "levers",
-    "rounds",
-}
-
-
 def load_spec(path: str | Path, *, quick: bool = False, overrides: Sequence[str] = ()) -> AnySpec:
     """Read, validate and (with ``quick``) shrink a spec file.
 
@@ -449,6 +432,12 @@ def parse_spec(
     return spec
 
 
+def spec_hash(spec: AnySpec) -> str:
+    """A short stable hash of the resolved spec (tag ``tunelab.spec_hash``)."""
+    blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
 def _apply_set(raw: dict[str, Any], item: str, source: str | Path) -> dict[str, Any]:
     """Apply one ``--set dotted.key=value`` (value parsed as YAML) to a raw spec."""
     key, sep, text = item.partition("=")
@@ -467,153 +456,6 @@ def _apply_set(raw: dict[str, Any], item: str, source: str | Path) -> dict[str, 
         raise SpecError(source, "--set", f"{err} (in {item!r})") from None
 
 
-# -- YAML ------------------------------------------------------------------------------
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading YAML 1.2 exponent floats (``1e6``, ``1E-4``) as numbers.
-
-    It stops composing at :data:`MAX_YAML_DEPTH` levels (PyYAML would recurse until
-    Python's recursion limit) and at :data:`MAX_YAML_NODES` values.
-    """
-
-    _depth = 0
-    _nodes = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        self._depth += 1
-        self._nodes += 1
-        try:
-            problem = None
-            if self._depth > MAX_YAML_DEPTH + 1:
-                problem = f"nested deeper than {MAX_YAML_DEPTH} levels"
-            elif self._nodes > MAX_YAML_NODES:
-                problem = f"more than {MAX_YAML_NODES} values (MAX_YAML_NODES)"
-            if problem:
-                mark = self.peek_event().start_mark
-                raise yaml.composer.ComposerError(problem=problem, problem_mark=mark)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def _load_yaml(text: str, source: str | Path) -> Any:
-    """Parse YAML text into Python values, refusing what would hang or mislead.
-
-    The document is composed first and its node graph checked (no recursive
-    aliases, at most :data:`MAX_YAML_NODES` values with aliases expanded, at
-    most :data:`MAX_YAML_DEPTH` levels, no duplicate keys) before any value
-    is built, so an alias bomb costs the size of its text.
-
-    Raises:
-        SpecError: invalid YAML, or one of the limits above.
-    """
-    loader = _SpecLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_nodes(node, source)
-        return loader.construct_document(node)
-    except SpecError:
-        raise
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise SpecError(source, "", f"invalid YAML{where}: {problem}") from None
-    except RecursionError:
-        raise SpecError(
-            source, "", f"invalid YAML: nested deeper than {MAX_YAML_DEPTH} levels"
-        ) from None
-    except ValueError as err:  # a scalar Python cannot hold (an int of 5000 digits)
-        problem = str(err).split("; use sys.")[0]
-        raise SpecError(source, "", f"invalid YAML value: {problem}") from None
-    finally:
-        loader.dispose()
-
-
-def _check_nodes(root: yaml.Node, source: str | Path) -> None:
-    """Check a composed YAML graph (see :func:`_load_yaml`); each distinct node is visited once.
-
-    Raises:
-        SpecError: a recursive alias, a duplicate key, too deep or too many values.
-    """
-    sizes: dict[int, int] = {}  # id(node) -> values it expands to (aliases expanded)
-    open_nodes: set[int] = set()
-
-    def size(node: yaml.Node, path: str, depth: int) -> int:
-        if id(node) in sizes:
-            return sizes[id(node)]
-        if id(node) in open_nodes:
-            raise SpecError(source, path, "a recursive alias (an anchor used inside itself)")
-        if depth > MAX_YAML_DEPTH:
-            raise SpecError(source, path, f"nested deeper than {MAX_YAML_DEPTH} levels")
-        open_nodes.add(id(node))
-        n = 1
-        if isinstance(node, yaml.MappingNode):
-            seen: set[str] = set()
-            for key_node, value_node in node.value:
-                key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
-                sub = _join(path, key)
-                if key in seen and key != "<<":
-                    line = key_node.start_mark.line + 1
-                    raise SpecError(
-                        source,
-                        sub,
-                        f"duplicate key (again at line {line}); each key may appear once",
-                    )
-                seen.add(key)
-                n += size(key_node, sub, depth + 1) + size(value_node, sub, depth + 1)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                n += size(item, _join(path, str(i)), depth + 1)
-        if n > MAX_YAML_NODES:
-            raise SpecError(
-                source,
-                path,
-                f"expands to more than {MAX_YAML_NODES} values (MAX_YAML_NODES); anchors and "
-                f"aliases (&a / *a) repeat what they name, so nested aliases multiply",
-            )
-        open_nodes.discard(id(node))
-        sizes[id(node)] = n
-        return n
-
-    size(root, "", 0)
-
-
-def _join(prefix: str, key: str) -> str:
-    """``cull`` + ``keep`` -> ``cull.keep``; either may be empty (never ``quick.`` or ``.keep``)."""
-    return ".".join(p for p in (prefix.strip("."), key.strip(".")) if p)
-
-
-def spec_hash(spec: AnySpec) -> str:
-    """A short stable hash of the resolved spec (tag ``tunelab.spec_hash``)."""
-    blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def _check_quick(block: Any, source: str | Path) -> None:
-    if not isinstance(block, dict):
-        raise SpecError(source, "quick", "must be a mapping of overrides, e.g. {budget: 4}")
-    unknown = sorted(str(k) for k in set(block) - _QUICK_KEYS)
-    if unknown:
-        hint = did_you_mean(unknown[0], _QUICK_KEYS)
-        raise SpecError(
-            source,
-            _join("quick", unknown[0]),
-            f"cannot be overridden in quick{f' ({hint})' if hint else ''}; "
-            f"allowed: {sorted(_QUICK_KEYS)}",
-        )
-
-
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -622,235 +464,3 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> AnySpec:
-    from tunelab.kinds import kind_names, spec_class
-
-    kind = raw.get("kind")
-    if not isinstance(kind, str) or kind not in kind_names():
-        if kind is None:
-            found = _found_instead("kind", raw, _top_level_keys(None))
-            got = f"missing; {found.strip()[1:-1]}" if found else "missing"
-        else:
-            hint = did_you_mean(kind, kind_names()) if isinstance(kind, str) else ""
-            got = f"got {_short(kind)}" + (f"; {hint}" if hint else "")
-        raise SpecError(source, _join(prefix, "kind"), f"must be one of {kind_names()} ({got})")
-    model = spec_class(kind)
-    try:
-        spec = model.model_validate(raw)
-    except pydantic.ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"]
-        loc = tuple(first["loc"])
-        if first["type"] == "extra_forbidden":
-            known = _keys_at(model, loc[:-1])
-            hint = did_you_mean(str(loc[-1]), known) if known else ""
-            if hint:
-                msg = f"unknown key; {hint}"
-            elif known:
-                msg = f"unknown key; remove it or check its spelling (known keys: {', '.join(sorted(known))})"
-            else:
-                msg = "unknown key; remove it or check its spelling"
-        elif first["type"] == "missing":
-            known = _keys_at(model, loc[:-1]) or set()
-            msg = "required key is missing" + _found_instead(
-                str(loc[-1]), _raw_at(raw, loc[:-1]), known
-            )
-        elif first["type"] == "literal_error" and isinstance(first.get("input"), str):
-            expected = re.findall(r"'([^']*)'", str((first.get("ctx") or {}).get("expected", "")))
-            hint = did_you_mean(first["input"], expected)
-            msg = f"{msg} (got {_short(first['input'])}{f'; {hint}' if hint else ''})"
-        elif first["type"] in ("int_type", "int_from_float") and isinstance(
-            first.get("input"), bool
-        ):
-            msg = f"must be an integer, not a boolean (got {first['input']!r})"
-        elif "input" in first and first["type"] not in ("value_error",):
-            msg = f"{msg} (got {_short(first['input'])})"
-        msg = msg.removeprefix("Value error, ")
-        # A model-level check names its key at the start of its message ("cull.keep: ...").
-        named = re.match(r"([A-Za-z_][\w.\-]*): (.*)", msg, re.DOTALL)
-        if named and named.group(1).startswith(key):
-            key, msg = named.group(1), named.group(2)
-        raise SpecError(source, _join(prefix, key), msg) from None
-    _check_family_config(spec, source, prefix)
-    return spec
-
-
-def did_you_mean(word: str, known: Iterable[str]) -> str:
-    """``did you mean `hidden`?`` for the known name closest to ``word``, or ``""`` if none is close.
-
-    Closeness is :func:`difflib.get_close_matches` (ratio >= 0.6), e.g. ``buget`` -> ``budget``,
-    ``hiden`` -> ``hidden``; a case-insensitive match, or the one known name that starts with
-    ``word`` (``grace`` -> ``grace_period``), always counts.
-    """
-    names = sorted({str(k) for k in known})
-    folded = [k for k in names if k.lower() == word.lower() and k != word]
-    prefixed = [k for k in names if len(word) >= 3 and k.startswith(word) and k != word]
-    matches = (
-        folded
-        or difflib.get_close_matches(word, names, n=1, cutoff=0.6)
-        or (prefixed if len(prefixed) == 1 else [])
-    )
-    return f"did you mean `{matches[0]}`?" if matches else ""
-
-
-def _found_instead(missing: str, mapping: Any, known: Iterable[str]) -> str:
-    """`` (found `buget`: did you mean `budget`?)`` when ``mapping`` holds a key misspelling
-    the missing key ``missing`` (a key that is not a known key there), else ``""``."""
-    if not isinstance(mapping, dict):
-        return ""
-    unknown = [str(k) for k in mapping if str(k) not in set(known) and str(k) != missing]
-    close = [k for k in unknown if k.lower() == missing.lower()] or difflib.get_close_matches(
-        missing, unknown, n=1, cutoff=0.6
-    )
-    return f" (found `{close[0]}`: did you mean `{missing}`?)" if close else ""
-
-
-def _top_level_keys(model: type[BaseModel] | None) -> set[str]:
-    """The keys a spec's top level may hold (``quick`` is read before the model)."""
-    fields = set(model.model_fields) if model is not None else set(BaseSpec.model_fields)
-    return fields | {"quick"}
-
-
-def _type_options(tp: Any) -> list[Any]:
-    """``tp`` without ``Annotated`` metadata, a union split into its members."""
-    if typing.get_origin(tp) is Annotated:
-        return _type_options(typing.get_args(tp)[0])
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return [opt for arg in typing.get_args(tp) for opt in _type_options(arg)]
-    return [tp]
-
-
-def _keys_at(model: type[BaseModel], loc: Sequence[Any]) -> set[str] | None:
-    """The keys allowed in the mapping at ``loc`` (pydantic's error location) below ``model``.
-
-    None when ``loc`` does not lead to a model (a free mapping such as ``config``).
-    """
-    options: list[Any] = [model]
-    for part in loc:
-        nxt: list[Any] = []
-        for tp in options:
-            origin = typing.get_origin(tp)
-            if isinstance(tp, type) and issubclass(tp, BaseModel):
-                field = tp.model_fields.get(str(part))
-                if field is not None:
-                    nxt += _type_options(field.annotation)
-            elif origin in (list, tuple) and isinstance(part, int):
-                nxt += [o for a in typing.get_args(tp)[:1] for o in _type_options(a)]
-            elif origin is dict and not isinstance(part, int):
-                nxt += [o for a in typing.get_args(tp)[1:2] for o in _type_options(a)]
-        options = nxt
-    for tp in options:
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            return _top_level_keys(tp) if not loc else set(tp.model_fields)
-    return None
-
-
-def _raw_at(raw: Any, loc: Sequence[Any]) -> Any:
-    """The raw spec value at ``loc`` (None when it is not there)."""
-    for part in loc:
-        if isinstance(raw, dict):
-            raw = raw.get(part, raw.get(str(part)))
-        elif isinstance(raw, list) and isinstance(part, int) and 0 <= part < len(raw):
-            raw = raw[part]
-        else:
-            return None
-    return raw
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a 10 000-element list stays readable)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_family_config(spec: AnySpec, source: str | Path, prefix: str) -> None:
-    family = get_family(spec.family)
-    fields = _config_fields(family)
-    for use in spec.family_configs():
-        for path, key in use.keys:
-            if key.split(".")[0] not in fields:
-                raise SpecError(source, _join(prefix, path), _no_config_key(family, key, fields))
-        _make_config(family, use.values, source, _join(prefix, use.key), append_loc=use.append_loc)
-    for name in family.metrics:
-        problem = metric_name_problem(name)
-        if problem:
-            raise SpecError(
-                source,
-                _join(prefix, "family"),
-                f"family {family.name!r} reports metric {name!r}, which MLflow rejects: {problem}; "
-                f"rename the metric in the family module",
-            )
-    metrics = set(family.metrics)
-    for key, name in spec.metric_refs():
-        if name not in metrics:
-            hint = did_you_mean(name, metrics)
-            raise SpecError(
-                source,
-                _join(prefix, key),
-                f"family {family.name!r} does not report {name!r}"
-                f"{f' ({hint})' if hint else ''}; it reports {sorted(metrics)}",
-            )
-
-
-def metric_name_problem(name: str) -> str | None:
-    """Why MLflow would reject ``name`` as a metric key, or None if it accepts it.
-
-    Applies MLflow's own rule (``mlflow.utils.validation``, as used by
-    ``log_metric`` / ``log_batch``): only letters, digits, ``_ - . : /`` and
-    spaces (no ``:`` on Windows); not a path that normalizes to another name
-    (``a//b``, ``./a``, ``/a``, ``..``); at most ``MAX_ENTITY_KEY_LENGTH``
-    (250) characters.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils import validation as v
-
-    if not isinstance(name, str) or not name:
-        return "a metric name is a non-empty string"
-    if not v.validate_param_and_metric_name(name):
-        return str(v.bad_character_message())
-    if v.path_not_unique(name):
-        return str(v.bad_path_message(name))
-    if len(name) > v.MAX_ENTITY_KEY_LENGTH:
-        return f"a metric name has at most {v.MAX_ENTITY_KEY_LENGTH} characters, got {len(name)}"
-    try:  # anything a newer MLflow adds to its rule
-        v._validate_metric_name(name)
-    except MlflowException as err:
-        return str(err.message)
-    return None
-
-
-def _config_fields(family: Family) -> set[str]:
-    return set(
-        getattr(family.config_cls, "__dataclass_fields__", {})
-        or getattr(family.config_cls, "model_fields", {})
-    )
-
-
-def _no_config_key(family: Family, key: str, fields: set[str]) -> str:
-    """``family 'toy' has no config key 'hiden' (did you mean `hidden`?); known keys: [...]``."""
-    hint = did_you_mean(key.split(".")[0], fields)
-    return (
-        f"family {family.name!r} has no config key {key!r}{f' ({hint})' if hint else ''}; "
-        f"known keys: {sorted(fields)}"
-    )
-
-
-def _make_config(
-    family: Family, values: dict[str, Any], source: str | Path, key: str, *, append_loc: bool = True
-) -> Any:
-    try:
-        return family.make_config(values)
-    except pydantic.ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"]
-        if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-            msg = _no_config_key(family, loc, _config_fields(family))
-        elif "input" in first:
-            msg = f"{msg} (got {_short(first['input'])})"
-        raise SpecError(source, _join(key, loc) if append_loc else key, msg) from None
-    except (TypeError, ValueError) as err:
-        raise SpecError(source, key, str(err)) from None
