@@ -28,12 +28,12 @@ from tunelab._table_io import (
     COL_STATUS,
     STAGE_CONFIRM,
     STATUS_FINISHED,
-    _check_columns,
-    _clean_keys,
-    _numeric,
-    _rows,
-    _seed_values,
-    _sorted_seeds,
+    check_columns,
+    clean_keys,
+    name_rows,
+    numeric_column,
+    seed_values,
+    sorted_seeds,
 )
 from tunelab.errors import TableError
 from tunelab.verdicts import (
@@ -49,7 +49,7 @@ from tunelab.verdicts import (
 _LOOK_STAGE = re.compile(r"look([1-9][0-9]*)")
 
 
-def _is_lever_ab_table(df: pd.DataFrame) -> bool:
+def is_lever_ab_table(df: pd.DataFrame) -> bool:
     """A table written by a tunelab lever A/B: a ``stage`` column of ``lookN`` / ``confirm``."""
     if COL_STAGE not in df.columns or df.empty:
         return False
@@ -59,7 +59,7 @@ def _is_lever_ab_table(df: pd.DataFrame) -> bool:
     )
 
 
-def _lever_ab_verdicts(
+def lever_ab_verdicts(
     p: Path,
     df: pd.DataFrame,
     *,
@@ -74,13 +74,13 @@ def _lever_ab_verdicts(
 ) -> list[dict[str, Any]]:
     """Verdicts of a tunelab lever A/B table, decided as its experiment decided them."""
     metrics = list(dict.fromkeys([metric, *(g.name for g in guardrails)]))
-    _check_columns(p, df, [COL_SEED, COL_ARM, COL_STAGE, *metrics])
+    check_columns(p, df, [COL_SEED, COL_ARM, COL_STAGE, *metrics])
     row_no = np.arange(1, len(df) + 1)  # 1-based data rows
-    arms = _clean_keys(p, df[COL_ARM], COL_ARM, row_no)
-    seeds = _seed_values(_clean_keys(p, df[COL_SEED], COL_SEED, row_no))
+    arms = clean_keys(p, df[COL_ARM], COL_ARM, row_no)
+    seeds = seed_values(clean_keys(p, df[COL_SEED], COL_SEED, row_no))
     stages = [str(v).strip() for v in df[COL_STAGE].tolist()]
     rounds = _round_values(p, df, row_no)
-    values = {m: _numeric(p, df[m], m, row_no).copy() for m in metrics}
+    values = {m: numeric_column(p, df[m], m, row_no).copy() for m in metrics}
     if COL_STATUS in df.columns:  # a trial that did not finish is a missing pair
         status = df[COL_STATUS].map(lambda v: v.strip() if isinstance(v, str) else v)
         unfinished = np.array(status != STATUS_FINISHED, dtype=bool)
@@ -92,7 +92,7 @@ def _lever_ab_verdicts(
     if dup.any():
         pairs = sorted({f"(round={r}, seed={s}, arm={a})" for r, s, a, _ in pd.Series(keys)[dup]})
         raise TableError(
-            f"{p}: duplicate {', '.join(pairs)} at {_rows(row_no, dup)} "
+            f"{p}: duplicate {', '.join(pairs)} at {name_rows(row_no, dup)} "
             "(1-based, header excluded); keep one row per round, seed and arm."
         )
     present = sorted(set(rounds))
@@ -128,12 +128,12 @@ def _lever_ab_verdicts(
 def _round_values(p: Path, df: pd.DataFrame, row_no: npt.NDArray[np.int64]) -> list[int]:
     if COL_ROUND not in df.columns:
         return [1] * len(df)
-    raw = _seed_values(_clean_keys(p, df[COL_ROUND], COL_ROUND, row_no))
+    raw = seed_values(clean_keys(p, df[COL_ROUND], COL_ROUND, row_no))
     bad = np.array([not isinstance(r, int) or r < 1 for r in raw], dtype=bool)
     if bad.any():
         raise TableError(
             f"{p}: column {COL_ROUND!r} holds a value that is not a round number (1, 2, ...) at "
-            f"{_rows(row_no, bad)} (1-based, header excluded)."
+            f"{name_rows(row_no, bad)} (1-based, header excluded)."
         )
     return [int(r) for r in raw]
 
@@ -182,7 +182,7 @@ def _lever_ab_lever(
     """One lever of one round, on the control's seeds it ran (a prefix of ``order``)."""
     ran = [s for s in order if (lever, s) in look_idx]
     known = set(order)
-    extra = _sorted_seeds(s for a, s in look_idx if a == lever and s not in known)
+    extra = sorted_seeds(s for a, s in look_idx if a == lever and s not in known)
     if extra:
         raise TableError(
             f"{p}: round {rnd}: lever {lever!r} has seeds {extra} with no {control!r} row. "

@@ -1,8 +1,8 @@
 """Checks of a raw spec and the messages they raise (private; see :mod:`tunelab.spec`).
 
-:func:`_validate` runs the model of the spec's ``kind`` and turns pydantic's
+:func:`validate_spec` runs the model of the spec's ``kind`` and turns pydantic's
 first error into a :class:`~tunelab.errors.SpecError` naming the key path,
-with a did-you-mean hint for a misspelt key or value; :func:`_check_quick`
+with a did-you-mean hint for a misspelt key or value; :func:`check_quick`
 checks the keys of the ``quick`` block; :func:`_check_family_config` checks
 every family config the spec would run and every metric it names against the
 family. :mod:`tunelab.spec` re-exports :func:`did_you_mean` and
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import pydantic
 from pydantic import BaseModel
 
-from tunelab._spec_yaml import _join
+from tunelab._spec_yaml import join_key
 from tunelab.errors import SpecError
 from tunelab.family import Family, get_family
 
@@ -90,7 +90,7 @@ _QUICK_KEYS = {
 }
 
 
-def _check_quick(block: Any, source: str | Path) -> None:
+def check_quick(block: Any, source: str | Path) -> None:
     if not isinstance(block, dict):
         raise SpecError(source, "quick", "must be a mapping of overrides, e.g. {budget: 4}")
     unknown = sorted(str(k) for k in set(block) - _QUICK_KEYS)
@@ -98,13 +98,13 @@ def _check_quick(block: Any, source: str | Path) -> None:
         hint = did_you_mean(unknown[0], _QUICK_KEYS)
         raise SpecError(
             source,
-            _join("quick", unknown[0]),
+            join_key("quick", unknown[0]),
             f"cannot be overridden in quick{f' ({hint})' if hint else ''}; "
             f"allowed: {sorted(_QUICK_KEYS)}",
         )
 
 
-def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> AnySpec:
+def validate_spec(raw: dict[str, Any], source: str | Path, *, prefix: str) -> AnySpec:
     from tunelab.kinds import kind_names, spec_class
 
     kind = raw.get("kind")
@@ -115,7 +115,7 @@ def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> AnySpe
         else:
             hint = did_you_mean(kind, kind_names()) if isinstance(kind, str) else ""
             got = f"got {_short(kind)}" + (f"; {hint}" if hint else "")
-        raise SpecError(source, _join(prefix, "kind"), f"must be one of {kind_names()} ({got})")
+        raise SpecError(source, join_key(prefix, "kind"), f"must be one of {kind_names()} ({got})")
     model = spec_class(kind)
     try:
         spec = model.model_validate(raw)
@@ -153,7 +153,7 @@ def _validate(raw: dict[str, Any], source: str | Path, *, prefix: str) -> AnySpe
         named = re.match(r"([A-Za-z_][\w.\-]*): (.*)", msg, re.DOTALL)
         if named and named.group(1).startswith(key):
             key, msg = named.group(1), named.group(2)
-        raise SpecError(source, _join(prefix, key), msg) from None
+        raise SpecError(source, join_key(prefix, key), msg) from None
     _check_family_config(spec, source, prefix)
     return spec
 
@@ -236,14 +236,16 @@ def _check_family_config(spec: AnySpec, source: str | Path, prefix: str) -> None
     for use in spec.family_configs():
         for path, key in use.keys:
             if key.split(".")[0] not in fields:
-                raise SpecError(source, _join(prefix, path), _no_config_key(family, key, fields))
-        _make_config(family, use.values, source, _join(prefix, use.key), append_loc=use.append_loc)
+                raise SpecError(source, join_key(prefix, path), _no_config_key(family, key, fields))
+        _make_config(
+            family, use.values, source, join_key(prefix, use.key), append_loc=use.append_loc
+        )
     for name in family.metrics:
         problem = metric_name_problem(name)
         if problem:
             raise SpecError(
                 source,
-                _join(prefix, "family"),
+                join_key(prefix, "family"),
                 f"family {family.name!r} reports metric {name!r}, which MLflow rejects: {problem}; "
                 f"rename the metric in the family module",
             )
@@ -253,7 +255,7 @@ def _check_family_config(spec: AnySpec, source: str | Path, prefix: str) -> None
             hint = did_you_mean(name, metrics)
             raise SpecError(
                 source,
-                _join(prefix, key),
+                join_key(prefix, key),
                 f"family {family.name!r} does not report {name!r}"
                 f"{f' ({hint})' if hint else ''}; it reports {sorted(metrics)}",
             )
@@ -288,6 +290,6 @@ def _make_config(
             msg = _no_config_key(family, loc, _config_fields(family))
         elif "input" in first:
             msg = f"{msg} (got {_short(first['input'])})"
-        raise SpecError(source, _join(key, loc) if append_loc else key, msg) from None
+        raise SpecError(source, join_key(key, loc) if append_loc else key, msg) from None
     except (TypeError, ValueError) as err:
         raise SpecError(source, key, str(err)) from None

@@ -1,11 +1,11 @@
 """Reading a spec's YAML safely (private; :mod:`tunelab.spec` re-exports the limits).
 
-:func:`_load_yaml` is PyYAML's safe loader reading YAML 1.2 exponent floats
+:func:`load_yaml` is PyYAML's safe loader reading YAML 1.2 exponent floats
 (``1e6``) as numbers, which refuses what would hang or mislead before any
 value is built: more than :data:`MAX_YAML_NODES` values once aliases are
 expanded (an alias bomb), nesting deeper than :data:`MAX_YAML_DEPTH`,
 recursive aliases and duplicate keys. Its errors are
-:class:`~tunelab.errors.SpecError` naming the key path (:func:`_join`).
+:class:`~tunelab.errors.SpecError` naming the key path (:func:`join_key`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ _SpecLoader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str, source: str | Path) -> Any:
+def load_yaml(text: str, source: str | Path) -> Any:
     """Parse YAML text into Python values, refusing what would hang or mislead.
 
     The document is composed first and its node graph checked (no recursive
@@ -95,7 +95,7 @@ def _load_yaml(text: str, source: str | Path) -> Any:
 
 
 def _check_nodes(root: yaml.Node, source: str | Path) -> None:
-    """Check a composed YAML graph (see :func:`_load_yaml`); each distinct node is visited once.
+    """Check a composed YAML graph (see :func:`load_yaml`); each distinct node is visited once.
 
     Raises:
         SpecError: a recursive alias, a duplicate key, too deep or too many values.
@@ -116,7 +116,7 @@ def _check_nodes(root: yaml.Node, source: str | Path) -> None:
             seen: set[str] = set()
             for key_node, value_node in node.value:
                 key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
-                sub = _join(path, key)
+                sub = join_key(path, key)
                 if key in seen and key != "<<":
                     line = key_node.start_mark.line + 1
                     raise SpecError(
@@ -128,7 +128,7 @@ def _check_nodes(root: yaml.Node, source: str | Path) -> None:
                 n += size(key_node, sub, depth + 1) + size(value_node, sub, depth + 1)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                n += size(item, _join(path, str(i)), depth + 1)
+                n += size(item, join_key(path, str(i)), depth + 1)
         if n > MAX_YAML_NODES:
             raise SpecError(
                 source,
@@ -143,6 +143,6 @@ def _check_nodes(root: yaml.Node, source: str | Path) -> None:
     size(root, "", 0)
 
 
-def _join(prefix: str, key: str) -> str:
+def join_key(prefix: str, key: str) -> str:
     """``cull`` + ``keep`` -> ``cull.keep``; either may be empty (never ``quick.`` or ``.keep``)."""
     return ".".join(p for p in (prefix.strip("."), key.strip(".")) if p)

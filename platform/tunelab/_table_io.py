@@ -1,6 +1,6 @@
 """Reading and checking a paired results table (private; see :mod:`tunelab.paired_table`).
 
-:func:`_read` reads a CSV or Parquet file; the checks raise a
+:func:`read_table` reads a CSV or Parquet file; the checks raise a
 :class:`~tunelab.errors.TableError` naming the file and the offending data
 rows (1-based, header excluded) or columns: missing columns, empty keys,
 non-numeric metric values, duplicate (seed, arm) rows, unpaired seeds.
@@ -29,7 +29,7 @@ _SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _MAX_ROWS_NAMED = 20
 
 
-def _read(p: Path) -> pd.DataFrame:
+def read_table(p: Path) -> pd.DataFrame:
     kind = _SUFFIXES.get(p.suffix.lower())
     if kind is None:
         raise TableError(
@@ -44,7 +44,7 @@ def _read(p: Path) -> pd.DataFrame:
         raise TableError(f"{p}: cannot read the {kind} file: {exc}") from None
 
 
-def _check_columns(p: Path, df: pd.DataFrame, needed: Sequence[str]) -> None:
+def check_columns(p: Path, df: pd.DataFrame, needed: Sequence[str]) -> None:
     missing = [c for c in dict.fromkeys(needed) if c not in df.columns]
     if missing:
         raise TableError(
@@ -52,26 +52,26 @@ def _check_columns(p: Path, df: pd.DataFrame, needed: Sequence[str]) -> None:
         )
 
 
-def _rows(row_no: npt.NDArray[np.int64], mask: npt.NDArray[np.bool_]) -> str:
+def name_rows(row_no: npt.NDArray[np.int64], mask: npt.NDArray[np.bool_]) -> str:
     rows = [int(r) for r in row_no[mask]]
     shown = ", ".join(str(r) for r in rows[:_MAX_ROWS_NAMED])
     more = f" and {len(rows) - _MAX_ROWS_NAMED} more" if len(rows) > _MAX_ROWS_NAMED else ""
     return f"data row{'s' if len(rows) > 1 else ''} {shown}{more}"
 
 
-def _clean_keys(p: Path, col: pd.Series, name: str, row_no: npt.NDArray[np.int64]) -> list[Any]:
+def clean_keys(p: Path, col: pd.Series, name: str, row_no: npt.NDArray[np.int64]) -> list[Any]:
     values = [v.strip() if isinstance(v, str) else v for v in col.tolist()]
     empty = np.array(
         [v is None or v == "" or (isinstance(v, float) and np.isnan(v)) for v in values]
     )
     if empty.any():
         raise TableError(
-            f"{p}: empty {name!r} in {_rows(row_no, empty)} (1-based, header excluded)."
+            f"{p}: empty {name!r} in {name_rows(row_no, empty)} (1-based, header excluded)."
         )
     return values
 
 
-def _seed_values(raw: list[Any]) -> list[Any]:
+def seed_values(raw: list[Any]) -> list[Any]:
     """Integer seeds when every seed is an integer ("7", 7, 7.0), else strings."""
     try:
         as_float = [float(v) for v in raw]
@@ -82,7 +82,7 @@ def _seed_values(raw: list[Any]) -> list[Any]:
     return [str(v) for v in raw]
 
 
-def _numeric(
+def numeric_column(
     p: Path, col: pd.Series, name: str, row_no: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.float64]:
     if pd.api.types.is_bool_dtype(col) or not (
@@ -103,13 +103,13 @@ def _numeric(
             for r, v in list(zip(row_no[bad], stripped[bad], strict=True))[:_MAX_ROWS_NAMED]
         )
         raise TableError(
-            f"{p}: non-numeric values in column {name!r} at {_rows(row_no, bad)} "
+            f"{p}: non-numeric values in column {name!r} at {name_rows(row_no, bad)} "
             f"(1-based, header excluded): {examples}. Leave a crashed run empty or NaN."
         )
     return numbers.to_numpy(dtype=float)
 
 
-def _check_duplicates(
+def check_duplicates(
     p: Path, seeds: list[Any], arms: list[Any], row_no: npt.NDArray[np.int64]
 ) -> None:
     keys = pd.Series(list(zip(seeds, arms, strict=True)))
@@ -117,17 +117,17 @@ def _check_duplicates(
     if dup.any():
         pairs = sorted({f"(seed={s}, arm={a})" for (s, a) in keys[dup]})
         raise TableError(
-            f"{p}: duplicate (seed, arm) {', '.join(pairs)} at {_rows(row_no, dup)} "
+            f"{p}: duplicate (seed, arm) {', '.join(pairs)} at {name_rows(row_no, dup)} "
             "(1-based, header excluded); keep one row per seed and arm."
         )
 
 
-def _sorted_seeds(seeds: Iterable[Any]) -> list[Any]:
+def sorted_seeds(seeds: Iterable[Any]) -> list[Any]:
     unique = list(dict.fromkeys(seeds))
     return sorted(unique, key=lambda s: (isinstance(s, str), s))
 
 
-def _check_pairing(
+def check_pairing(
     p: Path,
     control: str,
     control_seeds: list[Any],
@@ -145,13 +145,13 @@ def _check_pairing(
         extra = (arm_arr == lever) & np.array([s not in control_set for s in seeds])
         if extra.any():
             problems.append(
-                f"lever {lever!r} has seeds {_sorted_seeds(seed_arr[extra])} with no "
-                f"{control!r} row ({_rows(row_no, extra)})"
+                f"lever {lever!r} has seeds {sorted_seeds(seed_arr[extra])} with no "
+                f"{control!r} row ({name_rows(row_no, extra)})"
             )
         lacking = (arm_arr == control) & np.array([s not in lever_set for s in seeds])
         if lacking.any():
             problems.append(
-                f"control seeds {_sorted_seeds(seed_arr[lacking])} ({_rows(row_no, lacking)}) "
+                f"control seeds {sorted_seeds(seed_arr[lacking])} ({name_rows(row_no, lacking)}) "
                 f"have no {lever!r} row"
             )
     if problems:

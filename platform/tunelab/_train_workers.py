@@ -124,13 +124,13 @@ def run_workers(config: dict[str, Any], setup: TrialSetup, trial_dir: Path | Non
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
 
-    from tunelab._trial import _remove_incomplete, _Reserve
+    from tunelab._trial import DiskReserve, remove_incomplete
 
     checkpoint = tune.get_checkpoint()
-    reserve = _Reserve(trial_dir)
+    reserve = DiskReserve(trial_dir)
     scratch = None
     if trial_dir is not None:
-        _remove_incomplete(trial_dir, keep=checkpoint.path if checkpoint is not None else None)
+        remove_incomplete(trial_dir, keep=checkpoint.path if checkpoint is not None else None)
         storage = trial_dir
     else:  # storage that is not a local path: the inner run lives in a temporary folder
         scratch = tempfile.TemporaryDirectory(prefix="tunelab-train-")

@@ -166,9 +166,9 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup, trial_dir: Path | None
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
-    reserve = _Reserve(trial_dir)
+    reserve = DiskReserve(trial_dir)
     if trial_dir is not None:
-        _remove_incomplete(trial_dir, keep=checkpoint.path if checkpoint is not None else None)
+        remove_incomplete(trial_dir, keep=checkpoint.path if checkpoint is not None else None)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             loop = TrialLoop(config, setup, Path(d))
@@ -187,7 +187,7 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup, trial_dir: Path | None
     loop.run(tune.get_context().get_trial_id(), report)
 
 
-class _Reserve:
+class DiskReserve:
     """The driver's reserved space (experiment folder = <root>/tune/<trial>).
 
     Once the driver released it, the disk is full and the experiment is
@@ -385,7 +385,7 @@ def _storage_trial_dir() -> Path | None:
         return None
 
 
-def _remove_incomplete(trial_dir: Path, keep: str | None) -> None:
+def remove_incomplete(trial_dir: Path, keep: str | None) -> None:
     """Delete the trial's incomplete checkpoint folders (a copy that stopped half way).
 
     Only this trial writes there, and not now: it has not started. The folder

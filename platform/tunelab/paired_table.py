@@ -49,21 +49,21 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from tunelab._lever_ab_table import _is_lever_ab_table, _lever_ab_verdicts
+from tunelab._lever_ab_table import is_lever_ab_table, lever_ab_verdicts
 from tunelab._table_io import (
     COL_ARM,
     COL_ROUND,
     COL_SEED,
     COL_STAGE,
     COL_STATUS,
-    _check_columns,
-    _check_duplicates,
-    _check_pairing,
-    _clean_keys,
-    _numeric,
-    _read,
-    _seed_values,
-    _sorted_seeds,
+    check_columns,
+    check_duplicates,
+    check_pairing,
+    clean_keys,
+    numeric_column,
+    read_table,
+    seed_values,
+    sorted_seeds,
 )
 from tunelab.errors import TableError
 from tunelab.verdicts import (
@@ -202,7 +202,7 @@ def load_paired_table(
             paired between a lever and the control.
     """
     p = Path(path)
-    return _paired(p, _read(p), metric=metric, control=control, guardrails=guardrails)
+    return _paired(p, read_table(p), metric=metric, control=control, guardrails=guardrails)
 
 
 def parse_guardrail(spec: str) -> Guardrail:
@@ -279,9 +279,9 @@ def verdict_table(
     if mode not in MODES:
         raise ValueError(f"The value of `mode` is {mode!r}, but must be one of {MODES}.")
     p = Path(path)
-    df = _read(p)
-    if _is_lever_ab_table(df):
-        return _lever_ab_verdicts(
+    df = read_table(p)
+    if is_lever_ab_table(df):
+        return lever_ab_verdicts(
             p,
             df,
             metric=metric,
@@ -320,14 +320,14 @@ def _paired(
     p: Path, df: pd.DataFrame, *, metric: str, control: str, guardrails: Sequence[str]
 ) -> PairedTable:
     metrics = list(dict.fromkeys([metric, *guardrails]))
-    _check_columns(p, df, [COL_SEED, COL_ARM, *metrics])
+    check_columns(p, df, [COL_SEED, COL_ARM, *metrics])
     if df.empty:
         raise TableError(f"{p}: the table has no data rows.")
     row_no = np.arange(1, len(df) + 1)  # 1-based data rows
-    arms = _clean_keys(p, df[COL_ARM], COL_ARM, row_no)
-    seeds = _seed_values(_clean_keys(p, df[COL_SEED], COL_SEED, row_no))
-    values = {m: _numeric(p, df[m], m, row_no) for m in metrics}
-    _check_duplicates(p, seeds, arms, row_no)
+    arms = clean_keys(p, df[COL_ARM], COL_ARM, row_no)
+    seeds = seed_values(clean_keys(p, df[COL_SEED], COL_SEED, row_no))
+    values = {m: numeric_column(p, df[m], m, row_no) for m in metrics}
+    check_duplicates(p, seeds, arms, row_no)
 
     arm_names = list(dict.fromkeys(arms))
     if control not in arm_names:
@@ -340,8 +340,8 @@ def _paired(
         raise TableError(f"{p}: only the control arm {control!r} is present; no lever arm to test.")
 
     index = {(s, a): i for i, (s, a) in enumerate(zip(seeds, arms, strict=True))}
-    control_seeds = _sorted_seeds(s for s, a in zip(seeds, arms, strict=True) if a == control)
-    _check_pairing(p, control, control_seeds, levers, seeds, arms, row_no)
+    control_seeds = sorted_seeds(s for s, a in zip(seeds, arms, strict=True) if a == control)
+    check_pairing(p, control, control_seeds, levers, seeds, arms, row_no)
 
     out = {}
     for lever in levers:

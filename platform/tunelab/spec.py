@@ -76,8 +76,8 @@ from pydantic import (
     model_validator,
 )
 
-from tunelab._spec_checks import _check_quick, _validate, did_you_mean, metric_name_problem
-from tunelab._spec_yaml import MAX_YAML_DEPTH, MAX_YAML_NODES, _load_yaml
+from tunelab._spec_checks import check_quick, did_you_mean, metric_name_problem, validate_spec
+from tunelab._spec_yaml import MAX_YAML_DEPTH, MAX_YAML_NODES, load_yaml
 from tunelab.errors import SpecError
 from tunelab.family import get_family
 from tunelab.health import HealthPolicy
@@ -405,7 +405,7 @@ def load_spec(path: str | Path, *, quick: bool = False, overrides: Sequence[str]
             f"the spec file is not UTF-8 text (line {line}, byte {err.start}: {err.reason}); "
             f"save it as UTF-8",
         ) from None
-    raw = _load_yaml(text, path)
+    raw = load_yaml(text, path)
     return parse_spec(raw, source=path, quick=quick, overrides=overrides)
 
 
@@ -418,17 +418,17 @@ def parse_spec(
     raw = copy.deepcopy(raw)
     quick_block = raw.pop("quick", None)
     if quick_block is not None:
-        _check_quick(quick_block, source)
-    spec = _validate(raw, source, prefix="")
+        check_quick(quick_block, source)
+    spec = validate_spec(raw, source, prefix="")
     if quick_block is not None:
         merged = _deep_merge(raw, quick_block)
-        quick_spec = _validate(merged, source, prefix="quick.")
+        quick_spec = validate_spec(merged, source, prefix="quick.")
         if quick:
             spec, raw = quick_spec, merged
     if overrides:
         for item in overrides:
             raw = _apply_set(raw, item, source)
-        spec = _validate(raw, source, prefix="")
+        spec = validate_spec(raw, source, prefix="")
     return spec
 
 
@@ -447,7 +447,7 @@ def _apply_set(raw: dict[str, Any], item: str, source: str | Path) -> dict[str, 
         )
     key = key.strip()
     try:
-        value = _load_yaml(text, f"{source} (--set {key})")
+        value = load_yaml(text, f"{source} (--set {key})")
     except SpecError:
         value = text
     try:

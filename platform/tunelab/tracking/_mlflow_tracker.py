@@ -19,8 +19,8 @@ from tunelab.tracking._protocol import MetricPoint
 
 __all__ = ["MlflowTracker", "default_tracking_uri", "is_rejection"]
 
-_MAX_PARAMS_PER_BATCH = 100
-_MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
 
 #: MLflow error codes that mean "this write is refused" (a bad name, a deleted run), not
 #: "tracking is unavailable": retrying never helps, so the write is dropped with a warning.
@@ -107,15 +107,15 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, run_id: str, metrics: Sequence[MetricPoint]) -> None:
         from mlflow.entities import Metric
 
         items = [Metric(m.key, m.value, m.timestamp, m.step) for m in metrics]
-        for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH])
+        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -188,6 +188,7 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
 
 
-def _reason(err: BaseException) -> str:
+def error_reason(err: BaseException) -> str:
+    """``Type: first line`` of a tracking error (at most 300 characters), for messages."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__

@@ -19,9 +19,9 @@ from typing import Any
 from tunelab.checkpoint import atomic_write_json, read_json
 from tunelab.errors import TrackingUnavailable
 from tunelab.layout import ExperimentLayout
-from tunelab.tracking._mlflow_tracker import _MAX_METRICS_PER_BATCH, _reason, is_rejection
+from tunelab.tracking._mlflow_tracker import MAX_METRICS_PER_BATCH, error_reason, is_rejection
 from tunelab.tracking._protocol import MetricPoint, Tracker
-from tunelab.tracking._spool import Backlog, TrackingSpool, _decode, _encode
+from tunelab.tracking._spool import Backlog, TrackingSpool, decode_record, encode_record
 
 __all__ = [
     "GuardedTracker",
@@ -91,11 +91,11 @@ def tracking_guard(tracker: Tracker, experiment_dir: str | Path | None = None) -
         if isinstance(err, TunelabError) or is_rejection(err):
             raise
         if experiment_dir is None:
-            raise TrackingUnavailable(tracker.uri, _reason(err)) from err
+            raise TrackingUnavailable(tracker.uri, error_reason(err)) from err
         left = spool_backlog(ExperimentLayout(Path(experiment_dir)))
         raise TrackingUnavailable(
             tracker.uri,
-            _reason(err),
+            error_reason(err),
             experiment_dir,
             points=left.points,
             records=left.records,
@@ -132,7 +132,7 @@ class _Unavailable(Exception):
     """Tracking is unavailable; ``leftover`` is the part of the operation not sent (or None)."""
 
     def __init__(self, err: BaseException, leftover: dict[str, Any] | None) -> None:
-        super().__init__(_reason(err))
+        super().__init__(error_reason(err))
         self.err, self.leftover = err, leftover
 
 
@@ -214,13 +214,13 @@ class _Outbox:
                 self._spool([u.leftover])
             return False
         for i, rec in enumerate(records):
-            op = _decode(rec)
+            op = decode_record(rec)
             try:
                 self._send(op)
             except _Unavailable as u:
                 self._mark_down(u.err)
                 if i or u.leftover is not op:  # progress was made: keep only what is left
-                    left = [_encode(u.leftover)] if u.leftover is not None else []
+                    left = [encode_record(u.leftover)] if u.leftover is not None else []
                     self.spool.rewrite(left + records[i + 1 :])
                 return False
         self.spool.rewrite([])
@@ -246,7 +246,7 @@ class _Outbox:
 
     def _mark_down(self, err: BaseException) -> None:
         self.failures += 1
-        self.last_error = _reason(err)
+        self.last_error = error_reason(err)
         if not self.down:
             logger.warning(
                 "tracking at %s is unavailable (%s): writes are spooled to %s and sent "
@@ -261,7 +261,7 @@ class _Outbox:
         if not ops:
             return
         try:
-            self.spool.append([_encode(op) for op in ops])
+            self.spool.append([encode_record(op) for op in ops])
         except OSError:
             n = sum(len(op.get("points") or ()) for op in ops)
             logger.exception(
@@ -312,7 +312,7 @@ class _Outbox:
         except Exception as err:
             if not is_rejection(err):
                 raise _Unavailable(err, op) from None
-            logger.warning("tracking refused the %s of run %s: %s", kind, run_id, _reason(err))
+            logger.warning("tracking refused the %s of run %s: %s", kind, run_id, error_reason(err))
 
     def _send_metrics(self, run_id: str, op: dict[str, Any]) -> None:
         points = [m for m in op["points"] if m.key not in self.refused]
@@ -320,8 +320,8 @@ class _Outbox:
             if m.key in self.refused:
                 self.refused[m.key] += 1
         whole = op if len(points) == len(op["points"]) else {**op, "points": points}
-        for start in range(0, len(points), _MAX_METRICS_PER_BATCH):
-            chunk = points[start : start + _MAX_METRICS_PER_BATCH]
+        for start in range(0, len(points), MAX_METRICS_PER_BATCH):
+            chunk = points[start : start + MAX_METRICS_PER_BATCH]
             later = points[start + len(chunk) :]
             try:
                 self.tracker.log_metrics(run_id, chunk)
@@ -347,7 +347,7 @@ class _Outbox:
                         "tracking refused the metric %r (%s): it is not logged; the other "
                         "metrics are",
                         key,
-                        _reason(err),
+                        error_reason(err),
                     )
 
     def _create_run(self, trial_id: str) -> None:
@@ -371,7 +371,7 @@ class _Outbox:
             logger.error(
                 "tracking refused to create the run of trial %s (%s): its writes are dropped",
                 trial_id,
-                _reason(err),
+                error_reason(err),
             )
             with self._lock:
                 self.pending.pop(trial_id, None)
@@ -390,7 +390,7 @@ class _Outbox:
                 raise _Unavailable(
                     err, {"op": "params", "trial": trial_id, "params": params}
                 ) from None
-            logger.warning("tracking refused the params of run %s: %s", run_id, _reason(err))
+            logger.warning("tracking refused the params of run %s: %s", run_id, error_reason(err))
 
 
 def _outbox(layout: ExperimentLayout, tracker: Tracker) -> _Outbox:

@@ -122,7 +122,7 @@ def _encode_value(v: float) -> float | str:
     return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
 
 
-def _encode(op: Mapping[str, Any]) -> dict[str, Any]:
+def encode_record(op: Mapping[str, Any]) -> dict[str, Any]:
     rec = {k: v for k, v in op.items() if k != "points"}
     rec.setdefault("id", uuid.uuid4().hex)
     if "points" in op:
@@ -130,7 +130,7 @@ def _encode(op: Mapping[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def _decode(rec: Mapping[str, Any]) -> dict[str, Any]:
+def decode_record(rec: Mapping[str, Any]) -> dict[str, Any]:
     op = dict(rec)
     if "points" in rec:
         op["points"] = [
