@@ -84,9 +84,11 @@ class ExperimentKind:
         return {"seed": seed, "config": dict(self.spec.config)}
 
     def total_trials(self) -> int | None:
-        """How many trials will run (None when a searcher decides as it goes)."""
-        n = self.num_samples()
-        return None if n < 0 else len(self.spec.seeds) * n
+        """How many trials will run: the spec's planned trials (seeds x samples x grid points).
+
+        None when a searcher decides as it goes (``num_samples() < 0``).
+        """
+        return None if self.num_samples() < 0 else self.spec.planned_trials()[0]
 
     def trial_tags(self) -> Callable[[dict[str, Any]], dict[str, str]] | None:
         """A picklable ``f(trial config) -> tags`` for per-trial tags (None: none)."""
