@@ -50,6 +50,7 @@ from tunelab.names import (
     TAG_ROLE,
     TAG_SPEC,
     TAG_SPEC_HASH,
+    TrialStatus,
 )
 from tunelab.spec import AnySpec, load_spec, parse_spec, spec_hash
 from tunelab.tracking import (
@@ -265,7 +266,7 @@ def _run(
             restore=restore,
             dashboard=dashboard,
         )
-    except ExperimentInterrupted:
+    except ExperimentInterrupted as stop:
         # what `platform status` reads: trials Tune had started were interrupted, not running
         stopped: dict[str, Any] = {"stopped": datetime.datetime.now().isoformat(timespec="seconds")}
         preempted = preemption.finish()
@@ -280,7 +281,12 @@ def _run(
                 flush=True,
             )
         atomic_write_json(state.layout.stopped_file, stopped)
-        raise
+        if stop.unfinished < 0:  # stopped before Tune ran
+            raise
+        left = _left_after_stop(state.layout.root)
+        if left is None:
+            raise
+        raise ExperimentInterrupted(stop.experiment_dir, sum(left.values()), left) from None
     finally:
         preemption.finish()
         state.layout.preempt_file.unlink(missing_ok=True)
@@ -324,6 +330,25 @@ def _run_once(
         # while finalizing is the same error, and resume finalizes again from scratch.
         drain_tracking(state.layout, tracker)
         return finalize(state, spec, kind, GuardedTracker(tracker, root), grid)
+
+
+def _left_after_stop(experiment_dir: Path) -> dict[str, int] | None:
+    """The trials a stopped experiment has left, by status, as ``platform status`` counts them.
+
+    Read from the experiment state Tune saved at the stop (trials it had
+    started are ``interrupted``, planned ones it never created ``pending``);
+    the statuses Tune gives trials in memory while it stops are not used: a
+    trial stopped mid-run ends there as TERMINATED, like a culled one.
+    None if the folder cannot be read (the caller keeps Tune's count).
+    """
+    from tunelab._status import experiment_status
+
+    try:
+        counts = experiment_status(experiment_dir)["counts"]
+        return {k: int(n) for k, n in counts.items() if n and not TrialStatus(k).done}
+    except Exception:  # a count must never hide the interruption itself
+        logger.warning("could not count the trials left in %s", experiment_dir, exc_info=True)
+        return None
 
 
 def _unfinished_trials(grid: Any) -> int:

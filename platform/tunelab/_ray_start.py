@@ -23,7 +23,16 @@ from tunelab import _preemption as preemption
 from tunelab.errors import ExperimentInterrupted
 from tunelab.layout import ExperimentLayout
 
-__all__ = ["DASHBOARD_PORT", "StopSignals", "init_ray", "ray_keeps_sigterm", "stdout_to_stderr"]
+__all__ = [
+    "DASHBOARD_PORT",
+    "StopSignals",
+    "init_ray",
+    "ray_keeps_sigterm",
+    "stdout_to_stderr",
+    "stop_requested",
+]
+
+_stop_requested = threading.Event()  # set by a stop signal while this driver runs
 
 
 def init_ray(address: str | None, *, dashboard: bool | None = None) -> str | None:
@@ -95,6 +104,16 @@ def init_ray(address: str | None, *, dashboard: bool | None = None) -> str | Non
     return f"http://{url}" if url and "://" not in url else url or None
 
 
+def stop_requested() -> bool:
+    """Whether a stop signal reached this driver since its :class:`StopSignals` was entered.
+
+    Tune callbacks run in the driver and ask it: once the driver is stopping,
+    the statuses Tune gives trials during its stop say nothing about them (a
+    trial stopped mid-run ends TERMINATED, like a culled one).
+    """
+    return _stop_requested.is_set()
+
+
 #: The Ray dashboard's usual port; the next free one is taken when it is in use.
 DASHBOARD_PORT = 8265
 
@@ -132,6 +151,7 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         import signal
 
+        _stop_requested.clear()
         if threading.current_thread() is threading.main_thread():
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
             for name in self._SIGNALS:
@@ -197,6 +217,7 @@ class StopSignals:
 
         first = not self.signalled
         self.signalled = True
+        _stop_requested.set()
         if self.finalizing or not self.tune_running:
             return
         if not first and preemption.active() is None:

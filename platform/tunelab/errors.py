@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,16 +125,23 @@ class ExperimentInterrupted(TunelabError, RuntimeError):
 
     Trials' latest checkpoints and the experiment state are saved; nothing was
     finalized. ``platform resume`` continues it. ``unfinished`` is -1 when the
-    driver was stopped before Tune ran (Ray start-up).
+    driver was stopped before Tune ran (Ray start-up). ``left`` breaks the
+    unfinished trials down by status (``{"interrupted": 2, "pending": 1}``), as
+    ``platform status`` counts them.
     """
 
     exit_code = EXIT_INTERRUPTED
     resumable = True
 
-    def __init__(self, experiment_dir: Path, unfinished: int) -> None:
+    def __init__(
+        self, experiment_dir: Path, unfinished: int, left: Mapping[str, int] | None = None
+    ) -> None:
         self.experiment_dir = experiment_dir
         self.unfinished = unfinished
+        self.left = dict(left or {})
         what = f"with {unfinished} trial(s) unfinished" if unfinished >= 0 else "before trials ran"
+        if self.left:
+            what += " (" + ", ".join(f"{n} {status}" for status, n in self.left.items()) + ")"
         super().__init__(
             f"interrupted {what}; state saved, nothing finalized. "
             f"Continue with: platform resume {shlex.quote(str(experiment_dir))}"

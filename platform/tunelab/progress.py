@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from tunelab._ray_start import stop_requested
 from tunelab.callbacks import DriverCallback
 from tunelab.names import HEALTH_DIAGNOSIS, LIVE_STATES, TrialStatus
 from tunelab.outcome import result_status
@@ -143,11 +144,16 @@ class ProgressCallback(DriverCallback):
         self._refresh(trials)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # A stopped driver says what was left itself (from the saved state): the statuses Tune
+        # gives trials while it stops would count a trial stopped mid-run as culled.
+        stopped = stop_requested()
         if self._lines:
-            self._say("all trials ended: " + self._counts_text(trials))
+            if not stopped:
+                self._say("all trials ended: " + self._counts_text(trials))
             return
         if self._progress is not None:
-            self._refresh(trials)
+            if not stopped:
+                self._refresh(trials)
             self._progress.stop()
             self._progress = None
 

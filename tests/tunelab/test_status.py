@@ -271,3 +271,17 @@ def test_seeds_never_started_after_an_interruption_are_pending(
     assert (_exp_dir / "tunelab_stopped.json").is_file()
     started = [t for t in created if t["status"] not in ("finished", "culled")]
     assert started and all(t["status"] == "interrupted" for t in started), created
+
+
+def test_a_stopped_driver_counts_what_is_left_as_status_does(
+    interrupted: tuple[Path, dict, str],
+) -> None:
+    # Tune ends a trial stopped mid-run as TERMINATED, like a culled one: the driver's last
+    # words count from the saved state instead, the way `platform status` does
+    exp_dir, info, _table = interrupted
+    stderr = (exp_dir.parents[1] / "stderr").read_text()
+    left = {k: n for k, n in info["counts"].items() if n and k not in ("finished", "culled")}
+    assert set(left) == {"interrupted", "pending"}, info["counts"]
+    breakdown = ", ".join(f"{n} {k}" for k, n in left.items())
+    assert f"interrupted with {sum(left.values())} trial(s) unfinished ({breakdown})" in stderr
+    assert "all trials ended" not in stderr  # Tune's statuses during its stop are not shown
