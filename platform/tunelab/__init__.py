@@ -3,21 +3,26 @@
 The public surface:
 
 - running: :func:`run_experiment`, :func:`resume_experiment`,
-  :func:`experiment_status`, :func:`latest_experiment` (Ray is imported
-  lazily, on first use);
+  :func:`experiment_status`, :func:`latest_experiment`, :func:`init_ray`
+  (Ray is imported lazily, on first use);
 - specs: :func:`load_spec`, :func:`parse_spec`;
 - families: the contract (:class:`Family`, :class:`Experiment`),
-  :func:`get_family`, :func:`family_names`, :func:`build_experiment`, and the
-  checkpoint helpers families use;
+  :func:`get_family`, :func:`family_names`, :func:`build_experiment`,
+  :func:`restore_experiment`, and the checkpoint helpers families use;
 - errors: :class:`TunelabError` and its subclasses, each with the
   ``exit_code`` the command line ends with.
 
-Modules with their own public API: :mod:`tunelab.names` (tags, statuses),
-:mod:`tunelab.layout` (the experiment folder), :mod:`tunelab.outcome`
-(trial outcomes), :mod:`tunelab.kinds` (experiment kinds),
-:mod:`tunelab.schedulers` (cull schedulers), :mod:`tunelab.tracking`
-(the tracking seam), :mod:`tunelab.verdicts`, :mod:`tunelab.paired_table`,
-:mod:`tunelab.report`, :mod:`tunelab.metrics`, :mod:`tunelab.slurm`.
+Modules with their own public API: :mod:`tunelab.spec` (spec models,
+limits), :mod:`tunelab.family` (the family contract), :mod:`tunelab.checkpoint`,
+:mod:`tunelab.errors` (every error and exit code), :mod:`tunelab.names`
+(tags, statuses), :mod:`tunelab.layout` (the experiment folder),
+:mod:`tunelab.outcome` (trial outcomes), :mod:`tunelab.kinds` (experiment
+kinds; :mod:`tunelab.kinds.lever_searcher`), :mod:`tunelab.schedulers` (cull
+schedulers), :mod:`tunelab.callbacks` (the driver's Tune callbacks),
+:mod:`tunelab.tracking` (the tracking seam), :mod:`tunelab.health`,
+:mod:`tunelab.devices`, :mod:`tunelab.distributed`, :mod:`tunelab.verdicts`,
+:mod:`tunelab.paired_table`, :mod:`tunelab.report`, :mod:`tunelab.metrics`,
+:mod:`tunelab.slurm`. Modules named ``_*`` are private.
 """
 
 from typing import TYPE_CHECKING
@@ -35,11 +40,14 @@ from tunelab.checkpoint import (
     strict_json,
 )
 from tunelab.errors import (
+    DataError,
+    DiskFullError,
     ExperimentError,
     ExperimentInterrupted,
     ReportError,
     SpecError,
     TableError,
+    TrackingUnavailable,
     TunelabError,
 )
 from tunelab.family import (
@@ -60,6 +68,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FAMILY_GROUP",
+    "DataError",
+    "DiskFullError",
     "Experiment",
     "ExperimentError",
     "ExperimentInterrupted",
@@ -68,6 +78,7 @@ __all__ = [
     "ReportError",
     "SpecError",
     "TableError",
+    "TrackingUnavailable",
     "TunelabError",
     "atomic_write_bytes",
     "atomic_write_json",

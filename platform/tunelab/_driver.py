@@ -7,7 +7,8 @@ resumed experiment reaches the same final state as an uninterrupted one.
 
 The driver knows no experiment kind: it asks the spec's
 :class:`~tunelab.kinds.ExperimentKind` for the milestones, scheduler, search
-algorithm, param space, per-trial tags and the post-processing. The folder's
+algorithm, param space, per-trial tags, the trial count, the child runs' role
+and the post-processing. The folder's
 paths are :class:`~tunelab.layout.ExperimentLayout`'s; trial outcomes are
 decided by :mod:`tunelab.outcome`; tracking goes through a
 :class:`~tunelab.tracking.Tracker`.
@@ -94,16 +95,18 @@ def run_experiment(
         overrides: ``dotted.key=value`` changes applied after ``quick``.
         tracker: A tracking backend (default: :class:`~tunelab.tracking.MlflowTracker`
             on ``tracking_uri``); its ``uri`` is recorded for resume.
-        dashboard: Start the Ray dashboard with the local Ray (see :func:`init_ray`).
+        dashboard: Start the Ray dashboard with the local Ray (see :func:`init_ray`;
+            ``$TUNELAB_NO_DASHBOARD=1`` turns it off); always on for multi-worker trials.
 
     Returns:
         The summary (also written to ``summary.json``): ``experiment_dir``,
         ``tracking_uri``, ``mlflow_experiment``, ``mlflow_experiment_id``,
         ``parent_run_id``, ``spec``, ``kind``, ``metric`` (``{name, mode}``),
         ``trials`` (each ``trial_id``, ``run_id``, ``seed``, ``iterations``,
-        ``status``, ``metrics``, ``error``, and ``arm`` / ``round`` / ``stage``
-        for a lever A/B), ``failed``, ``failure_budget``, and per kind
-        ``cull`` + ``selected`` (seed cull), ``best`` (sweep) or
+        ``status``, ``metrics``, ``error``, ``diagnosis``, and ``arm`` / ``round`` /
+        ``stage`` for a lever A/B), ``failed``, ``failure_budget``, and per kind
+        ``cull`` + ``selected`` (seed cull; ``selected`` None with
+        ``no_selection`` saying why), ``best`` (sweep) or
         ``verdicts`` + ``rounds`` + ``stacked`` + ``final_control`` (lever A/B).
 
     Raises:
@@ -114,6 +117,9 @@ def run_experiment(
         TrackingUnavailable: the tracking server is down at the start (nothing
             started) or still down at the end (writes spooled in the folder,
             nothing finalized; ``resume_experiment`` sends them and finalizes).
+        DiskFullError: a write failed for lack of space or quota; the experiment
+            was stopped with its state saved; ``resume_experiment`` continues
+            once space is freed.
     """
     spec = load_spec(spec_file, quick=quick, overrides=overrides)
     storage = Path(storage).resolve()
@@ -192,6 +198,12 @@ def resume_experiment(
         ExperimentError: the folder is not a tunelab experiment. (One stopped
             before Tune saved any state starts from the beginning.)
         ExperimentInterrupted: stopped again before the end.
+        SpecError: the recorded spec no longer validates (e.g. its family's
+            package was uninstalled).
+        DataError: the family's data folder has a bad file (nothing resumed).
+        TrackingUnavailable: tracking is still down at the end (nothing
+            finalized; resume again).
+        DiskFullError: as in :func:`run_experiment`.
     """
     state = read_state(experiment_dir)
     finished = read_json(state.layout.summary_file, None)

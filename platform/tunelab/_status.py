@@ -57,17 +57,19 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
         (name), ``mode``, ``placement`` (the trial keys that place a trial
         in a kind's design: ``arm``, ``round``, ``stage`` for a lever A/B),
         ``finished`` (finalized), ``planned`` (trials the spec plans; None
-        when a searcher decides as it goes), ``counts`` (status -> trials),
+        for a lever A/B, whose searcher decides as it goes), ``counts`` (status -> trials),
         ``best`` (the best finite value of the metric over the trials that
         did not fail; None if none, and None where arms exist: see
         ``best_by_arm``), ``best_by_arm`` (one entry per round and arm:
         ``round``, ``arm``, ``trial_id``, ``seed``, ``value``, ``value_text``;
         empty for kinds without arms), ``selected`` (a finished seed cull's
-        selected ``seed``, ``trial_id``, ``run_id``, ``metric``, ``value``;
-        else None), ``cull`` (a seed cull's ``at``, ``keep``, ``scheduler``),
+        selected ``seed``, ``trial_id``, ``run_id``, ``metric``, ``value``,
+        ``value_text``; else None), ``cull`` (a seed cull's ``at``, ``keep``,
+        ``scheduler``, and ``kept`` once finalized),
         and ``trials``: each ``trial_id`` (None for a trial Tune never
         created), ``seed``, the placement keys, ``status`` (finished, culled,
-        error, diverged once finalized; pending, running, paused before),
+        error, diverged once finalized; interrupted after the driver was
+        stopped; pending, running, paused before),
         ``iterations``, ``culled_at`` (the iteration a culled trial stopped
         at, else None), ``<metric>`` (its last value; NaN kept, written as
         null in strict JSON), ``value_text`` (that value with 4 significant
@@ -78,6 +80,8 @@ def experiment_status(experiment_dir: str | Path) -> dict[str, Any]:
 
     Raises:
         ExperimentError: not an experiment folder.
+        SpecError: the recorded spec no longer validates (e.g. its family's
+            package was uninstalled).
     """
     state = read_state(experiment_dir)
     spec = parse_spec(state.spec, source=state.spec_file)

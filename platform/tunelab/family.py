@@ -36,9 +36,9 @@ and a user's package registers its families exactly the same way::
 
 then ``pip install -e .`` that package (entry points are read from installed
 metadata, so a new or renamed entry needs a reinstall) and write
-``family: my_family`` in a spec. ``platform`` lists the registered names
-without importing any family module; a family module is imported only when its
-name is looked up. The entry point's name must equal ``FAMILY.name``.
+``family: my_family`` in a spec. An unknown family name is reported with the
+registered names (read from installed metadata, without importing any family
+module); a family module is imported only when its name is looked up. The entry point's name must equal ``FAMILY.name``.
 
 Checking data before trials start. A family that reads files (a corpus folder,
 a cached data set under ``data_root``) sets ``Family(data_check=...)``:

@@ -42,18 +42,25 @@ kind's model and its family, with the did-you-mean messages, is
 :mod:`tunelab._spec_checks`. Both are private; :func:`did_you_mean`,
 :func:`metric_name_problem` and the YAML limits are re-exported here.
 
-Example (``search_spaces/seed_cull.yaml``)::
+Example (``search_spaces/seed_cull.yaml`` without its comments; a test keeps them equal)::
 
     kind: seed_cull
     name: ouroboros-seed-cull
     family: ouroboros
-    config: {hidden: 32, lr: 3.0e-3, h_schedule: pow2}
+    description: poly neural-ODE (degree 3) with SSM drives, spectral rollout loss, cold-start autonomy selection
+    config: {hidden: 32, n_layers: 2, poly_degree: 3, lr: 2.0e-3, h_schedule: pow2, osc_init: true}
     seeds: 4
-    budget: 12
+    budget: 20
     metric: {name: val/autonomy, mode: max}
-    cull: {at: 0.5, keep: 2, scheduler: sync, tie_break: val/bounded_frac}
+    cull: {at: 0.4, keep: 2, scheduler: sync, tie_break: val/bounded_frac}
     select: {metric: val/autonomy, mode: max}
-    quick: {budget: 6, seeds: 3, config: {hidden: 16}, cull: {keep: 1}}
+    resources: {cpu: 1}
+    checkpoint: {every: 1, keep: null}
+    quick:
+      budget: 6
+      config:
+        {sample_rate: 8000, hidden: 16, n_train_files: 24, n_val_files: 4, n_test_files: 4,
+         max_segs: 192, H_min: 128, H_max: 512, curriculum_epochs: 6, batch_size: 16, steps_per_iter: 8, listen_s: 0.25}
 """
 
 from __future__ import annotations

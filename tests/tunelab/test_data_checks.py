@@ -1,6 +1,6 @@
 """Bad data is refused before any trial starts, naming the file and the reason (issue 10, item 5).
 
-``tunelab.check_family_data(family, data_root, configs)`` runs each family's ``data_check``
+``tunelab.family.check_family_data(family, data_root, configs)`` runs each family's ``data_check``
 hook; a bad file raises :class:`tunelab.errors.DataError` (exit code 2). The families' loaders
 raise the same error inside a trial, so a missing annotation never silently changes the split
 and a truncated WAV never loads.

@@ -562,3 +562,13 @@ def test_metric_name_problem_applies_mlflows_rule(name: str, problem: str | None
         except MlflowException:
             accepted = False
         assert accepted == (found is None)
+
+
+def test_the_spec_module_example_is_the_shipped_seed_cull_spec() -> None:
+    # the example a reader copies from `help(tunelab.spec)` is the spec that ships, key for key
+    import tunelab.spec
+
+    doc = tunelab.spec.__doc__ or ""
+    example = doc.split("a test keeps them equal)::", 1)[1]
+    shipped = Path(__file__).parents[2] / "search_spaces" / "seed_cull.yaml"
+    assert yaml.safe_load(example) == yaml.safe_load(shipped.read_text())

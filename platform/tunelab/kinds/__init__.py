@@ -2,8 +2,10 @@
 
 A kind decides everything that differs between a seed cull, a sweep and a
 lever A/B: its spec model, the milestones trials checkpoint at, the Tune
-scheduler and search algorithm, the param space, per-trial tags and the
-post-processing (selection, best config, verdicts). The driver
+scheduler and search algorithm, the param space, per-trial tags, the
+post-processing (selection, best config, verdicts), the trial count progress
+expects (``total_trials``), the child runs' role and the placement keys of its
+trials (``arm``, ``round``, ``stage`` for a lever A/B). The driver
 (:mod:`tunelab._driver`) runs any kind the same way and never branches on it.
 
 A new kind is one module defining an :class:`ExperimentKind` subclass and one

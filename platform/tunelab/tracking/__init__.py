@@ -26,9 +26,10 @@ the backend *refuses* (MLflow's ``INVALID_PARAMETER_VALUE``: a metric name
 with ``@``) is not an outage: only the refused metric is dropped, with a
 warning, and the other metrics of its batch are logged.
 
-Which tags a decision becomes (a verdict, a selection, a cull) is decided here
-too (:func:`verdict_tags`), from :mod:`tunelab.names`; the statistics in
-:mod:`tunelab.verdicts` know no tags.
+The tags of a lever's verdict are decided here too (:func:`verdict_tags`),
+from :mod:`tunelab.names`; the statistics in :mod:`tunelab.verdicts` know no
+tags. (A seed cull's selection tags are set by its kind,
+:mod:`tunelab.kinds.seed_cull`; ``tunelab.culled_at`` by the post-processing.)
 
 Everything public is imported from here; the private modules hold the code:
 ``_protocol`` (:class:`Tracker`, :class:`MetricPoint`), ``_mlflow_tracker``
