@@ -90,6 +90,7 @@ from tunelab.checkpoint import read_json
 from tunelab.errors import ReportError
 from tunelab.layout import RUN_STATE_FILE, ExperimentLayout, find_experiments, read_result_lines
 from tunelab.names import ARM_CONTROL, ITERATION, TrialStatus, is_number
+from tunelab.outcome import outcomes_from_folder
 
 __all__ = [
     "REPORT_FILE",
@@ -483,7 +484,9 @@ class Experiment:
 
 def load_experiment(exp_dir: Path) -> Experiment:
     """Read a seed cull's or sweep's folder. Before the results table exists (a running
-    experiment) the trials are those with a ``result.json``, status ``running``.
+    or stopped experiment) the trials are those with a ``result.json``, each with the
+    status ``platform status`` gives it (:func:`tunelab.outcome.outcomes_from_folder`:
+    running, paused, culled, finished, interrupted after a stop...).
 
     Raises:
         ReportError: Not an experiment folder, or an unreadable results table.
@@ -495,6 +498,12 @@ def load_experiment(exp_dir: Path) -> Experiment:
     results = _read_results(layout)
     if results.empty:
         curves = layout.trial_results()
+        budget = spec.get("budget")
+        statuses = (
+            {o.trial_id: o.status.value for o in outcomes_from_folder(layout, budget)}
+            if isinstance(budget, int)
+            else {}
+        )
         rows = []
         for tid, lines in sorted(curves.items()):
             found = lines[-1].get("config")
@@ -504,7 +513,7 @@ def load_experiment(exp_dir: Path) -> Experiment:
                     COL_TRIAL: tid,
                     COL_RUN: "",
                     COL_SEED: cfg.get(COL_SEED, ""),
-                    COL_STATUS: TrialStatus.RUNNING.value,
+                    COL_STATUS: statuses.get(tid, TrialStatus.RUNNING.value),
                     COL_ITERATIONS: max((int(r.get(ITERATION, 0) or 0) for r in lines), default=0),
                 }
             )
@@ -1604,7 +1613,7 @@ details summary{cursor:pointer}details summary h2{margin-top:20px}
 footer{margin-top:32px}
 td.left{text-align:left}dd code{word-break:break-all}
 .status{color:#fff;background:#8a8a8a}.status.selected{background:#0b61a4}.status.kept,.status.finished{background:#2e7d32}
-.status.culled{background:#8a8a8a}.status.error,.status.diverged{background:#c62828}.status.running,.status.pending{background:#a06e00}
+.status.culled{background:#8a8a8a}.status.error,.status.diverged{background:#c62828}.status.running,.status.pending,.status.interrupted{background:#a06e00}
 tr.selected td,tr.best td{background:#e7f0fb;font-weight:600}
 .artifacts{margin-top:28px;background:#fff;border:1px solid #e3e3e3;border-radius:10px;padding:12px 16px}
 .artifacts img{max-width:100%;height:auto;border:1px solid #e3e3e3;border-radius:6px;margin:6px 0}

@@ -26,7 +26,7 @@ import tunelab.report_seed_cull as report_seed_cull
 from tests.conftest import TOY, cli_json, run_cli, write_spec
 from tests.tunelab.test_report import CHROMIUM, Node, chromium_dom, parse
 from tunelab.layout import ExperimentLayout
-from tunelab.report import experiment_kind, render_report
+from tunelab.report import experiment_kind, load_experiment, render_report
 
 pytestmark = pytest.mark.slow
 
@@ -386,3 +386,9 @@ def test_a_running_experiment_renders_from_its_curves(
     curves = dom.find_all("g", cls="curve")
     assert len({c.attrs.get("data-trial") for c in curves}) == len(runs[kind]["trials"])
     assert "none yet" in " ".join(dom.find_all("header", cls="top")[0].text().split())
+    # each trial's status is the one rule's (Tune's saved state), as `platform status` shows it:
+    # the ended trials of this copy are finished / culled / diverged, never "running"
+    table = load_experiment(exp).results
+    assert dict(zip(table["trial_id"], table["status"], strict=True)) == {
+        t["trial_id"]: t["status"] for t in runs[kind]["trials"]
+    }
