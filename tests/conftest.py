@@ -34,9 +34,16 @@ def generous(seconds: float) -> float:
     return seconds * WAIT_SCALE
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until it returns something truthy (returned); fail naming ``what``.
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    diagnostics: Callable[[], str] | None = None,
+    every: float = 0.2,
+) -> Any:
+    """Poll ``predicate`` every ``every`` s until it returns something truthy (returned).
 
+    On timeout, fail naming ``what`` (and the text of ``diagnostics()``, if given).
     ``timeout`` is scaled by :func:`generous`: it only matters when the condition never holds.
     """
     timeout = generous(timeout)
@@ -45,8 +52,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         value = predicate()
         if value:
             return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+    extra = f"\n{diagnostics()}" if diagnostics is not None else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
 
 
 def run_cli(

@@ -130,17 +130,9 @@ def explosion_diagnosis(
     weights: Mapping[str, float],
 ) -> Diagnosis:
     """The step rule fired: the layer that grew most against its own level, the largest term."""
-    layer, growth = _grew_most(layer_names, layer_now, reference)
-    return Diagnosis(
-        kind="explosion",
-        iteration=iteration,
-        step=step,
-        optimizer=optimizer,
-        term=_largest_share(values, weights),
-        layer=layer,
-        grad_norm=norm,
-        level=level,
-        layer_growth=growth,
+    layers = (layer_names, layer_now, reference)
+    return _layer_diagnosis(
+        "explosion", iteration, step, optimizer, layers, norm, level, values, weights
     )
 
 
@@ -160,15 +152,34 @@ def growth_diagnosis(
     prev = history[-2]["layers"] if len(history) >= 2 else {}
     now = history[-1]["layers"]
     names = [k for k in now if k in prev]
-    layer, growth = _grew_most(names, [now[k][0] for k in names], [prev[k][0] for k in names])
+    layers = (names, [now[k][0] for k in names], [prev[k][0] for k in names])
+    return _layer_diagnosis(
+        "growth", iteration, step, optimizer, layers, peak, level, values, weights
+    )
+
+
+def _layer_diagnosis(
+    kind: str,
+    iteration: int,
+    step: int,
+    optimizer: str,
+    layers: tuple[Sequence[str], Sequence[float], Sequence[float]],
+    norm: float,
+    level: float,
+    values: Mapping[str, float],
+    weights: Mapping[str, float],
+) -> Diagnosis:
+    """A rule's diagnosis: ``layers`` is (names, norms now, reference norms); the layer that
+    grew most against its reference and the loss term with the largest share."""
+    layer, growth = _grew_most(*layers)
     return Diagnosis(
-        kind="growth",
+        kind=kind,
         iteration=iteration,
         step=step,
         optimizer=optimizer,
         term=_largest_share(values, weights),
         layer=layer,
-        grad_norm=peak,
+        grad_norm=norm,
         level=level,
         layer_growth=growth,
     )

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from tests import conftest
 from tests.conftest import generous
 from tests.slurm.conftest import CLUSTER_YAML, REPO, VENV_BIN, ci_site
 from tunelab.slurm import (
@@ -120,14 +121,8 @@ class RayCluster:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, cluster: RayCluster) -> Any:
-    timeout = generous(timeout)  # polls: the limit only matters when the condition never holds
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{_diagnostics(cluster)}")
+    """tests/conftest.py's ``wait_for``, failing with the cluster's state (jobs, logs)."""
+    return conftest.wait_for(predicate, timeout, what, lambda: _diagnostics(cluster), every=0.5)
 
 
 @contextlib.contextmanager
